@@ -1,0 +1,1 @@
+"""voxloop: streaming speech recognition that learns from its users."""
