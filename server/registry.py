@@ -141,6 +141,7 @@ class Registry:
         try:
             hashes = {}
             for name, source in files.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, staging / name)
                 hashes[name] = sha256_file(staging / name)
             full_card = {
@@ -150,9 +151,10 @@ class Registry:
                 "files": hashes,
             }
             (staging / CARD_FILE).write_text(json.dumps(full_card, indent=2, sort_keys=True) + "\n")
-            for path in staging.iterdir():
-                with path.open("rb") as f:
-                    os.fsync(f.fileno())
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    with path.open("rb") as f:
+                        os.fsync(f.fileno())
             os.rename(staging, target)
             _fsync_dir(self.versions_root)
         except BaseException:

@@ -139,7 +139,7 @@ def greedy_ctc_text(log_probs: np.ndarray, vocabulary: list[str]) -> str:
     """Best-path CTC decode of (T, V) scores: argmax, collapse repeats, drop blanks."""
     best = log_probs.argmax(-1)
     tokens = [int(t) for i, t in enumerate(best) if t != 0 and (i == 0 or t != best[i - 1])]
-    return "".join(serving_vocabulary(vocabulary)[t] for t in tokens).strip()
+    return " ".join("".join(serving_vocabulary(vocabulary)[t] for t in tokens).split())
 
 
 def _onnx_session(path: Path) -> ort.InferenceSession:

@@ -1,0 +1,110 @@
+"""Evaluation: WER and CER of a policy (torch checkpoint or exported ONNX) on a manifest.
+
+Both backends produce per-frame log-probs that go through the same greedy CTC decoding
+(`export.greedy_ctc_text`), so their figures are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+from .export import _onnx_session, greedy_ctc_text
+from .model import VoxloopForCTC
+
+log = logging.getLogger(__name__)
+
+Transcriber = Callable[[np.ndarray], str]  # float32 16 kHz samples -> transcript
+
+
+@dataclass(frozen=True)
+class UtteranceResult:
+    id: str
+    reference: str
+    hypothesis: str
+    voice: str
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    utterances: int
+    wer: float
+    cer: float
+
+    def as_dict(self) -> dict:
+        return {"utterances": self.utterances, "wer": self.wer, "cer": self.cer}
+
+
+def error_rates(references: list[str], hypotheses: list[str]) -> EvalSummary:
+    """Corpus-level WER and CER (errors summed over utterances / reference length summed)."""
+    if not references:
+        return EvalSummary(0, float("nan"), float("nan"))
+    return EvalSummary(
+        utterances=len(references),
+        wer=float(jiwer.wer(references, hypotheses)),
+        cer=float(jiwer.cer(references, hypotheses)),
+    )
+
+
+def torch_transcriber(model: VoxloopForCTC) -> Transcriber:
+    model = model.eval()
+
+    def transcribe(samples: np.ndarray) -> str:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(samples)[None]).logits[0]
+        return greedy_ctc_text(torch.log_softmax(logits, -1).numpy(), model.config.vocabulary)
+
+    return transcribe
+
+
+def onnx_transcriber(onnx_path: Path) -> Transcriber:
+    session = _onnx_session(onnx_path)
+    meta = session.get_modelmeta().custom_metadata_map
+    vocabulary = json.loads(meta["voxloop.vocabulary"])
+    layers, d = int(meta["voxloop.num_layers"]), int(meta["voxloop.d_model"])
+    cache_frames, conv_frames = int(meta["voxloop.cache_frames"]), int(meta["voxloop.conv_cache_frames"])
+
+    def transcribe(samples: np.ndarray) -> str:
+        feeds = {
+            "audio": samples[None].astype(np.float32),
+            "att_cache": np.zeros((1, layers, cache_frames, d), np.float32),
+            "conv_cache": np.zeros((1, layers, d, conv_frames), np.float32),
+            "cache_len": np.zeros((1,), np.int64),
+        }
+        (log_probs,) = session.run(["log_probs"], feeds)
+        return greedy_ctc_text(log_probs[0], vocabulary)
+
+    return transcribe
+
+
+def load_samples(path: Path) -> np.ndarray:
+    samples, rate = sf.read(str(path), dtype="float32")
+    if rate != 16000:
+        raise ValueError(f"{path}: {rate} Hz; evaluation manifests must hold 16 kHz audio")
+    return samples if samples.ndim == 1 else samples.mean(axis=1)
+
+
+def evaluate(
+    transcribe: Transcriber, utterances: Iterable[dict], corpus_dir: Path, *, progress: bool = True
+) -> tuple[EvalSummary, dict[str, EvalSummary], list[UtteranceResult]]:
+    """Transcribe every manifest row; return the overall summary, one per voice, and each result."""
+    rows = list(utterances)
+    results = []
+    for row in tqdm(rows, desc="eval", unit="utt", disable=not progress):
+        hypothesis = transcribe(load_samples(corpus_dir / row["path"]))
+        results.append(UtteranceResult(row["id"], row["text"], hypothesis, row.get("voice", "")))
+    overall = error_rates([r.reference for r in results], [r.hypothesis for r in results])
+    per_voice = {}
+    for voice in sorted({r.voice for r in results}):
+        mine = [r for r in results if r.voice == voice]
+        per_voice[voice] = error_rates([r.reference for r in mine], [r.hypothesis for r in mine])
+    return overall, per_voice, results
