@@ -1,0 +1,97 @@
+"""Turn a trained checkpoint into a registry version: ONNX export, parity, evaluation, model card.
+
+`voxloop export` runs `build_release`; the shipped base model in `models/base/` is its output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..server.registry import CARD_FILE, MODEL_FILE, sha256_file
+from .data import read_manifest
+from .evaluate import evaluate, onnx_transcriber
+from .export import check_parity, export_onnx
+from .model import VoxloopForCTC
+from .tokenizer import make_tokenizer
+
+log = logging.getLogger(__name__)
+
+POLICY_DIR = "policy"  # the torch weights the trainer starts from (save_pretrained layout)
+EVAL_SPLITS = ("test", "test_heldout_espeak", "test_heldout_flite")
+
+
+def evaluate_splits(onnx_path: Path, corpus_dir: Path, splits=EVAL_SPLITS, limit: int | None = None) -> dict:
+    """WER/CER of the exported model on each test split present in the corpus, overall and per voice."""
+    transcribe = onnx_transcriber(onnx_path)
+    figures = {}
+    for split in splits:
+        manifest = corpus_dir / f"{split}.jsonl"
+        if not manifest.exists():
+            continue
+        rows = read_manifest(manifest)[:limit]
+        overall, per_voice, _ = evaluate(transcribe, rows, corpus_dir)
+        figures[split] = {**overall.as_dict(), "per_voice": {v: s.as_dict() for v, s in per_voice.items()}}
+        log.info("%s: WER %.3f CER %.3f (%d utterances)", split, overall.wer, overall.cer, overall.utterances)
+    return figures
+
+
+def build_release(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    version: str,
+    *,
+    corpus_dir: Path | None = None,
+    parent_version: str | None = None,
+    extra_card: dict | None = None,
+    eval_limit: int | None = None,
+) -> dict:
+    """Export `checkpoint_dir` into `out_dir` as a complete version (model.onnx, policy/, card.json).
+
+    Raises ParityError (and writes nothing) if the ONNX graph does not match torch.
+    """
+    model = VoxloopForCTC.from_pretrained(checkpoint_dir).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp)
+        onnx_path = export_onnx(model, staging / MODEL_FILE, version)
+        parity = check_parity(model, onnx_path)
+        model.save_pretrained(staging / POLICY_DIR)
+        make_tokenizer(model.config.vocabulary).save_pretrained(staging / POLICY_DIR)
+        card = {
+            "version": version,
+            "parent_version": parent_version,
+            "format": "streaming-ctc/1",
+            "model": {
+                "architecture": "log-mel (in graph) + 4x frame stacking + chunked causal Conformer + CTC",
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "config": model.config.to_diff_dict(),
+                "streaming_chunk_ms": model.config.chunk_frames * model.config.frame_shift_s * 1000,
+            },
+            "parity": parity.as_dict(),
+            **(extra_card or {}),
+        }
+        if corpus_dir is not None:
+            summary = corpus_dir / "corpus.json"
+            if summary.exists():
+                card["corpus"] = json.loads(summary.read_text())
+            card["evaluation"] = evaluate_splits(onnx_path, corpus_dir, limit=eval_limit)
+        card["files"] = {
+            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(staging, out_dir)
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    log.info("release %s written to %s", version, out_dir)
+    return card
+
+
+def load_policy(version_dir: Path) -> VoxloopForCTC:
+    """The torch policy of a registry version (what PPO fine-tunes and uses as its frozen reference)."""
+    policy = version_dir / POLICY_DIR
+    if not policy.is_dir():
+        raise FileNotFoundError(f"{version_dir} has no {POLICY_DIR}/ (torch weights); re-export it")
+    return VoxloopForCTC.from_pretrained(policy)
