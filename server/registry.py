@@ -118,7 +118,9 @@ class Registry:
                 raise RegistryError(f"version {version!r} is missing {name}")
             actual = sha256_file(path)
             if actual != expected:
-                raise RegistryError(f"version {version!r}: {name} has sha256 {actual[:12]}…, card says {expected[:12]}…")
+                raise RegistryError(
+                    f"version {version!r}: {name} has sha256 {actual[:12]}…, card says {expected[:12]}…"
+                )
         return card
 
     def activate(self, version: str) -> None:

@@ -13,7 +13,6 @@ TINY_VERSION = "tiny-0001"
 def build_tiny_version(out_dir: Path, version: str, seed: int = 0) -> Path:
     """Export a tiny random-weight policy and publish it as `version` in a registry at out_dir."""
     import torch
-
     from voxloop.server.registry import Registry
     from voxloop.trainer.export import check_parity, export_onnx
     from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC

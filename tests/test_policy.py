@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from voxloop.trainer.data import IGNORE_INDEX
 from voxloop.trainer.export import ParityError, StreamingExportWrapper, check_parity, export_onnx
 from voxloop.trainer.model import StreamingState, VoxloopCTCConfig, VoxloopForCTC, encoder_frames_for

@@ -48,10 +48,10 @@ class PretrainConfig:
     """Passes over the training split; the LR schedule spans exactly this many."""
     max_minutes: float = 120.0
     """Wall-clock budget; training stops (after a checkpoint) when it runs out."""
-    max_batch_seconds: float = 160.0
+    max_batch_seconds: float = 100.0
     """Padded audio seconds per batch."""
     peak_lr: float = 2e-3
-    warmup_steps: int = 600
+    warmup_steps: int = 400
     weight_decay: float = 1e-2
     grad_clip_norm: float = 5.0
     speed_perturb_prob: float = 0.4
