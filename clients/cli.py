@@ -1,0 +1,232 @@
+"""The `voxloop` command line: serve, transcribe, models, and the trainer's commands.
+
+    voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
+    voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
+    voxloop models current [--server HOST:PORT] [--json]
+    voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
+
+The composition root: it imports server and trainer code only inside the commands that need them,
+so the client-only install (no torch, no onnxruntime) has a working CLI. Only this module prints.
+Exit status: 0 success, 1 runtime error (bad file, unreachable server, failed call), 2 usage error;
+errors are one line on stderr (`voxloop: error: ...`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT_S, RecognizerClient, VoxloopError
+
+PROG = "voxloop"
+EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+SERVER_ENV = "VOXLOOP_SERVER"
+TOKEN_ENV = "VOXLOOP_TOKEN"
+_TARGET_PATTERN = re.compile(r"^(unix:.+|.+:\d{1,5})$")
+
+# `voxloop serve` flags and the ServerConfig fields they override: the one place they are mapped.
+# Defaults live in the server's config (file < environment < these flags); None means "not given".
+SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "gRPC port (0 picks a free one)"),
+    ("--metrics-port", "metrics_port", int, "Prometheus metrics port (0 turns metrics off)"),
+    ("--data-dir", "data_dir", Path, "data directory: feedback store, registry ($VOXLOOP_HOME)"),
+    ("--model-dir", "model_dir", Path, "registry to serve from (CURRENT + versions/; default <data-dir>/registry)"),
+)
+
+
+class CliError(Exception):
+    """A runtime failure the CLI reports as one line with exit status 1."""
+
+
+def _server_target(value: str) -> str:
+    if not _TARGET_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. {DEFAULT_SERVER}), got {value!r}")
+    return value
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """Flags every command that talks to a server takes."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--server", type=_server_target, default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+                         help=f"HOST:PORT of the server (default: ${SERVER_ENV} or {DEFAULT_SERVER})")
+    options.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                         help=f"bearer token sent as `authorization` metadata (default: ${TOKEN_ENV})")
+    options.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    options.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                         help=f"seconds to wait for a call (streams: plus the audio's duration; "
+                              f"default {DEFAULT_TIMEOUT_S:g})")
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Streaming speech recognition that learns from "
+                                                            "its users' corrections.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client_options = _client_options()
+
+    serve = commands.add_parser("serve", help="run the recognition server")
+    serve.add_argument("--config", type=Path, default=None, help="TOML config file")
+    defaults = _server_defaults()
+    for flag, config_field, flag_type, help_text in SERVE_FLAGS:
+        if defaults.get(config_field) is not None:
+            help_text += f" (default: {defaults[config_field]})"
+        serve.add_argument(flag, dest=config_field, type=flag_type, default=None, help=help_text)
+    serve.set_defaults(handler=_serve)
+
+    transcribe = commands.add_parser("transcribe", parents=[client_options],
+                                     help="stream WAV/FLAC files to the server and print the transcripts")
+    transcribe.add_argument("files", nargs="+", type=Path, metavar="FILE", help="WAV or FLAC, any rate, mono or stereo")
+    transcribe.add_argument("--realtime", action="store_true",
+                            help="send at real-time pace (default: as fast as possible)")
+    transcribe.add_argument("--json", action="store_true", help="print one JSON object per file")
+    transcribe.add_argument("--no-interim", dest="interim_results", action="store_false",
+                            help="ask for final results only")
+    transcribe.set_defaults(handler=_transcribe)
+
+    models = commands.add_parser("models", help="the server's models")
+    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    current = model_commands.add_parser("current", parents=[client_options], help="print the serving version")
+    current.add_argument("--json", action="store_true", help="print version, parent, load time and metrics as JSON")
+    current.set_defaults(handler=_models_current)
+
+    _add_trainer_commands(commands)
+    return parser
+
+
+def _add_trainer_commands(commands: argparse._SubParsersAction) -> None:
+    # trainer/cli.py imports no torch at module level; without the trainer package the CLI still works.
+    try:
+        from voxloop.trainer.cli import add_subcommands
+    except ImportError:
+        logging.getLogger(__name__).debug("trainer not installed: no pretrain/export/eval commands")
+        return
+    add_subcommands(commands)
+
+
+def _server_defaults() -> dict[str, object]:
+    """ServerConfig's defaults for the help text (the config module imports only the standard library)."""
+    try:
+        from voxloop.server.config import ServerConfig
+    except ImportError:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("voxloop")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from voxloop.server.app import serve
+        from voxloop.server.config import load_config
+        from voxloop.server.registry import RegistryError
+    except ImportError as e:
+        raise CliError(f"the server is not installed ({e}); install it with: pip install 'voxloop[server]'") from e
+    overrides = {field: value for _, field, _, _ in SERVE_FLAGS if (value := getattr(args, field)) is not None}
+    try:
+        config = load_config(args.config, os.environ, overrides)
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(config)
+    except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback
+        raise CliError(str(e)) from e
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> RecognizerClient:
+    # Client commands log only warnings; each command configures logging itself (serve and the trainer: INFO).
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
+    return RecognizerClient(args.server, token=args.token, tls=args.tls, timeout=args.timeout)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    with _client(args) as client:
+        for path in args.files:
+            try:
+                result = client.transcribe_file(path, realtime=args.realtime, interim_results=args.interim_results)
+            except ValueError as e:  # this file is bad; the others may be fine
+                _print_error(e)
+                status = EXIT_RUNTIME_ERROR
+                continue
+            except VoxloopError as e:
+                if e.code == "UNAVAILABLE":  # every other file would fail the same way
+                    raise
+                _print_error(f"{path}: {e}")
+                status = EXIT_RUNTIME_ERROR
+                continue
+            if args.json:
+                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                print(f"{path}: {result.transcript}", flush=True)
+    return status
+
+
+def _models_current(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.get_model_info()
+    if args.json:
+        print(json.dumps({
+            "version": info.version,
+            "parent_version": info.parent_version or None,
+            "loaded_at": info.loaded_at.ToDatetime().isoformat() + "Z" if info.HasField("loaded_at") else None,
+            "sample_rate_hz": info.sample_rate_hz,
+            "metrics": dict(info.metrics),
+        }))
+    else:
+        print(info.version)
+    return EXIT_OK
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split())
+
+
+def _print_error(error: object) -> None:
+    print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr, flush=True)
+
+
+def _describe(error: VoxloopError) -> str:
+    if error.code == "UNAVAILABLE":
+        return f"cannot reach the voxloop server at {error.target} ({error.code}: {error.details}); " \
+               f"start one with `voxloop serve` or pass --server HOST:PORT"
+    return str(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse's usage errors included)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (2) and --help/--version (0), already printed by argparse
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except VoxloopError as e:
+        _print_error(_describe(e))
+    except (CliError, ValueError, OSError) as e:
+        _print_error(e)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_RUNTIME_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

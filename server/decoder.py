@@ -1,0 +1,146 @@
+"""Incremental CTC greedy decoding with word timings and confidences.
+
+Chunks of per-frame log-probs (T, V) come in as the model produces them; repeats are collapsed
+across chunk boundaries (the last frame's token carries over), blanks dropped. The streaming model is
+causal and chunked, so an emitted frame never changes: every word followed by a word separator is
+final (stable), and only the trailing word, still being spelled, is tentative.
+
+Confidence of a token: its highest frame probability; of a word: the mean over its tokens; of an
+utterance: the mean over its words (0 with no words).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import BLANK_ID
+
+WORD_SEPARATOR = " "
+
+
+@dataclass(frozen=True)
+class WordTiming:
+    word: str
+    start_s: float
+    """Offset from the start of the stream's audio."""
+    end_s: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """The best path so far: complete words (never change) and the word still being spelled."""
+
+    stable: tuple[WordTiming, ...] = ()
+    tentative: WordTiming | None = None
+
+    @property
+    def words(self) -> tuple[WordTiming, ...]:
+        return self.stable if self.tentative is None else (*self.stable, self.tentative)
+
+    @property
+    def transcript(self) -> str:
+        return " ".join(w.word for w in self.words)
+
+    @property
+    def stable_transcript(self) -> str:
+        return " ".join(w.word for w in self.stable)
+
+    @property
+    def stability(self) -> float:
+        """The share of the transcript's characters that will not change (0 for an empty transcript)."""
+        transcript = self.transcript
+        return len(self.stable_transcript) / len(transcript) if transcript else 0.0
+
+    @property
+    def confidence(self) -> float:
+        words = self.words
+        return sum(w.confidence for w in words) / len(words) if words else 0.0
+
+    def finalized(self) -> Hypothesis:
+        """At an endpoint the trailing word is complete too."""
+        return Hypothesis(self.words, None)
+
+
+@dataclass
+class _Token:
+    token_id: int
+    start_s: float
+    end_s: float
+    probability: float
+
+
+class CtcGreedyDecoder:
+    """Best-path decoding of one utterance, fed chunk by chunk.
+
+    vocabulary: printed form of each token (index 0 the blank; " " separates words; a token may print
+    "" or several characters). frame_shift_s: seconds between encoder frames.
+    Complete words are kept as they close, so a hypothesis costs O(words), not a re-decode.
+    """
+
+    def __init__(self, vocabulary: tuple[str, ...] | list[str], frame_shift_s: float, *,
+                 previous_token: int = BLANK_ID):
+        self.vocabulary = tuple(vocabulary)
+        self.frame_shift_s = frame_shift_s
+        # The token of the frame before this utterance: a repeat across an endpoint is not re-emitted.
+        self._previous = previous_token
+        self._last: _Token | None = None  # the last emitted token (a repeat extends it)
+        self._stable: list[WordTiming] = []
+        self._spelling: list[str] = []  # the open word's characters
+        self._word_tokens: list[_Token] = []  # and the tokens that spelled them
+        self.frames = 0
+        self.trailing_blank_frames = 0
+        """Frames since the last non-blank frame (all frames while nothing was emitted)."""
+
+    @property
+    def last_token(self) -> int:
+        return self._previous
+
+    @property
+    def has_output(self) -> bool:
+        """Whether any non-blank token was emitted: the endpointer's "speech"."""
+        return self._last is not None
+
+    def feed(self, log_probs: np.ndarray, first_frame_s: float) -> None:
+        """log_probs (T, V) of consecutive frames, the first at `first_frame_s` in the stream."""
+        if len(log_probs) == 0:
+            return
+        best = log_probs.argmax(axis=-1)  # (T,)
+        probability = np.exp(log_probs[np.arange(len(best)), best])  # (T,)
+        for t, (token_id, p) in enumerate(zip(best.tolist(), probability.tolist(), strict=True)):
+            start_s = first_frame_s + t * self.frame_shift_s
+            if token_id == BLANK_ID:
+                self.trailing_blank_frames += 1
+            else:
+                self.trailing_blank_frames = 0
+                if token_id == self._previous and self._last is not None:
+                    self._last.end_s = start_s + self.frame_shift_s  # a repeat: one more frame of the same token
+                    self._last.probability = max(self._last.probability, p)
+                elif token_id != self._previous:
+                    self._emit(_Token(token_id, start_s, start_s + self.frame_shift_s, p))
+            self._previous = token_id
+        self.frames += len(best)
+
+    def _emit(self, token: _Token) -> None:
+        self._last = token
+        for char in self.vocabulary[token.token_id]:
+            if char == WORD_SEPARATOR:
+                if self._spelling:
+                    self._stable.append(self._open_word())
+                self._spelling, self._word_tokens = [], []
+            else:
+                self._spelling.append(char)
+                if not self._word_tokens or self._word_tokens[-1] is not token:
+                    self._word_tokens.append(token)
+
+    def _open_word(self) -> WordTiming:
+        tokens = self._word_tokens
+        confidence = sum(t.probability for t in tokens) / len(tokens)
+        # Microseconds: frame times are sums of float shifts; rounding keeps equal paths equal.
+        return WordTiming("".join(self._spelling), round(tokens[0].start_s, 6), round(tokens[-1].end_s, 6),
+                          confidence)
+
+    def hypothesis(self) -> Hypothesis:
+        return Hypothesis(tuple(self._stable), self._open_word() if self._spelling else None)

@@ -1,0 +1,294 @@
+"""One recognition stream as a state machine, without gRPC.
+
+    stream = RecognitionStream(options, config, current_model)
+    async for event in stream.feed(pcm_bytes): ...   # interim and final results as chunks decode
+    async for event in stream.finish(): ...          # the client half-closed: flush, last final
+
+Audio is decoded, downmixed and resampled to 16 kHz into a buffer; every time it holds
+`chunk_samples + lookback_samples` past the next chunk start, that window goes to the model (through
+the shared batcher) with the stream's state, the log-probs to the CTC decoder, and the decoder's
+trailing blanks to the endpointer. At an endpoint the utterance is final: it gets a final result,
+its audio and transcript go to the utterance sink, and the next utterance begins at the next chunk.
+
+Each utterance is decoded by exactly one model version (invariant 2): the model is chosen when the
+utterance begins. The model's state carries over from one utterance to the next while the version
+stays the same (so a stream decodes exactly as the whole audio would); a new version starts fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from .audio import (
+    SampleBuffer,
+    StreamingResampler,
+    decode_linear16,
+    float_to_int16,
+    validate_channels,
+    validate_sample_rate,
+)
+from .batcher import ServingModel
+from .config import ServerConfig
+from .decoder import CtcGreedyDecoder, Hypothesis, WordTiming
+from .endpoint import EndpointRule, EndpointRules
+from .model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, State
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ENCODINGS = ("LINEAR16",)
+MAX_ID_CHARS = 128
+DEFAULT_MODEL_LANGUAGE = "en-US"
+_TIME_EPSILON_S = 1e-6
+
+
+class StreamTooLong(Exception):
+    """The stream passed max_stream_duration_s (-> OUT_OF_RANGE)."""
+
+
+@dataclass(frozen=True)
+class RecognitionOptions:
+    """What the client asked for in its RecognitionConfig, validated."""
+
+    sample_rate_hz: int
+    encoding: str = "LINEAR16"
+    channels: int = 1
+    interim_results: bool = False
+    single_utterance: bool = False
+    language_code: str = ""
+    user_id: str = ""
+    session_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.encoding not in SUPPORTED_ENCODINGS:
+            raise ValueError(f"encoding must be LINEAR16 (signed 16-bit little-endian PCM); got {self.encoding}")
+        validate_sample_rate(self.sample_rate_hz)
+        validate_channels(self.channels)
+        for name in ("user_id", "session_id", "language_code"):
+            if len(getattr(self, name)) > MAX_ID_CHARS:
+                raise ValueError(f"{name} must be at most {MAX_ID_CHARS} characters")
+
+
+def check_language(language_code: str, model: ServingModel) -> None:
+    """Empty means the model's language; otherwise the primary subtags must match ("en-GB" ~ "en-US")."""
+    served = str(model.card.get("language") or DEFAULT_MODEL_LANGUAGE)
+    if language_code and language_code.split("-")[0].lower() != served.split("-")[0].lower():
+        raise ValueError(f"language_code {language_code!r} is not served: the model recognizes {served}; "
+                         f"leave language_code empty or set it to {served}")
+
+
+@dataclass(frozen=True)
+class RecognitionResult:
+    """An interim or final result of one utterance."""
+
+    utterance_id: str
+    model_version: str
+    hypothesis: Hypothesis
+    is_final: bool
+    audio_processed_s: float
+    """Seconds of the stream's audio consumed so far."""
+    start_s: float
+    """Where the utterance starts in the stream."""
+    end_s: float
+    """Where it ends (so far) in the stream."""
+    endpoint: EndpointRule | None = None
+    """Finals: the rule that ended the utterance; None when the stream ended."""
+
+
+@dataclass(frozen=True)
+class EndOfSingleUtterance:
+    """single_utterance: the first endpoint was reached; its final follows and the stream ends."""
+
+
+StreamEvent = RecognitionResult | EndOfSingleUtterance
+
+
+@dataclass(frozen=True)
+class FinishedUtterance:
+    """A final utterance as the feedback store keeps it (what a correction refers to)."""
+
+    utterance_id: str
+    model_version: str
+    """The one model version that decoded it."""
+    audio: np.ndarray = field(repr=False)
+    """int16 (S,) mono at sample_rate_hz: the audio from the utterance start to its endpoint."""
+    sample_rate_hz: int
+    transcript: str
+    confidence: float
+    words: tuple[WordTiming, ...]
+    start_s: float
+    """Offset of the utterance in its stream."""
+    duration_s: float
+    user_id: str
+    session_id: str
+    created_at: datetime
+
+
+UtteranceSink = Callable[[FinishedUtterance], Awaitable[None]]
+
+
+@dataclass
+class _Utterance:
+    utterance_id: str
+    model: ServingModel
+    decoder: CtcGreedyDecoder
+    start_sample: int  # absolute 16 kHz sample in the stream
+    last_interim_text: str | None = None
+
+
+class RecognitionStream:
+    """The server side of one StreamingRecognize call (or one Recognize call, fed all at once)."""
+
+    def __init__(
+        self,
+        options: RecognitionOptions,
+        config: ServerConfig,
+        current_model: Callable[[], ServingModel],
+        *,
+        on_utterance: UtteranceSink | None = None,
+    ):
+        self.options = options
+        self._config = config
+        self._rules = EndpointRules.from_config(config)
+        self._current_model = current_model
+        self._on_utterance = on_utterance
+        check_language(options.language_code, current_model())
+        self._resampler = StreamingResampler(options.sample_rate_hz, MODEL_SAMPLE_RATE_HZ)
+        self._buffer = SampleBuffer()  # 16 kHz audio from the current utterance's start on
+        self._next_chunk = 0  # absolute 16 kHz sample where the next model call starts
+        self._received_samples = 0  # at the client's rate, after downmixing
+        self._utterance: _Utterance | None = None
+        self._model: ServingModel | None = None  # the model whose state _state is
+        self._state: State | None = None
+        self._last_token = BLANK_ID  # best token of the last decoded frame (repeats collapse across utterances)
+        self._last_interim_s = 0.0
+        self.finals_sent = 0
+        self.done = False
+        """No more events: single_utterance reached its endpoint, or the stream finished."""
+
+    @property
+    def received_s(self) -> float:
+        return self._received_samples / self.options.sample_rate_hz
+
+    @property
+    def audio_processed_s(self) -> float:
+        return min(self._next_chunk / MODEL_SAMPLE_RATE_HZ, self.received_s)
+
+    async def feed(self, data: bytes) -> AsyncIterator[StreamEvent]:
+        """LINEAR16 bytes as the client sent them -> the results of every chunk they complete."""
+        samples = decode_linear16(data, self.options.channels)  # (S,) at the client's rate
+        if self.done:
+            return
+        self._received_samples += len(samples)
+        if self.received_s > self._config.max_stream_duration_s + _TIME_EPSILON_S:
+            raise StreamTooLong(
+                f"the stream passed max_stream_duration_s = {self._config.max_stream_duration_s:g} s of audio; "
+                "open a new stream to go on"
+            )
+        self._buffer.append(self._resampler.process(samples))
+        async for event in self._decode_chunks():
+            yield event
+
+    async def finish(self) -> AsyncIterator[StreamEvent]:
+        """The client sent everything: decode the rest and send the last utterance's final."""
+        if self.done:
+            return
+        self._buffer.append(self._resampler.flush())
+        async for event in self._decode_chunks():
+            yield event
+        if self.done or self._received_samples == 0:
+            self.done = True
+            return
+        utterance = self._begin_utterance()
+        tail = self._buffer.end - self._next_chunk
+        if utterance.model.spec.frames_for(tail) > 0:
+            await self._decode(utterance, self._next_chunk, self._buffer.end)
+        self._next_chunk = self._buffer.end
+        async for event in self._end_utterance(None):
+            yield event
+        self.done = True
+
+    # --- internals ---
+
+    def _begin_utterance(self) -> _Utterance:
+        if self._utterance is not None:
+            return self._utterance
+        model = self._current_model()
+        if model is not self._model:  # the first utterance, or a new version: fresh state
+            self._model, self._state, self._last_token = model, model.initial_state(), BLANK_ID
+        decoder = CtcGreedyDecoder(model.spec.vocabulary, model.spec.frame_shift_s, previous_token=self._last_token)
+        self._utterance = _Utterance(uuid.uuid4().hex, model, decoder, self._next_chunk)
+        return self._utterance
+
+    async def _decode(self, utterance: _Utterance, start: int, end: int) -> None:
+        audio = self._buffer.view(start, end).copy()  # (S,): the batcher reads it in another thread
+        log_probs, self._state = await utterance.model.infer(audio, self._state)  # (T, V)
+        utterance.decoder.feed(log_probs, start / MODEL_SAMPLE_RATE_HZ)
+        self._last_token = utterance.decoder.last_token
+
+    async def _decode_chunks(self) -> AsyncIterator[StreamEvent]:
+        while not self.done:
+            utterance = self._begin_utterance()
+            spec = utterance.model.spec
+            if self._buffer.end - self._next_chunk < spec.window_samples_per_call:
+                return
+            await self._decode(utterance, self._next_chunk, self._next_chunk + spec.window_samples_per_call)
+            self._next_chunk += spec.chunk_samples
+            decoder = utterance.decoder
+            rule = self._rules.detect(
+                utterance_s=(self._next_chunk - utterance.start_sample) / MODEL_SAMPLE_RATE_HZ,
+                trailing_silence_s=decoder.trailing_blank_frames * spec.frame_shift_s,
+                has_speech=decoder.has_output,
+            )
+            if rule is not None:
+                async for event in self._end_utterance(rule):
+                    yield event
+            elif self.options.interim_results:
+                interim = self._interim(utterance)
+                if interim is not None:
+                    yield interim
+
+    def _interim(self, utterance: _Utterance) -> RecognitionResult | None:
+        """An interim result when the text changed or interim_interval_s of audio passed since the last."""
+        hypothesis = utterance.decoder.hypothesis()
+        processed_s = self.audio_processed_s
+        due = processed_s - self._last_interim_s + _TIME_EPSILON_S >= self._config.interim_interval_s
+        if hypothesis.transcript == utterance.last_interim_text and not due:
+            return None
+        utterance.last_interim_text = hypothesis.transcript
+        self._last_interim_s = processed_s
+        return RecognitionResult(utterance.utterance_id, utterance.model.version, hypothesis, False, processed_s,
+                                 utterance.start_sample / MODEL_SAMPLE_RATE_HZ, processed_s)
+
+    async def _end_utterance(self, rule: EndpointRule | None) -> AsyncIterator[StreamEvent]:
+        """Close the current utterance at the next chunk start (all its audio is decoded)."""
+        utterance, self._utterance = self._utterance, None
+        hypothesis = utterance.decoder.hypothesis().finalized()
+        boundary = self._next_chunk
+        start_s = utterance.start_sample / MODEL_SAMPLE_RATE_HZ
+        processed_s = self.audio_processed_s if rule is not None else self.received_s
+        # Silence between utterances is not an utterance: no final unless the client must hear of it.
+        first_of_stream = rule is None and self.finals_sent == 0
+        if hypothesis.transcript or self.options.single_utterance or first_of_stream:
+            if self._on_utterance is not None:
+                audio = self._buffer.view(utterance.start_sample, boundary)
+                await self._on_utterance(FinishedUtterance(
+                    utterance_id=utterance.utterance_id, model_version=utterance.model.version,
+                    audio=float_to_int16(audio), sample_rate_hz=MODEL_SAMPLE_RATE_HZ,
+                    transcript=hypothesis.transcript, confidence=hypothesis.confidence, words=hypothesis.words,
+                    start_s=start_s, duration_s=len(audio) / MODEL_SAMPLE_RATE_HZ, user_id=self.options.user_id,
+                    session_id=self.options.session_id, created_at=datetime.now(UTC),
+                ))
+            if rule is not None and self.options.single_utterance:
+                self.done = True
+                yield EndOfSingleUtterance()
+            self.finals_sent += 1
+            yield RecognitionResult(utterance.utterance_id, utterance.model.version, hypothesis, True, processed_s,
+                                    start_s, processed_s, rule)
+        self._buffer.drop_before(boundary)
+        self._last_interim_s = processed_s
