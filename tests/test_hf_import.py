@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-
 from voxloop.trainer.hf_import import WINDOWED_FORMAT, WindowedCTCWrapper, export_hf_ctc, is_hf_ctc_checkpoint
 
 HF_VOCABULARY = ["<pad>", "<s>", "</s>", "<unk>", "|", "'", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
