@@ -1,14 +1,13 @@
 import datetime
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
 
-from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
-from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -38,7 +37,7 @@ class RecognitionConfig(_message.Message):
     single_utterance: bool
     audio_channel_count: int
     max_alternatives: int
-    def __init__(self, encoding: RecognitionConfig.AudioEncoding | str | None = ..., sample_rate_hz: int | None = ..., language_code: str | None = ..., interim_results: bool | None = ..., user_id: str | None = ..., session_id: str | None = ..., single_utterance: bool | None = ..., audio_channel_count: int | None = ..., max_alternatives: int | None = ...) -> None: ...
+    def __init__(self, encoding: _Optional[_Union[RecognitionConfig.AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., language_code: _Optional[str] = ..., interim_results: _Optional[bool] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., single_utterance: _Optional[bool] = ..., audio_channel_count: _Optional[int] = ..., max_alternatives: _Optional[int] = ...) -> None: ...
 
 class StreamingRecognizeRequest(_message.Message):
     __slots__ = ("config", "audio_content")
@@ -46,7 +45,7 @@ class StreamingRecognizeRequest(_message.Message):
     AUDIO_CONTENT_FIELD_NUMBER: _ClassVar[int]
     config: RecognitionConfig
     audio_content: bytes
-    def __init__(self, config: RecognitionConfig | _Mapping | None = ..., audio_content: bytes | None = ...) -> None: ...
+    def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio_content: _Optional[bytes] = ...) -> None: ...
 
 class WordInfo(_message.Message):
     __slots__ = ("word", "start_offset", "end_offset", "confidence")
@@ -58,7 +57,7 @@ class WordInfo(_message.Message):
     start_offset: _duration_pb2.Duration
     end_offset: _duration_pb2.Duration
     confidence: float
-    def __init__(self, word: str | None = ..., start_offset: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ..., end_offset: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ..., confidence: float | None = ...) -> None: ...
+    def __init__(self, word: _Optional[str] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class SpeechRecognitionAlternative(_message.Message):
     __slots__ = ("transcript", "confidence", "words")
@@ -68,7 +67,7 @@ class SpeechRecognitionAlternative(_message.Message):
     transcript: str
     confidence: float
     words: _containers.RepeatedCompositeFieldContainer[WordInfo]
-    def __init__(self, transcript: str | None = ..., confidence: float | None = ..., words: _Iterable[WordInfo | _Mapping] | None = ...) -> None: ...
+    def __init__(self, transcript: _Optional[str] = ..., confidence: _Optional[float] = ..., words: _Optional[_Iterable[_Union[WordInfo, _Mapping]]] = ...) -> None: ...
 
 class StreamingRecognitionResult(_message.Message):
     __slots__ = ("alternatives", "is_final", "stability", "stable_transcript", "utterance_id", "model_version", "audio_processed", "utterance_start_offset", "result_end_offset")
@@ -90,7 +89,7 @@ class StreamingRecognitionResult(_message.Message):
     audio_processed: float
     utterance_start_offset: _duration_pb2.Duration
     result_end_offset: _duration_pb2.Duration
-    def __init__(self, alternatives: _Iterable[SpeechRecognitionAlternative | _Mapping] | None = ..., is_final: bool | None = ..., stability: float | None = ..., stable_transcript: str | None = ..., utterance_id: str | None = ..., model_version: str | None = ..., audio_processed: float | None = ..., utterance_start_offset: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ..., result_end_offset: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ...) -> None: ...
+    def __init__(self, alternatives: _Optional[_Iterable[_Union[SpeechRecognitionAlternative, _Mapping]]] = ..., is_final: _Optional[bool] = ..., stability: _Optional[float] = ..., stable_transcript: _Optional[str] = ..., utterance_id: _Optional[str] = ..., model_version: _Optional[str] = ..., audio_processed: _Optional[float] = ..., utterance_start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., result_end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StreamingRecognizeResponse(_message.Message):
     __slots__ = ("results", "speech_event_type")
@@ -104,7 +103,7 @@ class StreamingRecognizeResponse(_message.Message):
     SPEECH_EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StreamingRecognitionResult]
     speech_event_type: StreamingRecognizeResponse.SpeechEventType
-    def __init__(self, results: _Iterable[StreamingRecognitionResult | _Mapping] | None = ..., speech_event_type: StreamingRecognizeResponse.SpeechEventType | str | None = ...) -> None: ...
+    def __init__(self, results: _Optional[_Iterable[_Union[StreamingRecognitionResult, _Mapping]]] = ..., speech_event_type: _Optional[_Union[StreamingRecognizeResponse.SpeechEventType, str]] = ...) -> None: ...
 
 class RecognizeRequest(_message.Message):
     __slots__ = ("config", "audio_content")
@@ -112,7 +111,7 @@ class RecognizeRequest(_message.Message):
     AUDIO_CONTENT_FIELD_NUMBER: _ClassVar[int]
     config: RecognitionConfig
     audio_content: bytes
-    def __init__(self, config: RecognitionConfig | _Mapping | None = ..., audio_content: bytes | None = ...) -> None: ...
+    def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio_content: _Optional[bytes] = ...) -> None: ...
 
 class SpeechRecognitionResult(_message.Message):
     __slots__ = ("alternatives", "utterance_id", "model_version", "utterance_start_offset", "result_end_offset")
@@ -126,7 +125,7 @@ class SpeechRecognitionResult(_message.Message):
     model_version: str
     utterance_start_offset: _duration_pb2.Duration
     result_end_offset: _duration_pb2.Duration
-    def __init__(self, alternatives: _Iterable[SpeechRecognitionAlternative | _Mapping] | None = ..., utterance_id: str | None = ..., model_version: str | None = ..., utterance_start_offset: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ..., result_end_offset: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ...) -> None: ...
+    def __init__(self, alternatives: _Optional[_Iterable[_Union[SpeechRecognitionAlternative, _Mapping]]] = ..., utterance_id: _Optional[str] = ..., model_version: _Optional[str] = ..., utterance_start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., result_end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RecognizeResponse(_message.Message):
     __slots__ = ("results", "total_audio_seconds")
@@ -134,7 +133,7 @@ class RecognizeResponse(_message.Message):
     TOTAL_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SpeechRecognitionResult]
     total_audio_seconds: float
-    def __init__(self, results: _Iterable[SpeechRecognitionResult | _Mapping] | None = ..., total_audio_seconds: float | None = ...) -> None: ...
+    def __init__(self, results: _Optional[_Iterable[_Union[SpeechRecognitionResult, _Mapping]]] = ..., total_audio_seconds: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -148,7 +147,7 @@ class ModelInfo(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
-        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -163,4 +162,4 @@ class ModelInfo(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     sample_rate_hz: int
     alphabet: str
-    def __init__(self, version: str | None = ..., parent_version: str | None = ..., loaded_at: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., card_json: str | None = ..., metrics: _Mapping[str, float] | None = ..., sample_rate_hz: int | None = ..., alphabet: str | None = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., parent_version: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., card_json: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sample_rate_hz: _Optional[int] = ..., alphabet: _Optional[str] = ...) -> None: ...
