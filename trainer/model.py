@@ -144,20 +144,37 @@ class LogMelFrontend(nn.Module):
     def __init__(self, config: VoxloopCTCConfig):
         super().__init__()
         self.hop_samples = config.hop_samples
+        self.config = config
         n_freqs = config.n_fft // 2 + 1
-        window = torch.hann_window(config.window_samples, periodic=False, dtype=torch.float64)
-        n = torch.arange(config.window_samples, dtype=torch.float64)
-        k = torch.arange(n_freqs, dtype=torch.float64)
-        angle = 2 * math.pi * k[:, None] * n[None, :] / config.n_fft  # (n_freqs, window)
-        basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window  # (2 * n_freqs, window)
-        self.register_buffer("dft_basis", basis.float().unsqueeze(1), persistent=False)
-        mel = torchaudio.functional.melscale_fbanks(
-            n_freqs, config.mel_f_min_hz, config.mel_f_max_hz, config.num_mel_bins, config.sample_rate_hz
-        )  # (n_freqs, num_mel_bins)
-        self.register_buffer("mel_filters", mel.float(), persistent=False)
+        self.register_buffer("dft_basis", torch.empty(2 * n_freqs, 1, config.window_samples), persistent=False)
+        self.register_buffer("mel_filters", torch.empty(n_freqs, config.num_mel_bins), persistent=False)
+        self.reset_constants()
         # Global mean/variance normalization, set from training data (`set_feature_stats`).
         self.register_buffer("feature_mean", torch.zeros(config.num_mel_bins))
         self.register_buffer("feature_std", torch.ones(config.num_mel_bins))
+
+    @torch.no_grad()
+    def reset_constants(self) -> None:
+        """(Re)compute the DFT basis and mel filters. They are derived from the config, not learned, so
+        they are not saved; transformers' from_pretrained leaves such buffers uninitialized and calls
+        `_init_weights`, which calls this."""
+        c = self.config
+        n_freqs = c.n_fft // 2 + 1
+        with torch.device("cpu"):  # also when constructed under transformers' meta-device context
+            window = torch.hann_window(c.window_samples, periodic=False, dtype=torch.float64)
+            n = torch.arange(c.window_samples, dtype=torch.float64)
+            k = torch.arange(n_freqs, dtype=torch.float64)
+            angle = 2 * math.pi * k[:, None] * n[None, :] / c.n_fft  # (n_freqs, window)
+            basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window  # (2 * n_freqs, window)
+            mel = torchaudio.functional.melscale_fbanks(
+                n_freqs, c.mel_f_min_hz, c.mel_f_max_hz, c.num_mel_bins, c.sample_rate_hz
+            )  # (n_freqs, num_mel_bins)
+        if self.dft_basis.is_meta:
+            self.dft_basis = basis.float().unsqueeze(1)
+            self.mel_filters = mel.float()
+        else:
+            self.dft_basis.copy_(basis.float().unsqueeze(1))
+            self.mel_filters.copy_(mel.float())
 
     def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
         spectrum = F.conv1d(audio.unsqueeze(1), self.dft_basis, stride=self.hop_samples)  # (B, 2K, F)
@@ -342,7 +359,9 @@ class VoxloopPreTrainedModel(PreTrainedModel):
     main_input_name = "input_values"
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, LogMelFrontend):
+            module.reset_constants()
+        elif isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -150,7 +150,8 @@ def pretrain(config: PretrainConfig) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-    state = {"epoch": 0, "step": 0, "best_wer": math.inf, "elapsed_s": 0.0}
+    # epoch_step: batches done in the current epoch, so a resume skips exactly those.
+    state = {"epoch": 0, "step": 0, "epoch_step": 0, "best_wer": math.inf, "elapsed_s": 0.0}
     if (checkpoint / TRAINER_STATE).exists():
         saved = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
         optimizer.load_state_dict(saved.pop("optimizer"))
@@ -171,9 +172,9 @@ def pretrain(config: PretrainConfig) -> Path:
         while state["epoch"] < config.epochs and not out_of_time:
             epoch_rng = random.Random(config.seed * 1000 + state["epoch"])
             batches = list(duration_batches(train, config.max_batch_seconds, epoch_rng))
-            # On resume mid-epoch, skip the batches already trained on.
-            skip = state["step"] - state["epoch"] * batches_per_epoch
-            bar = tqdm(batches[skip:], desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch")
+            # On resume mid-epoch, skip the batches already trained on (the epoch's order is seeded).
+            bar = tqdm(batches[state["epoch_step"] :], desc=f"epoch {state['epoch'] + 1}/{config.epochs}",
+                       unit="batch")
             for batch in bar:
                 inputs = collate(batch, [augment(e.samples, config, epoch_rng, gen) for e in batch])
                 loss = model(**inputs).loss
@@ -183,6 +184,7 @@ def pretrain(config: PretrainConfig) -> Path:
                 optimizer.step()
                 scheduler.step()
                 state["step"] += 1
+                state["epoch_step"] += 1
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if state["step"] % 50 == 0:
                     record = {"step": state["step"], "loss": loss.item(), "grad_norm": float(grad_norm),
@@ -199,6 +201,7 @@ def pretrain(config: PretrainConfig) -> Path:
                     break
             else:
                 state["epoch"] += 1
+                state["epoch_step"] = 0
             dev_figures = evaluate_dev(model, dev)
             record = {"epoch": state["epoch"], "step": state["step"], "elapsed_s": state["elapsed_s"],
                       **{f"dev_{k}": v for k, v in dev_figures.items()}}
