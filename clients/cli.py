@@ -3,6 +3,10 @@
     voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
+    voxloop correct UTTERANCE_ID "TEXT" [--server HOST:PORT] [--token T]
+    voxloop accept UTTERANCE_ID [--server HOST:PORT] [--token T]
+    voxloop feedback stats [--tenant T] [--json] [--server HOST:PORT] [--token T]
+    voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
 
 The composition root: it imports server and trainer code only inside the commands that need them,
@@ -99,6 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     current.add_argument("--json", action="store_true", help="print version, parent, load time and metrics as JSON")
     current.set_defaults(handler=_models_current)
 
+    correct = commands.add_parser("correct", parents=[client_options],
+                                  help="send what was really said in an utterance; prints the reward")
+    correct.add_argument("utterance_id", metavar="UTTERANCE_ID", help="from a final result (transcribe --json)")
+    correct.add_argument("text", metavar="TEXT", help="the right transcript (numbers and case are normalized)")
+    correct.add_argument("--json", action="store_true", help="print feedback_id, reward, normalized text, flag")
+    correct.set_defaults(handler=_correct)
+
+    accept = commands.add_parser("accept", parents=[client_options],
+                                 help="confirm an utterance's transcript was right; prints the reward")
+    accept.add_argument("utterance_id", metavar="UTTERANCE_ID", help="from a final result (transcribe --json)")
+    accept.add_argument("--json", action="store_true", help="print feedback_id and reward as JSON")
+    accept.set_defaults(handler=_accept)
+
+    feedback = commands.add_parser("feedback", help="the feedback the server has collected")
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
+    stats = feedback_commands.add_parser("stats", parents=[client_options],
+                                         help="counts by kind, tenant and model version; pending for training")
+    stats.add_argument("--tenant", default="", help="admin tokens only: one tenant (default: all)")
+    stats.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    stats.set_defaults(handler=_feedback_stats)
+    delete = feedback_commands.add_parser("delete-user", parents=[client_options],
+                                          help="admin: delete a user's utterances and feedback")
+    delete.add_argument("user_id", metavar="USER_ID")
+    delete.add_argument("--tenant", default="", help="the user's tenant (default: the admin token's)")
+    delete.set_defaults(handler=_feedback_delete_user)
+
     _add_trainer_commands(commands)
     return parser
 
@@ -192,6 +222,56 @@ def _models_current(args: argparse.Namespace) -> int:
         }))
     else:
         print(info.version)
+    return EXIT_OK
+
+
+def _correct(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.submit_correction(args.utterance_id, args.text)
+    if args.json:
+        print(json.dumps({"feedback_id": response.feedback_id, "reward": response.reward,
+                          "normalized_text": response.normalized_text, "flagged": response.flagged}))
+    else:
+        flag = " (flagged: shares little with the transcript)" if response.flagged else ""
+        print(f"reward {response.reward:.3f}: {response.normalized_text}{flag}")
+    return EXIT_OK
+
+
+def _accept(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.accept_transcript(args.utterance_id)
+    if args.json:
+        print(json.dumps({"feedback_id": response.feedback_id, "reward": response.reward}))
+    else:
+        print(f"reward {response.reward:.3f}")
+    return EXIT_OK
+
+
+_STATS_COUNTS = ("utterances", "utterances_with_audio", "feedback", "pending", "pending_flagged", "consumed",
+                 "flagged", "training_cycles")
+_STATS_GROUPS = ("by_kind", "by_tenant", "by_model_version")
+
+
+def _feedback_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.feedback_stats(args.tenant)
+    document = {name: getattr(stats, name) for name in _STATS_COUNTS}
+    document.update({name: dict(sorted(getattr(stats, name).items())) for name in _STATS_GROUPS})
+    if args.json:
+        print(json.dumps(document))
+        return EXIT_OK
+    for name in _STATS_COUNTS:
+        print(f"{name}: {document[name]}")
+    for name in _STATS_GROUPS:
+        groups = ", ".join(f"{key}={n}" for key, n in document[name].items()) or "-"
+        print(f"{name}: {groups}")
+    return EXIT_OK
+
+
+def _feedback_delete_user(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        deleted = client.delete_user_data(args.user_id, args.tenant)
+    print(f"deleted {deleted.utterances_deleted} utterances and {deleted.feedback_deleted} feedback items")
     return EXIT_OK
 
 

@@ -7,9 +7,10 @@
 Imports only grpcio, numpy/soundfile (for files) and the `voxloop.v1` stubs, never torch,
 onnxruntime or server code: an application installs the client without them.
 
-The raw calls (`streaming_recognize`, `recognize`, `get_model_info`) return the `voxloop.v1`
-messages unchanged; `transcribe_file` returns a typed `FileTranscript` with the latencies a user
-feels. Every gRPC failure surfaces as `VoxloopError` with the status code's name and details.
+The raw calls (`streaming_recognize`, `recognize`, `get_model_info`, and the Feedback service's
+`submit_correction`, `accept_transcript`, `feedback_stats`, `delete_user_data`) return the `voxloop.v1`
+messages unchanged; `transcribe_file` returns a typed `FileTranscript` with the latencies a user feels.
+Every gRPC failure surfaces as `VoxloopError` with the status code's name and details.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from voxloop.v1 import feedback_pb2 as feedback_pb
+from voxloop.v1 import feedback_pb2_grpc as feedback_grpc
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
@@ -38,6 +41,9 @@ RecognitionConfig = pb.RecognitionConfig
 StreamingRecognizeResponse = pb.StreamingRecognizeResponse
 RecognizeResponse = pb.RecognizeResponse
 ModelInfo = pb.ModelInfo
+SubmitCorrectionResponse = feedback_pb.SubmitCorrectionResponse
+AcceptTranscriptResponse = feedback_pb.AcceptTranscriptResponse
+FeedbackStats = feedback_pb.FeedbackStats
 
 
 class VoxloopError(Exception):
@@ -243,7 +249,7 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 class RecognizerClient:
-    """Blocking client of `voxloop.v1.Recognizer`.
+    """Blocking client of `voxloop.v1.Recognizer` and `voxloop.v1.Feedback`.
 
     target: "host:port". token: sent as `authorization: Bearer <token>`. tls: True for the system's
     root certificates, or a `grpc.ChannelCredentials`. timeout: deadline of unary calls in seconds.
@@ -260,6 +266,7 @@ class RecognizerClient:
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.RecognizerStub(self._channel)
+        self._feedback = feedback_grpc.FeedbackStub(self._channel)
 
     def __enter__(self) -> RecognizerClient:
         return self
@@ -305,6 +312,41 @@ class RecognizerClient:
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    def submit_correction(self, utterance_id: str, corrected_text: str) -> feedback_pb.SubmitCorrectionResponse:
+        """Tell the server what was said in an utterance; returns the reward once the correction is stored.
+
+        Idempotent: a retry returns the same feedback_id; a new text replaces this user's earlier one.
+        """
+        request = feedback_pb.SubmitCorrectionRequest(utterance_id=utterance_id, corrected_text=corrected_text)
+        try:
+            return self._feedback.SubmitCorrection(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    def accept_transcript(self, utterance_id: str) -> feedback_pb.AcceptTranscriptResponse:
+        """Tell the server the transcript of an utterance was right (positive feedback)."""
+        request = feedback_pb.AcceptTranscriptRequest(utterance_id=utterance_id)
+        try:
+            return self._feedback.AcceptTranscript(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
+        """Feedback counts of the caller's tenant (an admin token: `tenant`'s, or all tenants' when empty)."""
+        try:
+            return self._feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(tenant=tenant),
+                                                   timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    def delete_user_data(self, user_id: str, tenant: str = "") -> feedback_pb.DeleteUserDataResponse:
+        """Admin tokens only: delete a user's utterances and feedback (`tenant` empty: the admin's own)."""
+        request = feedback_pb.DeleteUserDataRequest(user_id=user_id, tenant=tenant)
+        try:
+            return self._feedback.DeleteUserData(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
     def transcribe_file(self, path: str | Path, *, realtime: bool = False,
                         interim_results: bool = True) -> FileTranscript:
         """Stream a WAV/FLAC file in 100 ms chunks (at real-time pace with `realtime`) and collect the finals.
@@ -321,7 +363,7 @@ class RecognizerClient:
 
 
 class AsyncRecognizerClient:
-    """asyncio client of `voxloop.v1.Recognizer`; arguments as `RecognizerClient`'s."""
+    """asyncio client of `voxloop.v1.Recognizer` and `voxloop.v1.Feedback`; arguments as `RecognizerClient`'s."""
 
     def __init__(self, target: str = DEFAULT_SERVER, *, token: str | None = None,
                  tls: bool | grpc.ChannelCredentials = False, timeout: float = DEFAULT_TIMEOUT_S,
@@ -333,6 +375,7 @@ class AsyncRecognizerClient:
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials is not None
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.RecognizerStub(self._channel)
+        self._feedback = feedback_grpc.FeedbackStub(self._channel)
 
     async def __aenter__(self) -> AsyncRecognizerClient:
         return self
@@ -381,6 +424,35 @@ class AsyncRecognizerClient:
         try:
             return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
                                                  metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    async def submit_correction(self, utterance_id: str,
+                                corrected_text: str) -> feedback_pb.SubmitCorrectionResponse:
+        request = feedback_pb.SubmitCorrectionRequest(utterance_id=utterance_id, corrected_text=corrected_text)
+        try:
+            return await self._feedback.SubmitCorrection(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    async def accept_transcript(self, utterance_id: str) -> feedback_pb.AcceptTranscriptResponse:
+        request = feedback_pb.AcceptTranscriptRequest(utterance_id=utterance_id)
+        try:
+            return await self._feedback.AcceptTranscript(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    async def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
+        try:
+            return await self._feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(tenant=tenant),
+                                                         timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    async def delete_user_data(self, user_id: str, tenant: str = "") -> feedback_pb.DeleteUserDataResponse:
+        request = feedback_pb.DeleteUserDataRequest(user_id=user_id, tenant=tenant)
+        try:
+            return await self._feedback.DeleteUserData(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 

@@ -6,15 +6,19 @@ open stream is a coroutine (a few KB), not a thread blocked in `next(request_ite
 chunk is batched across streams (`batcher.py`) and runs in one onnxruntime executor thread, so the
 event loop only moves bytes, resamples and decodes a few frames per chunk.
 
-Beside `voxloop.v1.Recognizer` it serves the standard `grpc.health.v1.Health` (SERVING once the model
+Beside `voxloop.v1.Recognizer` it serves `voxloop.v1.Feedback` (corrections and acceptances into the
+feedback store, which also receives every final utterance through a bounded queue and a writer
+thread, `utterance_writer.py`), the standard `grpc.health.v1.Health` (SERVING once the model
 is loaded; NOT_SERVING as soon as shutdown begins, so load balancers drain the replica) and server
 reflection. Shutdown: NOT_SERVING, refuse new recognitions (UNAVAILABLE), let open ones finish for
-up to shutdown_grace_s, then stop the gRPC server (cancelling what is left).
+up to shutdown_grace_s, then stop the gRPC server (cancelling what is left), write every queued
+utterance, close the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -25,20 +29,28 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from voxloop.v1 import feedback_pb2_grpc
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
+from .auth import Authenticator, RateLimiter
 from .batcher import Batcher, ServingModel
 from .config import ServerConfig
+from .feedback import FeedbackIntake
+from .feedback_servicer import FEEDBACK_SERVICE_NAME, FeedbackServicer
 from .model import OnnxModel
 from .registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from .servicer import SERVICE_NAME, RecognizerServicer, StreamSlots
+from .store import FeedbackStore
 from .stream import FinishedUtterance
+from .utterance_writer import UtteranceWriter
 
 log = logging.getLogger(__name__)
 
 UNARY_DRAIN_S = 0.5
 """After the recognitions drained: how long in-flight short calls (health checks, model info) get;
 open health Watch streams would otherwise hold the shutdown for the whole grace period."""
+FEEDBACK_THREADS = 4
+"""Threads that run feedback calls' store work (SQLite serializes the writes; reads run beside them)."""
 
 
 def open_registry(config: ServerConfig) -> Registry:
@@ -82,14 +94,24 @@ class VoxloopServer:
     """A created (bound, not yet started) server. Use from the event loop it was created in."""
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                 model: ServingModel, slots: StreamSlots, sink_executor: ThreadPoolExecutor | None):
+                 model: ServingModel, slots: StreamSlots, sink_executor: ThreadPoolExecutor | None,
+                 store: FeedbackStore, writer: UtteranceWriter | None, feedback_executor: ThreadPoolExecutor):
         self.config = config
         self.model = model
         self.slots = slots
+        self.store = store
+        self.writer = writer
         self._server = grpc_server
         self._health = health_servicer
         self._sink_executor = sink_executor
+        self._feedback_executor = feedback_executor
+        self._retention: asyncio.Task | None = None
         self._stopped = False
+
+    @property
+    def utterances_dropped(self) -> int:
+        """Finals whose utterance was not stored (writer queue full, or the insert failed)."""
+        return self.writer.dropped if self.writer is not None else 0
 
     @property
     def active_streams(self) -> int:
@@ -99,8 +121,9 @@ class VoxloopServer:
     async def start(self) -> None:
         self.model.batcher.start()
         await self._server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, FEEDBACK_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._retention = asyncio.create_task(self._expire_audio_periodically(), name="audio-retention")
         log.info("serving model %s", self.model.version)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -117,20 +140,57 @@ class VoxloopServer:
         await self.model.batcher.close()
         if self._sink_executor is not None:  # the last finals' utterances reach the sink before we return
             await asyncio.to_thread(self._sink_executor.shutdown, wait=True)
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+        await asyncio.to_thread(self._close_store)
         log.info("stopped")
+
+    async def _expire_audio_periodically(self) -> None:
+        """Retention: delete audio older than audio_retention_s now, then every retention_interval_s."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self._feedback_executor, self.store.expire_audio,
+                                           self.config.audio_retention_s)
+            except Exception:  # a busy or unreachable store: try again next round
+                log.exception("audio retention failed; retrying in %g s", self.config.retention_interval_s)
+            await asyncio.sleep(self.config.retention_interval_s)
+
+    def _close_store(self) -> None:
+        # Every final sent was queued before it was sent: writing the queue out loses nothing acked.
+        _close_feedback(self.writer, self._feedback_executor, self.store)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
 
-def _sink_runner(sink: Callable[[FinishedUtterance], None], executor: ThreadPoolExecutor):
-    """Run the (possibly blocking) sink in its own thread; the final is sent once the sink returned."""
+def _close_feedback(writer: UtteranceWriter | None, executor: ThreadPoolExecutor, store: FeedbackStore) -> None:
+    if writer is not None:
+        writer.close()
+    executor.shutdown(wait=True)
+    store.close()
+
+
+def _sink_runner(sink: Callable[[FinishedUtterance], None] | None, executor: ThreadPoolExecutor | None,
+                 writer: UtteranceWriter | None):
+    """The stream's hook for each final utterance, awaited before the final is sent.
+
+    The store writer's part is a non-blocking enqueue (the hot path never waits for the database);
+    an extra `sink` runs in its own thread and may block.
+    """
+    if sink is None and writer is None:
+        return None
 
     async def run(utterance: FinishedUtterance) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, sink, utterance)
-        except Exception:
-            log.exception("utterance sink failed for utterance %s", utterance.utterance_id)
+        if writer is not None:
+            writer.offer(utterance)
+        if sink is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, sink, utterance)
+            except Exception:
+                log.exception("utterance sink failed for utterance %s", utterance.utterance_id)
 
     return run
 
@@ -141,17 +201,35 @@ def create_server(
     """Load the current model, build and bind the gRPC server; returns it (not started) and its port.
 
     Call it from the event loop that will run the server, then `await server.start()`; always
-    `await server.stop()` (e.g. in `finally`). `utterance_sink` gets every final utterance (its audio,
-    transcript and model version) before the client gets the final; it runs in a thread of its own,
-    so it may block (a later issue plugs the feedback store in here).
-    Raises RegistryError / ModelFormatError when there is no servable model, OSError when the port
-    cannot be bound.
+    `await server.stop()` (e.g. in `finally`). Every final utterance is queued for the feedback store
+    (config.store_url) unless store_utterances is off; `utterance_sink`, when given, also gets each one
+    (its audio, transcript and model version) before the client gets the final; it runs in a thread
+    of its own, so it may block.
+    Raises RegistryError / ModelFormatError when there is no servable model, ValueError for a bad
+    tokens file, OSError when the port cannot be bound.
     """
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    authenticator = Authenticator.from_config(config)
     slots = StreamSlots(config.max_concurrent_streams)
     model = load_serving_model(open_registry(config), config, open_streams=lambda: slots.active)
+    store = FeedbackStore.open(config.store_url)
+    writer = (UtteranceWriter(store.add_utterances, max_queued=config.utterance_queue_size,
+                              batch_size=config.utterance_batch_size) if config.store_utterances else None)
+    feedback_executor = ThreadPoolExecutor(FEEDBACK_THREADS, thread_name_prefix="feedback")
+    try:
+        return _create_grpc_server(config, utterance_sink, authenticator, slots, model, store, writer,
+                                   feedback_executor)
+    except BaseException:
+        _close_feedback(writer, feedback_executor, store)
+        raise
+
+
+def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
+                        authenticator: Authenticator, slots: StreamSlots, model: ServingModel, store: FeedbackStore,
+                        writer: UtteranceWriter | None,
+                        feedback_executor: ThreadPoolExecutor) -> tuple[VoxloopServer, int]:
     sink_executor = ThreadPoolExecutor(1, thread_name_prefix="utterance-sink") if utterance_sink else None
-    on_utterance = _sink_runner(utterance_sink, sink_executor) if utterance_sink else None
+    on_utterance = _sink_runner(utterance_sink, sink_executor, writer)
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -159,21 +237,31 @@ def create_server(
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ])
     pb_grpc.add_RecognizerServicer_to_server(
-        RecognizerServicer(config, lambda: model, slots, on_utterance), server)
+        RecognizerServicer(config, lambda: model, slots, on_utterance, authenticator), server)
+    intake = FeedbackIntake(config, store, writer, RateLimiter(config.feedback_rate_per_s, config.feedback_burst))
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(
+        FeedbackServicer(intake, authenticator, feedback_executor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, FEEDBACK_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
     address = _listen_address(config.host, config.port)
     try:
-        port = server.add_insecure_port(address)
+        if config.tls:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as e:
         port = 0
         log.debug("binding %s failed: %s", address, e)
     if port == 0:
         raise OSError(f"cannot listen on {address} (in use, or not an address of this machine); "
                       "pick another with --port (0 picks a free one) or --host")
-    return VoxloopServer(config, server, health_servicer, model, slots, sink_executor), port
+    return VoxloopServer(config, server, health_servicer, model, slots, sink_executor, store, writer,
+                         feedback_executor), port
 
 
 async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None) -> None:

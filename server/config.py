@@ -27,6 +27,8 @@ REGISTRY_SUBDIR = "registry"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 MIB = 1 << 20
 MAX_UTTERANCE_LIMIT_S = 300.0  # an utterance's audio is held in memory until its endpoint
+STORE_FILE = "feedback.sqlite3"
+DAY_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -69,38 +71,97 @@ class ServerConfig:
     """How long a batch waits for chunks of other open streams before running short."""
     onnx_intra_op_threads: int = 1
     """onnxruntime threads per model call (0: onnxruntime's default, one per core)."""
+    store_path: str | None = None
+    """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
+    store_utterances: bool = True
+    """Write every final utterance (audio + hypothesis) to the store; off, feedback on new ids is NOT_FOUND."""
+    utterance_queue_size: int = 1024
+    """Finals waiting for the store writer; past this, records are dropped (counted), results still sent."""
+    utterance_batch_size: int = 64
+    """Most queued utterances the writer inserts in one transaction."""
+    store_flush_wait_s: float = 2.0
+    """How long feedback on an utterance still in the writer's queue waits for it to be written."""
+    audio_retention_s: float = 30 * DAY_S
+    """Audio older than this is deleted (its utterance then takes no more feedback)."""
+    max_correction_chars: int = 1000
+    """Longest corrected_text accepted, before normalization."""
+    flag_similarity_threshold: float = 0.2
+    """Corrections whose character similarity to the hypothesis is below this (0..1) are flagged."""
+    feedback_rate_per_s: float = 1.0
+    """Per-user feedback rate (token bucket refill); past it, RESOURCE_EXHAUSTED."""
+    feedback_burst: int = 30
+    """Feedback calls a user may make at once before the rate applies (the bucket's size)."""
+    tokens_file: Path | None = None
+    """Bearer tokens (JSON or TOML: `[[tokens]]` with token, tenant, user, role); set, every call needs one."""
+    anonymous: bool = True
+    """Without a token, callers act as tenant "default" (local development); off whenever tokens_file is set."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain to serve TLS with (with tls_key_file); TLS needs tokens_file (no anonymous mode)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    retention_interval_s: float = 3600.0
+    """How often the server deletes audio older than audio_retention_s."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         object.__setattr__(self, "shipped_model_dir", Path(self.shipped_model_dir).expanduser())
-        if self.model_dir is not None:
-            object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
+        for name in ("model_dir", "tokens_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        if self.store_path is not None:  # a str field: a URL's "//" must survive (Path would fold it)
+            path = str(self.store_path)
+            object.__setattr__(self, "store_path", path if "://" in path else str(Path(path).expanduser()))
         if not self.host:
             _invalid("host", "must not be empty (127.0.0.1 for this machine only, 0.0.0.0 for all interfaces)")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 _invalid(name, f"must be 0..65535 (0 {'picks a free port' if name == 'port' else 'turns it off'})")
         positive = ("max_stream_duration_s", "idle_timeout_s", "interim_interval_s", "max_utterance_s",
-                    "trailing_silence_before_speech_s", "trailing_silence_after_speech_s")
+                    "trailing_silence_before_speech_s", "trailing_silence_after_speech_s", "audio_retention_s",
+                    "feedback_rate_per_s", "retention_interval_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 _invalid(name, "must be > 0 seconds")
         if self.max_utterance_s > MAX_UTTERANCE_LIMIT_S:
             _invalid("max_utterance_s", f"must be at most {MAX_UTTERANCE_LIMIT_S:g} s (each open utterance's "
                                         "audio is kept in memory for the feedback store)")
-        for name in ("max_concurrent_streams", "batch_max_size"):
+        for name in ("max_concurrent_streams", "batch_max_size", "utterance_queue_size", "utterance_batch_size",
+                     "max_correction_chars", "feedback_burst"):
             if getattr(self, name) < 1:
                 _invalid(name, "must be >= 1")
         if not 4096 <= self.max_message_bytes <= 64 * MIB:
             _invalid("max_message_bytes", f"must be 4096..{64 * MIB} bytes (default {MIB}: 32 s of 16 kHz audio)")
-        for name in ("shutdown_grace_s", "batch_max_wait_ms", "onnx_intra_op_threads"):
+        for name in ("shutdown_grace_s", "batch_max_wait_ms", "onnx_intra_op_threads", "store_flush_wait_s"):
             if getattr(self, name) < 0:
                 _invalid(name, "must be >= 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            _invalid("tls_cert_file" if self.tls_cert_file is None else "tls_key_file",
+                     "must be set too: TLS needs both a certificate (tls_cert_file) and its key (tls_key_file)")
+        if self.tls and self.tokens_file is None:
+            _invalid("tokens_file", "must be set when TLS is on (tls_cert_file): anonymous mode is for local "
+                                    "development only; list the callers' bearer tokens in a tokens file")
+        if not 0.0 <= self.flag_similarity_threshold <= 1.0:
+            _invalid("flag_similarity_threshold", "must be a similarity in 0..1 (0 flags nothing; 0.2 flags "
+                                                  "near-total rewrites)")
 
     # Derived values, computed in one place.
     @property
     def registry_dir(self) -> Path:
         return self.model_dir if self.model_dir is not None else self.data_dir / REGISTRY_SUBDIR
+
+    @property
+    def store_url(self) -> Path | str:
+        """The feedback store to open (FeedbackStore.open takes a path or a URL)."""
+        return self.store_path if self.store_path is not None else self.data_dir / STORE_FILE
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        """Calls without a token are served (as tenant "default") only in anonymous mode, without tokens or TLS."""
+        return self.anonymous and self.tokens_file is None and not self.tls
 
     @property
     def batch_max_wait_s(self) -> float:

@@ -1,6 +1,7 @@
 """The `voxloop.v1.Recognizer` servicer: protobuf in and out, errors to gRPC statuses; the work is elsewhere.
 
 Status codes a client sees:
+- UNAUTHENTICATED: no usable bearer token where the server needs one (auth.py);
 - INVALID_ARGUMENT: bad config (encoding, sample rate, channels, language), audio before the config, a
   second config, LINEAR16 with an odd byte count, a stream that ends before its config;
 - RESOURCE_EXHAUSTED: past max_concurrent_streams, or a message over max_message_bytes (gRPC's own);
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
+from .auth import ANONYMOUS_USER, Authenticator, Identity, Unauthenticated
 from .batcher import ModelUnavailable, ServingModel
 from .config import ServerConfig
 from .decoder import WordTiming
@@ -58,6 +61,7 @@ class ShuttingDown(Exception):
 
 
 _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -132,6 +136,12 @@ def options_from_proto(config: pb.RecognitionConfig, *, interim_results: bool | 
     )
 
 
+def caller_options(options: RecognitionOptions, caller: Identity) -> RecognitionOptions:
+    """The stream's options with the caller's tenant and user: a token's user wins over the config's user_id."""
+    user_id = (options.user_id or ANONYMOUS_USER) if caller.anonymous else caller.user
+    return dataclasses.replace(options, tenant=caller.tenant, user_id=user_id)
+
+
 def _duration(seconds: float) -> Duration:
     duration = Duration()
     duration.FromNanoseconds(round(seconds * 1e9))
@@ -199,18 +209,20 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
     """StreamingRecognize, Recognize and GetModelInfo over `RecognitionStream`s (grpc.aio)."""
 
     def __init__(self, config: ServerConfig, current_model: Callable[[], ServingModel], slots: StreamSlots,
-                 on_utterance: UtteranceSink | None = None):
+                 on_utterance: UtteranceSink | None = None, authenticator: Authenticator | None = None):
         self._config = config
+        self._auth = authenticator or Authenticator.from_config(config)
         self._current_model = current_model
         self._slots = slots
         self._on_utterance = on_utterance
 
     async def StreamingRecognize(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         try:
+            caller = self._auth.identify(context)
             with self._slots.hold():
                 try:
                     async with asyncio.timeout(self._config.max_stream_duration_s):
-                        await self._stream(context)
+                        await self._stream(context, caller)
                 except TimeoutError:
                     raise StreamTooLong(
                         f"the stream passed max_stream_duration_s = {self._config.max_stream_duration_s:g} s; "
@@ -250,7 +262,7 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
         except Exception as e:  # grpc.aio raises its internal ExecuteBatchError once the call is gone
             raise ClientGone(f"cannot send: {type(e).__name__}") from e
 
-    async def _stream(self, context: grpc.aio.ServicerContext) -> None:
+    async def _stream(self, context: grpc.aio.ServicerContext, caller: Identity) -> None:
         request = await self._read(context)
         if request is None:
             raise ValueError("the stream ended before its RecognitionConfig; send a StreamingRecognizeRequest "
@@ -258,8 +270,8 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
         if request.WhichOneof("streaming_request") != "config":
             raise ValueError("the first StreamingRecognizeRequest must carry config (RecognitionConfig); "
                              "send audio_content only after it")
-        stream = RecognitionStream(options_from_proto(request.config), self._config, self._current_model,
-                                   on_utterance=self._on_utterance)
+        stream = RecognitionStream(caller_options(options_from_proto(request.config), caller), self._config,
+                                   self._current_model, on_utterance=self._on_utterance)
         while not stream.done:
             request = await self._read(context)
             if request is None:
@@ -278,9 +290,11 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
 
     async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
         try:
+            caller = self._auth.identify(context)
             with self._slots.hold():
-                stream = RecognitionStream(options_from_proto(request.config, interim_results=False), self._config,
-                                           self._current_model, on_utterance=self._on_utterance)
+                options = caller_options(options_from_proto(request.config, interim_results=False), caller)
+                stream = RecognitionStream(options, self._config, self._current_model,
+                                           on_utterance=self._on_utterance)
                 finals = [e async for e in stream.feed(request.audio_content) if isinstance(e, RecognitionResult)]
                 finals += [e async for e in stream.finish() if isinstance(e, RecognitionResult)]
                 return pb.RecognizeResponse(results=[recognize_result(e) for e in finals],
@@ -290,4 +304,8 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
             await context.abort(code, details)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            self._auth.identify(context)
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         return model_info(self._current_model())

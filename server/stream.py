@@ -33,6 +33,7 @@ from .audio import (
     validate_channels,
     validate_sample_rate,
 )
+from .auth import DEFAULT_TENANT
 from .batcher import ServingModel
 from .config import ServerConfig
 from .decoder import CtcGreedyDecoder, Hypothesis, WordTiming
@@ -63,6 +64,8 @@ class RecognitionOptions:
     language_code: str = ""
     user_id: str = ""
     session_id: str = ""
+    tenant: str = DEFAULT_TENANT
+    """The caller's tenant (from its token; not the client's to choose), stored with each utterance."""
 
     def __post_init__(self) -> None:
         if self.encoding not in SUPPORTED_ENCODINGS:
@@ -127,6 +130,8 @@ class FinishedUtterance:
     user_id: str
     session_id: str
     created_at: datetime
+    tenant: str = DEFAULT_TENANT
+    """The tenant of the caller that streamed it: only that tenant may give feedback on it."""
 
 
 UtteranceSink = Callable[[FinishedUtterance], Awaitable[None]]
@@ -282,7 +287,7 @@ class RecognitionStream:
                     audio=float_to_int16(audio), sample_rate_hz=MODEL_SAMPLE_RATE_HZ,
                     transcript=hypothesis.transcript, confidence=hypothesis.confidence, words=hypothesis.words,
                     start_s=start_s, duration_s=len(audio) / MODEL_SAMPLE_RATE_HZ, user_id=self.options.user_id,
-                    session_id=self.options.session_id, created_at=datetime.now(UTC),
+                    session_id=self.options.session_id, created_at=datetime.now(UTC), tenant=self.options.tenant,
                 ))
             if rule is not None and self.options.single_utterance:
                 self.done = True

@@ -1,0 +1,133 @@
+"""Correction intake: validate, rate-limit, compute the reward, flag, and commit to the store. No gRPC here.
+
+`FeedbackIntake` is what the Feedback servicer calls (in a worker thread: every method blocks on the
+store). Errors are the store's (NotFound, PermissionDenied, InvalidFeedback) plus RateLimited; the
+servicer maps them to statuses. A method returns only after `submit_feedback` committed, so what
+the RPC acknowledges is durable (invariant 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .auth import Identity, RateLimiter
+from .config import ServerConfig
+from .rewards import char_similarity, is_suspicious, word_edit_reward
+from .store import (
+    DeletedCounts,
+    FeedbackKind,
+    FeedbackStats,
+    FeedbackStore,
+    InvalidFeedback,
+    NotFound,
+    PermissionDenied,
+)
+from .text import ALPHABET, normalize_text
+from .utterance_writer import UtteranceWriter
+
+log = logging.getLogger(__name__)
+
+ACCEPTANCE_REWARD = 0.0
+"""An accepted transcript is its own reference: zero edits, the best reward the formula gives."""
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """What the client is told once its feedback is committed."""
+
+    feedback_id: int
+    reward: float
+    normalized_text: str | None
+    flagged: bool
+
+
+def normalized_correction(text: str, max_chars: int) -> str:
+    """The correction as training sees it; raises InvalidFeedback for empty, too long or unspeakable text."""
+    if not text.strip():
+        raise InvalidFeedback("corrected_text is empty; send what was said (to keep the transcript, "
+                              "use AcceptTranscript)")
+    if len(text) > max_chars:
+        raise InvalidFeedback(f"corrected_text has {len(text)} characters, more than max_correction_chars = "
+                              f"{max_chars}; correct one utterance at a time")
+    normalized = normalize_text(text)
+    if not normalized:
+        raise InvalidFeedback("corrected_text has nothing speakable in it after normalization (letters, "
+                              "numbers and apostrophes count; symbols and other scripts are dropped)")
+    outside = sorted(set(normalized) - set(ALPHABET))
+    if outside:  # normalize_text guarantees the alphabet; kept as the contract's check
+        raise InvalidFeedback(f"corrected_text normalizes to characters the model cannot emit: {outside}")
+    return normalized
+
+
+class FeedbackIntake:
+    """SubmitCorrection / AcceptTranscript / stats over a FeedbackStore, as one tenant's user sees them."""
+
+    def __init__(self, config: ServerConfig, store: FeedbackStore, writer: UtteranceWriter | None,
+                 rate_limiter: RateLimiter):
+        self._config = config
+        self._store = store
+        self._writer = writer
+        self._rate_limiter = rate_limiter
+
+    def _utterance(self, caller: Identity, utterance_id: str):
+        if not utterance_id:
+            raise InvalidFeedback("utterance_id is empty; pass the utterance_id of a final result")
+        # The final may have reached the client before its row reached the store (the writer is off
+        # the streaming path): wait for a queued id rather than answer NOT_FOUND.
+        if self._writer is not None and not self._writer.wait_written(utterance_id, self._config.store_flush_wait_s):
+            log.warning("utterance %s still queued after %.1f s", utterance_id, self._config.store_flush_wait_s)
+        return self._store.get_utterance(utterance_id, tenant=caller.tenant, with_audio=False)
+
+    def submit_correction(self, caller: Identity, utterance_id: str, corrected_text: str) -> FeedbackReceipt:
+        """Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied."""
+        self._rate_limiter.acquire((caller.tenant, caller.user))
+        normalized = normalized_correction(corrected_text, self._config.max_correction_chars)
+        utterance = self._utterance(caller, utterance_id)
+        reward = word_edit_reward(utterance.hypothesis, normalized)
+        threshold = self._config.flag_similarity_threshold
+        flagged = is_suspicious(utterance.hypothesis, normalized, threshold)
+        reason = None
+        if flagged:
+            reason = (f"character similarity {char_similarity(utterance.hypothesis, normalized):.2f} to the "
+                      f"hypothesis is below {threshold:g}")
+        record = self._store.submit_feedback(
+            utterance_id, tenant=caller.tenant, user=caller.user, kind=FeedbackKind.CORRECTION, reward=reward,
+            corrected_text=normalized, flagged=flagged, flag_reason=reason,
+        )
+        return FeedbackReceipt(record.id, record.reward, record.corrected_text, record.flagged)
+
+    def accept_transcript(self, caller: Identity, utterance_id: str) -> FeedbackReceipt:
+        """Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied."""
+        self._rate_limiter.acquire((caller.tenant, caller.user))
+        self._utterance(caller, utterance_id)
+        record = self._store.submit_feedback(utterance_id, tenant=caller.tenant, user=caller.user,
+                                             kind=FeedbackKind.ACCEPTANCE, reward=ACCEPTANCE_REWARD)
+        return FeedbackReceipt(record.id, record.reward, None, record.flagged)
+
+    def stats(self, caller: Identity, tenant: str = "") -> FeedbackStats:
+        """The caller's tenant's counts; an admin may ask for any tenant, or all with tenant ""."""
+        if tenant and tenant != caller.tenant and not caller.is_admin:
+            raise PermissionDenied("only an admin may read another tenant's feedback stats")
+        if caller.is_admin:
+            return self._store.stats(tenant=tenant or None)
+        return self._store.stats(tenant=caller.tenant)
+
+    def delete_user_data(self, caller: Identity, user_id: str, tenant: str = "") -> DeletedCounts:
+        """Admin only: a user's utterances (with all feedback on them) and the feedback they gave.
+
+        Raises PermissionDenied for a non-admin caller, InvalidFeedback for an empty user_id.
+        """
+        if not caller.is_admin:
+            raise PermissionDenied("DeleteUserData needs an admin token (role = \"admin\" in the tokens file)")
+        if not user_id:
+            raise InvalidFeedback("user_id is empty; name the user whose data to delete")
+        if self._writer is not None:  # the user's last utterances may still be on their way to the store
+            self._writer.wait_all_written(self._config.store_flush_wait_s)
+        deleted = self._store.delete_user_data(tenant or caller.tenant, user_id)
+        log.info("%s/%s deleted the data of user %r in tenant %r", caller.tenant, caller.user, user_id,
+                 tenant or caller.tenant)
+        return deleted
+
+
+__all__ = ["ACCEPTANCE_REWARD", "FeedbackIntake", "FeedbackReceipt", "NotFound", "normalized_correction"]
