@@ -72,10 +72,11 @@ def test_release_has_a_complete_model_card_and_publishes(trained_run, tmp_path):
     corpus, run = trained_run
     out = tmp_path / "registry" / "versions" / "toy-0001"
     card = build_release(run / BEST_DIR, out, "toy-0001", corpus_dir=corpus)
-    for key in ("version", "parent_version", "model", "parity", "evaluation", "files"):
+    for key in ("version", "parent_version", "model", "parity", "evaluation", "files", "rebuild", "training"):
         assert key in card, key
     assert card["parity"]["max_abs_logprob_diff"] <= 1e-4 and card["parity"]["greedy_transcripts_equal"]
     assert set(card["evaluation"]["test"]) >= {"wer", "cer", "utterances", "per_voice"}
+    assert card["training"]["dev_curve"][0]["epoch"] == 1
     assert {"model.onnx", f"{POLICY_DIR}/config.json", f"{POLICY_DIR}/model.safetensors"} <= set(card["files"])
     registry = Registry(tmp_path / "registry")
     registry.activate("toy-0001")  # verifies every sha256 in the card

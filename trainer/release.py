@@ -39,6 +39,29 @@ def evaluate_splits(onnx_path: Path, corpus_dir: Path, splits=EVAL_SPLITS, limit
     return figures
 
 
+REBUILD_COMMANDS = (
+    "voxloop pretrain corpus --out corpus --seed 0",
+    "voxloop pretrain train --corpus corpus --out runs/base --epochs 10 --max-minutes 95 --threads 2",
+    "voxloop export --checkpoint runs/base/best --out models/base --version VERSION --corpus corpus",
+)
+
+
+def training_summary(checkpoint_dir: Path) -> dict | None:
+    """The run's config and per-epoch dev figures, when the checkpoint sits in a pretraining run dir."""
+    run_dir = Path(checkpoint_dir).parent
+    history, config = run_dir / "history.jsonl", run_dir / "pretrain_config.json"
+    if not history.exists():
+        return None
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    epochs = [r for r in rows if "epoch" in r]
+    return {
+        "config": json.loads(config.read_text()) if config.exists() else None,
+        "steps": rows[-1].get("step") if rows else 0,
+        "minutes": round(max((r.get("elapsed_s", 0) for r in rows), default=0) / 60, 1),
+        "dev_curve": epochs,
+    }
+
+
 def build_release(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -71,8 +94,11 @@ def build_release(
                 "streaming_chunk_ms": model.config.chunk_frames * model.config.frame_shift_s * 1000,
             },
             "parity": parity.as_dict(),
+            "rebuild": list(REBUILD_COMMANDS),
             **(extra_card or {}),
         }
+        if (training := training_summary(checkpoint_dir)) is not None:
+            card["training"] = training
         if corpus_dir is not None:
             summary = corpus_dir / "corpus.json"
             if summary.exists():
