@@ -7,7 +7,7 @@ Against a running server (start it in another terminal; its pid gives the server
 
 Or let the bench start `voxloop serve` on a free loopback port, and stop it afterwards:
 
-    .venv/bin/python bench/streaming.py --spawn-server --model-dir DIR [--server-config limits.toml]
+    .venv/bin/python bench/streaming.py --spawn-server [--model-dir DIR] [--server-config limits.toml]
 
 Each stream sends `--duration-s` of audio (speech-like audio synthesized here, or `--audio FILE`,
 looped) in 100 ms LINEAR16 chunks at real-time pace on its own connection, with interim results on;
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import math
 import os
@@ -80,6 +81,8 @@ class BenchConfig:
     chunk_ms: int = CHUNK_DURATION_MS
     """Audio per message."""
     seed: int = 0
+    token: str | None = None
+    """Bearer token sent with every call (servers with a tokens_file); None calls anonymously."""
 
     def __post_init__(self):
         if not self.streams or any(not 1 <= n <= MAX_STREAMS for n in self.streams):
@@ -132,8 +135,9 @@ def speech_like_audio(duration_s: float, sample_rate_hz: int = SYNTH_SAMPLE_RATE
                 syllable += (gain + 0.02) * np.sin(k * phase)
             envelope = np.sin(np.pi * np.arange(n) / n) ** 0.5
             syllable *= envelope * rng.uniform(0.15, 0.35) / max(1e-9, np.abs(syllable).max())
-            end = min(total, pos + n)
-            out[pos:end] += syllable[: end - pos]
+            if pos < total:  # a word's later syllables may start past the end (a negative slice would misfit)
+                end = min(total, pos + n)
+                out[pos:end] += syllable[: end - pos]
             pos += n + int(rng.uniform(0.02, 0.06) * sample_rate_hz)
         words_in_phrase += 1
         pause_s = rng.uniform(0.08, 0.2)
@@ -239,7 +243,7 @@ async def run_streams(config: BenchConfig, n: int, pcm: bytes, sample_rate_hz: i
     chunks = list(chunk_pcm(pcm, sample_rate_hz, config.chunk_ms))
     audio_s = len(pcm) / 2 / sample_rate_hz
     rng = random.Random(config.seed + n)
-    clients = [AsyncRecognizerClient(config.server, options=CHANNEL_OPTIONS) for _ in range(n)]
+    clients = [AsyncRecognizerClient(config.server, token=config.token, options=CHANNEL_OPTIONS) for _ in range(n)]
     try:
         # Connect every stream's channel before the clock starts: the figures are about streaming.
         await asyncio.gather(*(c.get_model_info() for c in clients))
@@ -303,12 +307,18 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(model_dir: Path, data_dir: Path, server_config: Path | None) -> tuple[subprocess.Popen, str]:
-    """Start `voxloop serve` on a free loopback port; returns once it answers GetModelInfo."""
+def spawn_server(model_dir: Path | None, data_dir: Path, server_config: Path | None,
+                 token: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `voxloop serve` on a free loopback port; returns once it answers GetModelInfo.
+
+    model_dir None serves the shipped base model (seeded into data_dir's registry); `token` is what the
+    readiness probe sends to a server with a tokens_file.
+    """
     port = _free_loopback_port()
     command = [sys.executable, "-m", "voxloop.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--metrics-port", str(_free_loopback_port()), "--model-dir", str(model_dir),
-               "--data-dir", str(data_dir)]
+               "--metrics-port", str(_free_loopback_port()), "--data-dir", str(data_dir)]
+    if model_dir is not None:
+        command += ["--model-dir", str(model_dir)]
     if server_config is not None:
         command += ["--config", str(server_config)]
     log_path = data_dir / "server.log"
@@ -317,7 +327,7 @@ def spawn_server(model_dir: Path, data_dir: Path, server_config: Path | None) ->
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    with RecognizerClient(target, timeout=2.0) as client:
+    with RecognizerClient(target, token=token, timeout=2.0) as client:
         while True:
             if process.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
@@ -345,7 +355,7 @@ def stop_server(process: subprocess.Popen) -> None:
 
 async def run_sweep(config: BenchConfig) -> list[RunSummary]:
     pcm, rate = bench_audio(config)
-    with RecognizerClient(config.server) as client:
+    with RecognizerClient(config.server, token=config.token) as client:
         info = client.get_model_info()
     print(f"server {config.server}, model {info.version}; {config.duration_s:g} s of "
           f"{'synthetic speech-like audio' if config.audio is None else config.audio} per stream at {rate} Hz, "
@@ -374,16 +384,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     parser.add_argument("--server-pid", type=int, default=None, help="the running server's pid (CPU column)")
     parser.add_argument("--audio", type=Path, default=None, help="WAV/FLAC to stream (default: synthesized)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--token", default=None, help="bearer token, for a server with a tokens_file")
     parser.add_argument("--spawn-server", action="store_true", help="start `voxloop serve` for the run")
-    parser.add_argument("--model-dir", type=Path, default=None, help="with --spawn-server: the registry to serve")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="with --spawn-server: the registry to serve (default: the shipped base model)")
     parser.add_argument("--server-config", type=Path, default=None,
                         help="with --spawn-server: a TOML config (e.g. raising the concurrent-stream limit)")
     args = parser.parse_args(argv)
-    if args.spawn_server and args.model_dir is None:
-        parser.error("--spawn-server needs --model-dir")
     try:
         config = BenchConfig(streams=args.streams, duration_s=args.duration_s, server=args.server,
-                             server_pid=args.server_pid, audio=args.audio, seed=args.seed)
+                             server_pid=args.server_pid, audio=args.audio, seed=args.seed, token=args.token)
     except ValueError as e:
         parser.error(str(e))
     return config, args
@@ -395,9 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="voxloop-bench-") as tmp:
         try:
             if args.spawn_server:
-                process, target = spawn_server(args.model_dir, Path(tmp), args.server_config)
-                config = BenchConfig(streams=config.streams, duration_s=config.duration_s, server=target,
-                                     server_pid=process.pid, audio=config.audio, seed=config.seed)
+                process, target = spawn_server(args.model_dir, Path(tmp), args.server_config, config.token)
+                config = dataclasses.replace(config, server=target, server_pid=process.pid)
             summaries = asyncio.run(run_sweep(config))
         except (VoxloopError, RuntimeError, ValueError) as e:
             print(f"bench: error: {e}", file=sys.stderr)
