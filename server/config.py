@@ -65,11 +65,11 @@ class ServerConfig:
     """Endpoint after speech once this much silence follows it."""
     max_utterance_s: float = 20.0
     """Endpoint any utterance that reaches this length (also bounds the audio kept per utterance)."""
-    batch_max_size: int = 32
+    batch_max_size: int = 64
     """Most streams' chunks run through the model in one onnxruntime call."""
     batch_max_wait_ms: float = 5.0
     """How long a batch waits for chunks of other open streams before running short."""
-    onnx_intra_op_threads: int = 1
+    onnx_intra_op_threads: int = 2
     """onnxruntime threads per model call (0: onnxruntime's default, one per core)."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
