@@ -89,3 +89,22 @@ def test_error_rates_match_a_hand_computed_wer_and_cer():
     summary = error_rates(["the cat sat", "hello world"], ["the bat sat down", "hello world"])
     assert summary.wer == pytest.approx(2 / 5)
     assert summary.cer == pytest.approx(6 / 22)
+
+
+@pytest.mark.slow
+def test_eval_cli_gives_the_same_figures_on_the_onnx_model_and_the_torch_checkpoint(trained_run, tmp_path, capsys):
+    from voxloop.clients.cli import main
+
+    corpus, run = trained_run
+    out = tmp_path / "toy-0002"
+    build_release(run / BEST_DIR, out, "toy-0002")
+    manifest = corpus / "test.jsonl"
+    assert main(["eval", "--manifest", str(manifest), "--model", str(out), "--json",
+                 "--out", str(tmp_path / "results.jsonl")]) == 0
+    onnx_figures = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--manifest", str(manifest), "--checkpoint", str(run / BEST_DIR), "--json"]) == 0
+    torch_figures = json.loads(capsys.readouterr().out)
+    assert onnx_figures["overall"]["utterances"] == 2
+    assert onnx_figures["overall"]["cer"] == pytest.approx(torch_figures["overall"]["cer"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rows} == {"test-0", "test-1"} and all("hypothesis" in r for r in rows)
