@@ -1,0 +1,68 @@
+"""Every Prometheus metric the server and the trainer export, defined in one place.
+
+Names follow the Prometheus conventions: the `voxloop_` prefix, base units (seconds, bytes),
+`_total` on counters, low-cardinality labels only (never a user, utterance or request id). The
+objects live in prometheus_client's default registry, so the in-process trainer's metrics appear on
+the server's endpoint without extra wiring; `start_metrics_server(port)` serves that registry.
+The trainer's metrics are defined here too (the trainer may import server modules, never the
+reverse), so `docs/operations.md`'s metrics reference is generated from this one module.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# Latency buckets from 10 ms to 10 s: the streaming SLOs are 300 ms (partials) and 500 ms (finals).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+CYCLE_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+# --- server: recognition ---
+
+ACTIVE_STREAMS = Gauge("voxloop_active_streams", "Open recognitions (StreamingRecognize and Recognize calls).")
+RPCS = Counter("voxloop_rpcs_total", "Finished RPCs by full method name and gRPC status code.", ["method", "code"])
+AUDIO_SECONDS = Counter("voxloop_audio_processed_seconds_total", "Seconds of audio run through the model.")
+INFERENCE_SECONDS = Histogram("voxloop_inference_seconds", "Wall time of one batched onnxruntime call.",
+                              buckets=INFERENCE_BUCKETS)
+INFERENCE_BATCH_SIZE = Histogram("voxloop_inference_batch_size", "Stream chunks per batched onnxruntime call.",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+PARTIAL_LAG_SECONDS = Histogram("voxloop_partial_lag_seconds",
+                                "From the arrival of a chunk's last audio to the interim result covering it.",
+                                buckets=LATENCY_BUCKETS)
+FINAL_LATENCY_SECONDS = Histogram("voxloop_final_latency_seconds",
+                                  "From the endpoint (or the end of the audio) to the final result.",
+                                  buckets=LATENCY_BUCKETS)
+REAL_TIME_FACTOR = Gauge("voxloop_real_time_factor",
+                         "Inference seconds per audio second over the recent calls (below 1 keeps up).")
+UTTERANCES_DROPPED = Counter("voxloop_store_writes_dropped_total",
+                             "Final utterances not written to the feedback store (queue full or insert failed).")
+FEEDBACK_RECEIVED = Counter("voxloop_feedback_received_total",
+                            "Feedback accepted into the store, by kind (correction, acceptance, rejection, choice).",
+                            ["kind"])
+
+# --- server: models and hot-swap ---
+
+MODEL_INFO = Info("voxloop_model", "The model version serving new streams.")
+MODEL_SWAPS = Counter("voxloop_model_swaps_total", "Models activated in the running server.")
+MODEL_SWAPS_REFUSED = Counter("voxloop_model_swaps_refused_total",
+                              "Versions the server refused to activate (bad sha256, unloadable, failed warm-up).",
+                              ["reason"])
+LAST_SWAP_TIMESTAMP = Gauge("voxloop_model_last_swap_timestamp_seconds", "Unix time of the last model activation.")
+
+# --- trainer ---
+
+TRAINER_CYCLES = Counter("voxloop_trainer_cycles_total", "Training cycles by outcome (published, gated, failed).",
+                         ["outcome"])
+TRAINER_CYCLE_SECONDS = Histogram("voxloop_trainer_cycle_seconds", "Wall time of one training cycle.",
+                                  buckets=CYCLE_BUCKETS)
+TRAINER_FEEDBACK_CONSUMED = Counter("voxloop_trainer_feedback_consumed_total",
+                                    "Feedback items marked consumed by a recorded cycle.")
+TRAINER_LAST_CYCLE_TIMESTAMP = Gauge("voxloop_trainer_last_cycle_timestamp_seconds",
+                                     "Unix time the last training cycle finished (any outcome).")
+TRAINER_PPO = Gauge("voxloop_trainer_ppo", "PPO statistics of the last cycle's final update.", ["statistic"])
+"""statistic: reward_mean, reward_std, approx_kl, clip_fraction, entropy, kl_coef, policy_loss, ptx_loss."""
+TRAINER_GATE_WER = Gauge("voxloop_trainer_gate_wer", "Gate WER (0..1) of the last cycle, by evaluation set and model.",
+                         ["set", "model"])
+"""set: heldout (held-out feedback) or anchor (base corpus); model: candidate or serving."""
+TRAINER_EXPORT_PARITY_ERROR = Gauge("voxloop_trainer_export_parity_max_abs_diff",
+                                    "Largest |torch - onnxruntime| log-probability difference of the last export.")
