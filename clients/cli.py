@@ -163,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from voxloop.server.app import serve
         from voxloop.server.config import load_config
+        from voxloop.server.logging_setup import configure_logging
         from voxloop.server.registry import RegistryError
     except ImportError as e:
         raise CliError(f"the server is not installed ({e}); install it with: pip install 'voxloop[server]'") from e
@@ -172,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     try:
         serve(config)
     except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback

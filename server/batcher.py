@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,9 @@ from datetime import datetime
 
 import numpy as np
 
-from .model import ModelSpec, OnnxModel, State
+from .metrics import observe_inference
+from .decoder import CtcGreedyDecoder, DecoderFactory, UtteranceDecoder
+from .model import BLANK_ID, ModelSpec, OnnxModel, State
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,10 @@ class Batcher:
         """In the executor thread: stack rows, run the model, split rows (copies, so no stream pins a batch)."""
         audio = np.stack([r.audio for r in batch])  # (B, S)
         state = {name: np.concatenate([r.state[name] for r in batch]) for name in batch[0].state}
+        started = time.perf_counter()
         log_probs, next_state = self.model.run(audio, state)  # (B, T, V)
+        # Each row is one chunk of new audio (a stream's last, shorter tail counts as a chunk).
+        observe_inference(time.perf_counter() - started, len(batch), len(batch) * self.model.spec.chunk_s)
         return [
             (log_probs[i].copy(), {name: value[i : i + 1].copy() for name, value in next_state.items()})
             for i in range(len(batch))
@@ -180,6 +186,8 @@ class ServingModel:
     model: OnnxModel
     card: dict = field(repr=False)
     batcher: Batcher = field(repr=False)
+    decoder_factory: DecoderFactory | None = field(default=None, repr=False)
+    """The version's decoder (card["decoder"]: lexicon + LM beam search); None: greedy best path."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -191,6 +199,12 @@ class ServingModel:
 
     def initial_state(self) -> State:
         return self.model.initial_state(1)
+
+    def new_decoder(self, previous_token: int = BLANK_ID) -> UtteranceDecoder:
+        """A decoder for one utterance of this version (a hot-swapped model brings its own lexicon and LM)."""
+        if self.decoder_factory is not None:
+            return self.decoder_factory(previous_token)
+        return CtcGreedyDecoder(self.spec.vocabulary, self.spec.frame_shift_s, previous_token=previous_token)
 
     async def infer(self, audio: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         return await self.batcher.infer(audio, state)

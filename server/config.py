@@ -28,6 +28,8 @@ SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 MIB = 1 << 20
 MAX_UTTERANCE_LIMIT_S = 300.0  # an utterance's audio is held in memory until its endpoint
 STORE_FILE = "feedback.sqlite3"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 DAY_S = 86_400.0
 
 
@@ -65,6 +67,8 @@ class ServerConfig:
     """Endpoint after speech once this much silence follows it."""
     max_utterance_s: float = 20.0
     """Endpoint any utterance that reaches this length (also bounds the audio kept per utterance)."""
+    max_alternatives: int = 10
+    """Most n-best alternatives a final may carry; a RecognitionConfig asking for more is INVALID_ARGUMENT."""
     batch_max_size: int = 64
     """Most streams' chunks run through the model in one onnxruntime call."""
     batch_max_wait_ms: float = 5.0
@@ -101,6 +105,12 @@ class ServerConfig:
     """PEM private key of tls_cert_file."""
     retention_interval_s: float = 3600.0
     """How often the server deletes audio older than audio_retention_s."""
+    model_watch_interval_s: float = 1.0
+    """How often the server reads the registry (CURRENT, pin, refusals) for a version to hot-swap to."""
+    log_format: str = "text"
+    """Log lines as "text" or "json" (one object per line, with request_id, utterance_id, model_version)."""
+    log_level: str = "info"
+    """debug, info, warning or error; transcripts are logged only at debug (never audio)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -118,10 +128,12 @@ class ServerConfig:
                 _invalid(name, f"must be 0..65535 (0 {'picks a free port' if name == 'port' else 'turns it off'})")
         positive = ("max_stream_duration_s", "idle_timeout_s", "interim_interval_s", "max_utterance_s",
                     "trailing_silence_before_speech_s", "trailing_silence_after_speech_s", "audio_retention_s",
-                    "feedback_rate_per_s", "retention_interval_s")
+                    "feedback_rate_per_s", "retention_interval_s", "model_watch_interval_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 _invalid(name, "must be > 0 seconds")
+        if self.max_alternatives < 1:
+            _invalid("max_alternatives", "must be >= 1 (1 sends only the best transcript)")
         if self.max_utterance_s > MAX_UTTERANCE_LIMIT_S:
             _invalid("max_utterance_s", f"must be at most {MAX_UTTERANCE_LIMIT_S:g} s (each open utterance's "
                                         "audio is kept in memory for the feedback store)")
@@ -140,6 +152,10 @@ class ServerConfig:
         if self.tls and self.tokens_file is None:
             _invalid("tokens_file", "must be set when TLS is on (tls_cert_file): anonymous mode is for local "
                                     "development only; list the callers' bearer tokens in a tokens file")
+        if self.log_format not in LOG_FORMATS:
+            _invalid("log_format", f"must be one of {', '.join(LOG_FORMATS)} (json for log shippers)")
+        if self.log_level not in LOG_LEVELS:
+            _invalid("log_level", f"must be one of {', '.join(LOG_LEVELS)} (lowercase)")
         if not 0.0 <= self.flag_similarity_threshold <= 1.0:
             _invalid("flag_similarity_threshold", "must be a similarity in 0..1 (0 flags nothing; 0.2 flags "
                                                   "near-total rewrites)")

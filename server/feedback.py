@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .auth import Identity, RateLimiter
 from .config import ServerConfig
+from .metrics import FEEDBACK_RECEIVED
 from .rewards import char_similarity, is_suspicious, word_edit_reward
 from .store import (
     DeletedCounts,
@@ -95,6 +96,7 @@ class FeedbackIntake:
             utterance_id, tenant=caller.tenant, user=caller.user, kind=FeedbackKind.CORRECTION, reward=reward,
             corrected_text=normalized, flagged=flagged, flag_reason=reason,
         )
+        FEEDBACK_RECEIVED.labels(kind=record.kind.value).inc()
         return FeedbackReceipt(record.id, record.reward, record.corrected_text, record.flagged)
 
     def accept_transcript(self, caller: Identity, utterance_id: str) -> FeedbackReceipt:
@@ -103,6 +105,7 @@ class FeedbackIntake:
         self._utterance(caller, utterance_id)
         record = self._store.submit_feedback(utterance_id, tenant=caller.tenant, user=caller.user,
                                              kind=FeedbackKind.ACCEPTANCE, reward=ACCEPTANCE_REWARD)
+        FEEDBACK_RECEIVED.labels(kind=record.kind.value).inc()
         return FeedbackReceipt(record.id, record.reward, None, record.flagged)
 
     def stats(self, caller: Identity, tenant: str = "") -> FeedbackStats:

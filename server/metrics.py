@@ -10,7 +10,15 @@ reverse), so `docs/operations.md`'s metrics reference is generated from this one
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+log = logging.getLogger(__name__)
 
 # Latency buckets from 10 ms to 10 s: the streaming SLOs are 300 ms (partials) and 500 ms (finals).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -37,7 +45,8 @@ REAL_TIME_FACTOR = Gauge("voxloop_real_time_factor",
 UTTERANCES_DROPPED = Counter("voxloop_store_writes_dropped_total",
                              "Final utterances not written to the feedback store (queue full or insert failed).")
 FEEDBACK_RECEIVED = Counter("voxloop_feedback_received_total",
-                            "Feedback accepted into the store, by kind (correction, acceptance, rejection, choice).",
+                            "Feedback committed to the store and acknowledged (a retried RPC counts again), by kind "
+                            "(correction, acceptance, rejection, choice).",
                             ["kind"])
 
 # --- server: models and hot-swap ---
@@ -66,3 +75,85 @@ TRAINER_GATE_WER = Gauge("voxloop_trainer_gate_wer", "Gate WER (0..1) of the las
 """set: heldout (held-out feedback) or anchor (base corpus); model: candidate or serving."""
 TRAINER_EXPORT_PARITY_ERROR = Gauge("voxloop_trainer_export_parity_max_abs_diff",
                                     "Largest |torch - onnxruntime| log-probability difference of the last export.")
+
+
+# --- helpers for the instrumented code ---
+
+RTF_WINDOW_CALLS = 200
+"""The real-time factor gauge covers this many recent model calls (a few seconds under load)."""
+
+
+class _RecentRealTimeFactor:
+    """Inference seconds / audio seconds over the last `window` calls, kept in REAL_TIME_FACTOR."""
+
+    def __init__(self, window: int):
+        self._calls: deque[tuple[float, float]] = deque(maxlen=window)  # (inference_s, audio_s)
+        self._lock = threading.Lock()
+
+    def observe(self, inference_s: float, audio_s: float) -> None:
+        with self._lock:
+            self._calls.append((inference_s, audio_s))
+            audio_total_s = sum(a for _, a in self._calls)
+            if audio_total_s > 0:
+                REAL_TIME_FACTOR.set(sum(i for i, _ in self._calls) / audio_total_s)
+
+
+_RECENT_RTF = _RecentRealTimeFactor(RTF_WINDOW_CALLS)
+
+
+def observe_inference(seconds: float, rows: int, audio_s: float) -> None:
+    """One batched model call of `rows` stream chunks holding `audio_s` seconds of new audio (any thread)."""
+    INFERENCE_SECONDS.observe(seconds)
+    INFERENCE_BATCH_SIZE.observe(rows)
+    _RECENT_RTF.observe(seconds, audio_s)
+
+
+# --- the endpoint ---
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint (prometheus_client's WSGI server in a daemon thread); `stop()` frees the port."""
+
+    host: str
+    port: int
+    """The bound port (the one asked for, or the free one picked for port 0)."""
+    _httpd: WSGIServer = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Idempotent."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1",
+                         registry: CollectorRegistry = REGISTRY) -> MetricsServer:
+    """Serve `registry` (by default every metric of this process) on http://host:port/metrics.
+
+    One endpoint per process: the server's and the in-process trainer's metrics share the default
+    registry. Port 0 picks a free port (`.port` tells which). Raises OSError naming the fix when the
+    address cannot be bound.
+    """
+    try:
+        httpd, thread = start_http_server(port, host, registry)
+    except OSError as e:
+        raise OSError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}); pick another port with "
+                      "--metrics-port (metrics_port), or 0 to turn metrics off") from e
+    thread.name = "metrics-http"
+    server = MetricsServer(host, httpd.server_port, httpd, thread)
+    log.info("metrics on %s", server.url)
+    return server

@@ -11,17 +11,21 @@ trailing blanks to the endpointer. At an endpoint the utterance is final: it get
 its audio and transcript go to the utterance sink, and the next utterance begins at the next chunk.
 
 Each utterance is decoded by exactly one model version (invariant 2): the model is chosen when the
-utterance begins. The model's state carries over from one utterance to the next while the version
+utterance begins; with `leases` (the server's ModelHolder) it is acquired then and released when the
+utterance ends or the stream closes, so a hot-swapped-out model lives until its last utterance ends.
+The model's state carries over from one utterance to the next while the version
 stays the same (so a stream decodes exactly as the whole audio would); a new version starts fresh.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import numpy as np
 
@@ -36,8 +40,9 @@ from .audio import (
 from .auth import DEFAULT_TENANT
 from .batcher import ServingModel
 from .config import ServerConfig
-from .decoder import CtcGreedyDecoder, Hypothesis, WordTiming
+from .decoder import Hypothesis, UtteranceDecoder, WordTiming
 from .endpoint import EndpointRule, EndpointRules
+from .metrics import AUDIO_SECONDS, FINAL_LATENCY_SECONDS, PARTIAL_LAG_SECONDS
 from .model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, State
 
 log = logging.getLogger(__name__)
@@ -66,8 +71,12 @@ class RecognitionOptions:
     session_id: str = ""
     tenant: str = DEFAULT_TENANT
     """The caller's tenant (from its token; not the client's to choose), stored with each utterance."""
+    max_alternatives: int = 1
+    """n-best transcripts per final (RecognitionConfig.max_alternatives; 0 there means 1)."""
 
     def __post_init__(self) -> None:
+        if self.max_alternatives < 1:
+            raise ValueError(f"max_alternatives must be >= 0 (0 means 1); got {self.max_alternatives}")
         if self.encoding not in SUPPORTED_ENCODINGS:
             raise ValueError(f"encoding must be LINEAR16 (signed 16-bit little-endian PCM); got {self.encoding}")
         validate_sample_rate(self.sample_rate_hz)
@@ -100,6 +109,8 @@ class RecognitionResult:
     end_s: float
     """Where it ends (so far) in the stream."""
     endpoint: EndpointRule | None = None
+    alternatives: tuple[Hypothesis, ...] = ()
+    """Finals: the n-best, best first (alternatives[0] is `hypothesis`); interims: empty."""
     """Finals: the rule that ended the utterance; None when the stream ended."""
 
 
@@ -132,16 +143,26 @@ class FinishedUtterance:
     created_at: datetime
     tenant: str = DEFAULT_TENANT
     """The tenant of the caller that streamed it: only that tenant may give feedback on it."""
+    alternatives: tuple[str, ...] | None = None
+    """The n-best transcripts shown, when the client asked for more than one (ChooseAlternative indexes them)."""
 
 
 UtteranceSink = Callable[[FinishedUtterance], Awaitable[None]]
+
+
+class ModelLeases(Protocol):
+    """Where utterances get their model: the current one, held until released (server/model_holder.py)."""
+
+    def acquire(self) -> ServingModel: ...
+
+    def release(self, model: ServingModel) -> None: ...
 
 
 @dataclass
 class _Utterance:
     utterance_id: str
     model: ServingModel
-    decoder: CtcGreedyDecoder
+    decoder: UtteranceDecoder
     start_sample: int  # absolute 16 kHz sample in the stream
     last_interim_text: str | None = None
 
@@ -156,13 +177,18 @@ class RecognitionStream:
         current_model: Callable[[], ServingModel],
         *,
         on_utterance: UtteranceSink | None = None,
+        leases: ModelLeases | None = None,
     ):
         self.options = options
+        self._leases = leases
         self._config = config
         self._rules = EndpointRules.from_config(config)
         self._current_model = current_model
         self._on_utterance = on_utterance
         check_language(options.language_code, current_model())
+        if options.max_alternatives > config.max_alternatives:
+            raise ValueError(f"max_alternatives must be at most {config.max_alternatives} on this server "
+                             f"(max_alternatives in its config); got {options.max_alternatives}")
         self._resampler = StreamingResampler(options.sample_rate_hz, MODEL_SAMPLE_RATE_HZ)
         self._buffer = SampleBuffer()  # 16 kHz audio from the current utterance's start on
         self._next_chunk = 0  # absolute 16 kHz sample where the next model call starts
@@ -172,6 +198,9 @@ class RecognitionStream:
         self._state: State | None = None
         self._last_token = BLANK_ID  # best token of the last decoded frame (repeats collapse across utterances)
         self._last_interim_s = 0.0
+        # perf_counter when the audio now being decoded arrived (the last feed, or the half-close):
+        # where partial lag and final latency are measured from.
+        self._arrived_at = time.perf_counter()
         self.finals_sent = 0
         self.done = False
         """No more events: single_utterance reached its endpoint, or the stream finished."""
@@ -189,6 +218,7 @@ class RecognitionStream:
         samples = decode_linear16(data, self.options.channels)  # (S,) at the client's rate
         if self.done:
             return
+        self._arrived_at = time.perf_counter()
         self._received_samples += len(samples)
         if self.received_s > self._config.max_stream_duration_s + _TIME_EPSILON_S:
             raise StreamTooLong(
@@ -203,6 +233,7 @@ class RecognitionStream:
         """The client sent everything: decode the rest and send the last utterance's final."""
         if self.done:
             return
+        self._arrived_at = time.perf_counter()
         self._buffer.append(self._resampler.flush())
         async for event in self._decode_chunks():
             yield event
@@ -213,20 +244,32 @@ class RecognitionStream:
         tail = self._buffer.end - self._next_chunk
         if utterance.model.spec.frames_for(tail) > 0:
             await self._decode(utterance, self._next_chunk, self._buffer.end)
+            AUDIO_SECONDS.inc(tail / MODEL_SAMPLE_RATE_HZ)
         self._next_chunk = self._buffer.end
         async for event in self._end_utterance(None):
             yield event
         self.done = True
 
+    def close(self) -> None:
+        """The call is over, however it ended: let go of the open utterance's model. Idempotent."""
+        utterance, self._utterance = self._utterance, None
+        if utterance is not None:
+            self._release(utterance)
+        self.done = True
+
     # --- internals ---
+
+    def _release(self, utterance: _Utterance) -> None:
+        if self._leases is not None:
+            self._leases.release(utterance.model)
 
     def _begin_utterance(self) -> _Utterance:
         if self._utterance is not None:
             return self._utterance
-        model = self._current_model()
+        model = self._leases.acquire() if self._leases is not None else self._current_model()
         if model is not self._model:  # the first utterance, or a new version: fresh state
             self._model, self._state, self._last_token = model, model.initial_state(), BLANK_ID
-        decoder = CtcGreedyDecoder(model.spec.vocabulary, model.spec.frame_shift_s, previous_token=self._last_token)
+        decoder = model.new_decoder(self._last_token)
         self._utterance = _Utterance(uuid.uuid4().hex, model, decoder, self._next_chunk)
         return self._utterance
 
@@ -244,6 +287,7 @@ class RecognitionStream:
                 return
             await self._decode(utterance, self._next_chunk, self._next_chunk + spec.window_samples_per_call)
             self._next_chunk += spec.chunk_samples
+            AUDIO_SECONDS.inc(spec.chunk_s)
             decoder = utterance.decoder
             rule = self._rules.detect(
                 utterance_s=(self._next_chunk - utterance.start_sample) / MODEL_SAMPLE_RATE_HZ,
@@ -256,6 +300,7 @@ class RecognitionStream:
             elif self.options.interim_results:
                 interim = self._interim(utterance)
                 if interim is not None:
+                    PARTIAL_LAG_SECONDS.observe(time.perf_counter() - self._arrived_at)
                     yield interim
 
     def _interim(self, utterance: _Utterance) -> RecognitionResult | None:
@@ -273,7 +318,9 @@ class RecognitionStream:
     async def _end_utterance(self, rule: EndpointRule | None) -> AsyncIterator[StreamEvent]:
         """Close the current utterance at the next chunk start (all its audio is decoded)."""
         utterance, self._utterance = self._utterance, None
-        hypothesis = utterance.decoder.hypothesis().finalized()
+        self._release(utterance)
+        alternatives = utterance.decoder.final_hypotheses(self.options.max_alternatives)  # closes a beam search
+        hypothesis = alternatives[0]
         boundary = self._next_chunk
         start_s = utterance.start_sample / MODEL_SAMPLE_RATE_HZ
         processed_s = self.audio_processed_s if rule is not None else self.received_s
@@ -288,12 +335,21 @@ class RecognitionStream:
                     transcript=hypothesis.transcript, confidence=hypothesis.confidence, words=hypothesis.words,
                     start_s=start_s, duration_s=len(audio) / MODEL_SAMPLE_RATE_HZ, user_id=self.options.user_id,
                     session_id=self.options.session_id, created_at=datetime.now(UTC), tenant=self.options.tenant,
+                    alternatives=(tuple(a.transcript for a in alternatives) if self.options.max_alternatives > 1
+                                  else None),
                 ))
             if rule is not None and self.options.single_utterance:
                 self.done = True
                 yield EndOfSingleUtterance()
             self.finals_sent += 1
+            FINAL_LATENCY_SECONDS.observe(time.perf_counter() - self._arrived_at)
+            # Privacy: no transcript at INFO (only at DEBUG, which an operator turns on deliberately).
+            log.info("final result", extra={"utterance_id": utterance.utterance_id,
+                                            "model_version": utterance.model.version,
+                                            "audio_s": round(processed_s - start_s, 3),
+                                            "endpoint": rule.value if rule is not None else "end_of_audio"})
+            log.debug("final transcript %r", hypothesis.transcript, extra={"utterance_id": utterance.utterance_id})
             yield RecognitionResult(utterance.utterance_id, utterance.model.version, hypothesis, True, processed_s,
-                                    start_s, processed_s, rule)
+                                    start_s, processed_s, rule, alternatives)
         self._buffer.drop_before(boundary)
         self._last_interim_s = processed_s

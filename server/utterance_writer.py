@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 
 from .auth import DEFAULT_TENANT
+from .metrics import UTTERANCES_DROPPED
 from .store import UtteranceRecord
 from .stream import FinishedUtterance
 
@@ -54,7 +55,7 @@ class UtteranceWriter:
         self._pending: set[str] = set()  # ids offered and not yet committed (or given up)
         self._changed = threading.Condition()
         self.dropped = 0
-        """Records not stored: the queue was full, or their insert failed. (A Prometheus counter later.)"""
+        """Records not stored: the queue was full, or their insert failed (also voxloop_store_writes_dropped_total)."""
         self.written = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="utterance-writer", daemon=True)
@@ -66,6 +67,7 @@ class UtteranceWriter:
         with self._changed:
             if self._closed:
                 self.dropped += 1
+                UTTERANCES_DROPPED.inc()
                 log.warning("utterance %s not stored: the writer is closed", record.id)
                 return False
             self._pending.add(record.id)
@@ -75,6 +77,7 @@ class UtteranceWriter:
             with self._changed:
                 self._pending.discard(record.id)
                 self.dropped += 1
+            UTTERANCES_DROPPED.inc()
             log.warning("utterance %s not stored: the writer's queue is full (%d queued; raise "
                         "utterance_queue_size or check the store's latency)", record.id, self._queue.maxsize)
             return False
@@ -138,6 +141,7 @@ class UtteranceWriter:
             self.dropped += len(records) - written
             self._pending.difference_update(r.id for r in records)
             self._changed.notify_all()
+        UTTERANCES_DROPPED.inc(len(records) - written)
 
 
 __all__ = ["UtteranceWriter", "utterance_record"]
