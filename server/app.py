@@ -37,6 +37,7 @@ from .batcher import Batcher, ServingModel
 from .config import ServerConfig
 from .feedback import FeedbackIntake
 from .feedback_servicer import FEEDBACK_SERVICE_NAME, FeedbackServicer
+from .lm_decoder import decoder_factory_from_card
 from .model import OnnxModel
 from .registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from .servicer import SERVICE_NAME, RecognizerServicer, StreamSlots
@@ -73,6 +74,9 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
     version = registry.current_version()
     card = registry.verify(version)
     model = OnnxModel(registry.version_dir(version) / MODEL_FILE, intra_op_threads=config.onnx_intra_op_threads)
+    # The version's own lexicon + LM (card["decoder"]), loaded once and shared by its utterances' decoders.
+    decoder_factory = decoder_factory_from_card(card, registry.version_dir(version), model.spec.vocabulary,
+                                                model.spec.frame_shift_s)
     if model.spec.version != version:
         log.warning("registry version %s holds a graph exported as %s; results report %s",
                     version, model.spec.version, version)
@@ -81,7 +85,7 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
                     model.spec.chunk_s * 1000, config.interim_interval_s * 1000)
     batcher = Batcher(model, max_batch_size=config.batch_max_size, max_wait_s=config.batch_max_wait_s,
                       open_streams=open_streams)
-    return ServingModel(version=version, model=model, card=card, batcher=batcher)
+    return ServingModel(version=version, model=model, card=card, batcher=batcher, decoder_factory=decoder_factory)
 
 
 def _listen_address(host: str, port: int) -> str:

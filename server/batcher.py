@@ -26,8 +26,8 @@ from datetime import datetime
 
 import numpy as np
 
-from .metrics import observe_inference
 from .decoder import CtcGreedyDecoder, DecoderFactory, UtteranceDecoder
+from .metrics import observe_inference
 from .model import BLANK_ID, ModelSpec, OnnxModel, State
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,9 @@ utterance: the mean over its words (0 with no words).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -108,8 +110,15 @@ class CtcGreedyDecoder:
         if len(log_probs) == 0:
             return
         best = log_probs.argmax(axis=-1)  # (T,)
-        probability = np.exp(log_probs[np.arange(len(best)), best])  # (T,)
-        for t, (token_id, p) in enumerate(zip(best.tolist(), probability.tolist(), strict=True)):
+        self.feed_path(best, np.exp(log_probs[np.arange(len(best)), best]), first_frame_s)
+
+    def feed_path(self, path: np.ndarray, probability: np.ndarray, first_frame_s: float) -> None:
+        """A given CTC path: token ids (T,) and each frame's probability of its token (T,).
+
+        `feed` passes the best path; a beam search passes each of its hypotheses' paths, so their
+        words get timings and confidences the same way.
+        """
+        for t, (token_id, p) in enumerate(zip(path.tolist(), probability.tolist(), strict=True)):
             start_s = first_frame_s + t * self.frame_shift_s
             if token_id == BLANK_ID:
                 self.trailing_blank_frames += 1
@@ -121,7 +130,7 @@ class CtcGreedyDecoder:
                 elif token_id != self._previous:
                     self._emit(_Token(token_id, start_s, start_s + self.frame_shift_s, p))
             self._previous = token_id
-        self.frames += len(best)
+        self.frames += len(path)
 
     def _emit(self, token: _Token) -> None:
         self._last = token
@@ -144,3 +153,41 @@ class CtcGreedyDecoder:
 
     def hypothesis(self) -> Hypothesis:
         return Hypothesis(tuple(self._stable), self._open_word() if self._spelling else None)
+
+    def final_hypotheses(self, max_alternatives: int) -> tuple[Hypothesis, ...]:
+        """At the endpoint: the n-best, best first. Greedy decoding knows one path, so one hypothesis."""
+        return (self.hypothesis().finalized(),)
+
+
+class UtteranceDecoder(Protocol):
+    """What a stream needs of the decoder of one utterance (greedy, or a beam search beside a greedy one)."""
+
+    frames: int
+    trailing_blank_frames: int
+    """Frames since the last non-blank best-path frame: what the endpointer reads."""
+
+    @property
+    def last_token(self) -> int: ...
+
+    @property
+    def has_output(self) -> bool: ...
+
+    def feed(self, log_probs: np.ndarray, first_frame_s: float) -> None: ...
+
+    def hypothesis(self) -> Hypothesis:
+        """The interim hypothesis (cheap: called every chunk)."""
+        ...
+
+    def final_hypotheses(self, max_alternatives: int) -> tuple[Hypothesis, ...]:
+        """The final n-best (at most max_alternatives, distinct transcripts, best first; at least one)."""
+        ...
+
+
+DecoderFactory = Callable[[int], UtteranceDecoder]
+"""previous_token -> a fresh decoder for one utterance (see CtcGreedyDecoder's previous_token)."""
+
+
+def greedy_decoder_factory(vocabulary: tuple[str, ...] | list[str], frame_shift_s: float) -> DecoderFactory:
+    """Best-path decoding: what a version without card["decoder"] is decoded with."""
+    vocabulary = tuple(vocabulary)
+    return lambda previous_token: CtcGreedyDecoder(vocabulary, frame_shift_s, previous_token=previous_token)

@@ -31,6 +31,7 @@ from .config import ServerConfig
 from .decoder import WordTiming
 from .stream import (
     EndOfSingleUtterance,
+    ModelLeases,
     RecognitionOptions,
     RecognitionResult,
     RecognitionStream,
@@ -133,6 +134,7 @@ def options_from_proto(config: pb.RecognitionConfig, *, interim_results: bool | 
         language_code=config.language_code,
         user_id=config.user_id,
         session_id=config.session_id,
+        max_alternatives=config.max_alternatives or 1,
     )
 
 
@@ -153,19 +155,20 @@ def _word_proto(word: WordTiming) -> pb.WordInfo:
                        confidence=word.confidence)
 
 
-def _alternative(result: RecognitionResult) -> pb.SpeechRecognitionAlternative:
-    hypothesis = result.hypothesis
-    if not result.is_final:  # interims: text only, words and confidence come with the final
-        return pb.SpeechRecognitionAlternative(transcript=hypothesis.transcript)
-    return pb.SpeechRecognitionAlternative(transcript=hypothesis.transcript, confidence=hypothesis.confidence,
-                                           words=[_word_proto(w) for w in hypothesis.words])
+def _alternatives(result: RecognitionResult) -> list[pb.SpeechRecognitionAlternative]:
+    """Interims: the best transcript only (words and confidence come with the final); finals: the n-best."""
+    if not result.is_final:
+        return [pb.SpeechRecognitionAlternative(transcript=result.hypothesis.transcript)]
+    return [pb.SpeechRecognitionAlternative(transcript=h.transcript, confidence=h.confidence,
+                                            words=[_word_proto(w) for w in h.words])
+            for h in result.alternatives or (result.hypothesis,)]
 
 
 def streaming_response(event: StreamEvent) -> pb.StreamingRecognizeResponse:
     if isinstance(event, EndOfSingleUtterance):
         return pb.StreamingRecognizeResponse(speech_event_type=pb.StreamingRecognizeResponse.END_OF_SINGLE_UTTERANCE)
     result = pb.StreamingRecognitionResult(
-        alternatives=[_alternative(event)], is_final=event.is_final, utterance_id=event.utterance_id,
+        alternatives=_alternatives(event), is_final=event.is_final, utterance_id=event.utterance_id,
         model_version=event.model_version, audio_processed=event.audio_processed_s,
         utterance_start_offset=_duration(event.start_s), result_end_offset=_duration(event.end_s),
     )
@@ -177,7 +180,7 @@ def streaming_response(event: StreamEvent) -> pb.StreamingRecognizeResponse:
 
 def recognize_result(event: RecognitionResult) -> pb.SpeechRecognitionResult:
     return pb.SpeechRecognitionResult(
-        alternatives=[_alternative(event)], utterance_id=event.utterance_id, model_version=event.model_version,
+        alternatives=_alternatives(event), utterance_id=event.utterance_id, model_version=event.model_version,
         utterance_start_offset=_duration(event.start_s), result_end_offset=_duration(event.end_s),
     )
 
@@ -209,8 +212,10 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
     """StreamingRecognize, Recognize and GetModelInfo over `RecognitionStream`s (grpc.aio)."""
 
     def __init__(self, config: ServerConfig, current_model: Callable[[], ServingModel], slots: StreamSlots,
-                 on_utterance: UtteranceSink | None = None, authenticator: Authenticator | None = None):
+                 on_utterance: UtteranceSink | None = None, authenticator: Authenticator | None = None,
+                 leases: ModelLeases | None = None):
         self._config = config
+        self._leases = leases  # each utterance holds its model until it ends (hot-swap)
         self._auth = authenticator or Authenticator.from_config(config)
         self._current_model = current_model
         self._slots = slots
@@ -271,7 +276,13 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
             raise ValueError("the first StreamingRecognizeRequest must carry config (RecognitionConfig); "
                              "send audio_content only after it")
         stream = RecognitionStream(caller_options(options_from_proto(request.config), caller), self._config,
-                                   self._current_model, on_utterance=self._on_utterance)
+                                   self._current_model, on_utterance=self._on_utterance, leases=self._leases)
+        try:
+            await self._run_stream(context, stream)
+        finally:
+            stream.close()
+
+    async def _run_stream(self, context: grpc.aio.ServicerContext, stream: RecognitionStream) -> None:
         while not stream.done:
             request = await self._read(context)
             if request is None:
@@ -294,9 +305,13 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
             with self._slots.hold():
                 options = caller_options(options_from_proto(request.config, interim_results=False), caller)
                 stream = RecognitionStream(options, self._config, self._current_model,
-                                           on_utterance=self._on_utterance)
-                finals = [e async for e in stream.feed(request.audio_content) if isinstance(e, RecognitionResult)]
-                finals += [e async for e in stream.finish() if isinstance(e, RecognitionResult)]
+                                           on_utterance=self._on_utterance, leases=self._leases)
+                try:
+                    finals = [e async for e in stream.feed(request.audio_content)
+                              if isinstance(e, RecognitionResult)]
+                    finals += [e async for e in stream.finish() if isinstance(e, RecognitionResult)]
+                finally:
+                    stream.close()
                 return pb.RecognizeResponse(results=[recognize_result(e) for e in finals],
                                             total_audio_seconds=stream.received_s)
         except Exception as e:

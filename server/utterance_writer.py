@@ -36,7 +36,7 @@ def utterance_record(utterance: FinishedUtterance) -> UtteranceRecord:
         session_id=utterance.session_id or None, model_version=utterance.model_version,
         created_at=utterance.created_at, duration_s=utterance.duration_s, sample_rate_hz=utterance.sample_rate_hz,
         audio=utterance.audio.astype("<i2").tobytes(), hypothesis=utterance.transcript,
-        confidence=float(utterance.confidence),
+        confidence=float(utterance.confidence), alternatives=utterance.alternatives,
     )
 
 

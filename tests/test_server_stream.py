@@ -52,6 +52,9 @@ class RecordingModel:
     def initial_state(self):
         return self._serving.initial_state()
 
+    def new_decoder(self, previous_token):
+        return self._serving.new_decoder(previous_token)
+
     async def infer(self, audio, state):
         log_probs, state = await self._serving.infer(audio, state)
         self.log_probs.append(log_probs)

@@ -1,7 +1,8 @@
 """Evaluation: WER and CER of a policy (torch checkpoint or exported ONNX) on a manifest.
 
 Both backends produce per-frame log-probs that go through the same greedy CTC decoding
-(`export.greedy_ctc_text`), so their figures are comparable.
+(`export.greedy_ctc_text`), so their figures are comparable. `lm_transcriber` decodes an exported
+model's log-probs with the server's lexicon + LM beam search instead (a version's card["decoder"]).
 """
 
 from __future__ import annotations
@@ -66,14 +67,15 @@ def torch_transcriber(model: VoxloopForCTC) -> Transcriber:
     return transcribe
 
 
-def onnx_transcriber(onnx_path: Path) -> Transcriber:
+def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+    """A whole-utterance forward pass of an exported model (samples -> log_probs (T, V)), and its vocabulary."""
     session = _onnx_session(onnx_path)
     meta = session.get_modelmeta().custom_metadata_map
     vocabulary = json.loads(meta["voxloop.vocabulary"])
     layers, d = int(meta["voxloop.num_layers"]), int(meta["voxloop.d_model"])
     cache_frames, conv_frames = int(meta["voxloop.cache_frames"]), int(meta["voxloop.conv_cache_frames"])
 
-    def transcribe(samples: np.ndarray) -> str:
+    def forward(samples: np.ndarray) -> np.ndarray:
         feeds = {
             "audio": samples[None].astype(np.float32),
             "att_cache": np.zeros((1, layers, cache_frames, d), np.float32),
@@ -81,7 +83,35 @@ def onnx_transcriber(onnx_path: Path) -> Transcriber:
             "cache_len": np.zeros((1,), np.int64),
         }
         (log_probs,) = session.run(["log_probs"], feeds)
-        return greedy_ctc_text(log_probs[0], vocabulary)
+        return log_probs[0]
+
+    return forward, vocabulary
+
+
+def onnx_transcriber(onnx_path: Path) -> Transcriber:
+    forward, vocabulary = onnx_log_probs(onnx_path)
+    return lambda samples: greedy_ctc_text(forward(samples), vocabulary)
+
+
+def lm_transcriber(onnx_path: Path, decoder_dir: Path, settings: dict | None = None) -> Transcriber:
+    """The exported model with the server's lexicon + LM beam search (card["decoder"] of decoder_dir).
+
+    `settings` override the card's search knobs (e.g. {"lm_weight": 1.0} while tuning on dev).
+    """
+    from ..server.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
+    from ..server.model import ModelSpec
+
+    forward, _ = onnx_log_probs(onnx_path)
+    spec = ModelSpec.from_metadata(dict(_onnx_session(onnx_path).get_modelmeta().custom_metadata_map),
+                                   str(onnx_path))
+    card = json.loads((decoder_dir / "card.json").read_text())
+    lexicon, lm, beam = lm_decoder_paths(card, decoder_dir, overrides=settings)
+    factory = LexiconLmDecoderFactory(spec.vocabulary, spec.frame_shift_s, lexicon, lm, beam)
+
+    def transcribe(samples: np.ndarray) -> str:
+        decoder = factory()
+        decoder.feed(forward(samples), 0.0)
+        return decoder.final_hypotheses(1)[0].transcript
 
     return transcribe
 
