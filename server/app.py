@@ -10,7 +10,9 @@ Beside `voxloop.v1.Recognizer` it serves `voxloop.v1.Feedback` (corrections and 
 feedback store, which also receives every final utterance through a bounded queue and a writer
 thread, `utterance_writer.py`), the standard `grpc.health.v1.Health` (SERVING once the model
 is loaded; NOT_SERVING as soon as shutdown begins, so load balancers drain the replica) and server
-reflection. Shutdown: NOT_SERVING, refuse new recognitions (UNAVAILABLE), let open ones finish for
+reflection, and `voxloop.v1.ModelAdmin` (model_admin.py). The registry watcher (watcher.py) hot-swaps
+the model when the registry's target version changes; each utterance holds the model it began with
+(model_holder.py). Shutdown: NOT_SERVING, refuse new recognitions (UNAVAILABLE), let open ones finish for
 up to shutdown_grace_s, then stop the gRPC server (cancelling what is left), write every queued
 utterance, close the store.
 """
@@ -29,7 +31,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from voxloop.v1 import feedback_pb2_grpc
+from voxloop.v1 import feedback_pb2_grpc, model_admin_pb2_grpc
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, RateLimiter
@@ -37,13 +39,19 @@ from .batcher import Batcher, ServingModel
 from .config import ServerConfig
 from .feedback import FeedbackIntake
 from .feedback_servicer import FEEDBACK_SERVICE_NAME, FeedbackServicer
+from .interceptors import RpcMetricsInterceptor
 from .lm_decoder import decoder_factory_from_card
+from .metrics import start_metrics_server
 from .model import OnnxModel
+from .model_admin import MODEL_ADMIN_SERVICE_NAME, ModelAdminServicer
+from .model_holder import ModelHolder
 from .registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from .servicer import SERVICE_NAME, RecognizerServicer, StreamSlots
 from .store import FeedbackStore
 from .stream import FinishedUtterance
 from .utterance_writer import UtteranceWriter
+from .warmup import warm_up
+from .watcher import ModelWatcher, load_initial
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +77,21 @@ def open_registry(config: ServerConfig) -> Registry:
     return registry
 
 
-def load_serving_model(registry: Registry, config: ServerConfig, open_streams: Callable[[], int]) -> ServingModel:
-    """Verify CURRENT's files against its card and load it with a batcher (not started yet)."""
-    version = registry.current_version()
+def load_serving_model(registry: Registry, config: ServerConfig, open_streams: Callable[[], int],
+                       version: str | None = None, *, warmup: bool = False) -> ServingModel:
+    """Verify a version's files (default: CURRENT's) against its card and load it with a batcher (not started).
+
+    With `warmup`, the probe utterance runs through it first (warmup.py); raises VerificationError,
+    ModelFormatError or WarmupFailed. Blocking: the watcher calls it in a worker thread.
+    """
+    version = version or registry.current_version()
     card = registry.verify(version)
     model = OnnxModel(registry.version_dir(version) / MODEL_FILE, intra_op_threads=config.onnx_intra_op_threads)
     # The version's own lexicon + LM (card["decoder"]), loaded once and shared by its utterances' decoders.
     decoder_factory = decoder_factory_from_card(card, registry.version_dir(version), model.spec.vocabulary,
                                                 model.spec.frame_shift_s)
+    if warmup:
+        warm_up(model, card, registry.version_dir(version))
     if model.spec.version != version:
         log.warning("registry version %s holds a graph exported as %s; results report %s",
                     version, model.spec.version, version)
@@ -98,10 +113,11 @@ class VoxloopServer:
     """A created (bound, not yet started) server. Use from the event loop it was created in."""
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                 model: ServingModel, slots: StreamSlots, sink_executor: ThreadPoolExecutor | None,
+                 watcher: ModelWatcher, slots: StreamSlots, sink_executor: ThreadPoolExecutor | None,
                  store: FeedbackStore, writer: UtteranceWriter | None, feedback_executor: ThreadPoolExecutor):
         self.config = config
-        self.model = model
+        self.watcher = watcher
+        self.models = watcher.holder
         self.slots = slots
         self.store = store
         self.writer = writer
@@ -111,6 +127,11 @@ class VoxloopServer:
         self._feedback_executor = feedback_executor
         self._retention: asyncio.Task | None = None
         self._stopped = False
+
+    @property
+    def model(self) -> ServingModel:
+        """The model new utterances get (it changes when the watcher swaps)."""
+        return self.models.current
 
     @property
     def utterances_dropped(self) -> int:
@@ -125,7 +146,8 @@ class VoxloopServer:
     async def start(self) -> None:
         self.model.batcher.start()
         await self._server.start()
-        for service in ("", SERVICE_NAME, FEEDBACK_SERVICE_NAME):
+        self.watcher.start()
+        for service in ("", SERVICE_NAME, FEEDBACK_SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._retention = asyncio.create_task(self._expire_audio_periodically(), name="audio-retention")
         log.info("serving model %s", self.model.version)
@@ -140,8 +162,9 @@ class VoxloopServer:
         log.info("shutting down: %d open recognitions get up to %g s", self.slots.active, grace_s)
         if not await self.slots.drain(grace_s):
             log.warning("shutdown grace over: cancelling %d open recognitions", self.slots.active)
+        await self.watcher.stop()
         await self._server.stop(UNARY_DRAIN_S)
-        await self.model.batcher.close()
+        await self.models.close()
         if self._sink_executor is not None:  # the last finals' utterances reach the sink before we return
             await asyncio.to_thread(self._sink_executor.shutdown, wait=True)
         if self._retention is not None:
@@ -215,13 +238,21 @@ def create_server(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     authenticator = Authenticator.from_config(config)
     slots = StreamSlots(config.max_concurrent_streams)
-    model = load_serving_model(open_registry(config), config, open_streams=lambda: slots.active)
+    registry = open_registry(config)
+    holder: ModelHolder | None = None
+
+    def load(version: str) -> ServingModel:
+        return load_serving_model(registry, config, lambda: holder.open_streams(version) if holder else 1,
+                                  version, warmup=True)
+
+    holder = ModelHolder(load_initial(registry, load), open_recognitions=lambda: slots.active)
+    watcher = ModelWatcher(registry, holder, load, interval_s=config.model_watch_interval_s)
     store = FeedbackStore.open(config.store_url)
     writer = (UtteranceWriter(store.add_utterances, max_queued=config.utterance_queue_size,
                               batch_size=config.utterance_batch_size) if config.store_utterances else None)
     feedback_executor = ThreadPoolExecutor(FEEDBACK_THREADS, thread_name_prefix="feedback")
     try:
-        return _create_grpc_server(config, utterance_sink, authenticator, slots, model, store, writer,
+        return _create_grpc_server(config, utterance_sink, authenticator, slots, watcher, store, writer,
                                    feedback_executor)
     except BaseException:
         _close_feedback(writer, feedback_executor, store)
@@ -229,19 +260,21 @@ def create_server(
 
 
 def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
-                        authenticator: Authenticator, slots: StreamSlots, model: ServingModel, store: FeedbackStore,
+                        authenticator: Authenticator, slots: StreamSlots, watcher: ModelWatcher, store: FeedbackStore,
                         writer: UtteranceWriter | None,
                         feedback_executor: ThreadPoolExecutor) -> tuple[VoxloopServer, int]:
     sink_executor = ThreadPoolExecutor(1, thread_name_prefix="utterance-sink") if utterance_sink else None
     on_utterance = _sink_runner(utterance_sink, sink_executor, writer)
 
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[RpcMetricsInterceptor()], options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ])
     pb_grpc.add_RecognizerServicer_to_server(
-        RecognizerServicer(config, lambda: model, slots, on_utterance, authenticator), server)
+        RecognizerServicer(config, lambda: watcher.holder.current, slots, on_utterance, authenticator,
+                           leases=watcher.holder), server)
+    model_admin_pb2_grpc.add_ModelAdminServicer_to_server(ModelAdminServicer(watcher, authenticator), server)
     intake = FeedbackIntake(config, store, writer, RateLimiter(config.feedback_rate_per_s, config.feedback_burst))
     feedback_pb2_grpc.add_FeedbackServicer_to_server(
         FeedbackServicer(intake, authenticator, feedback_executor), server)
@@ -249,7 +282,7 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, FEEDBACK_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, FEEDBACK_SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
     address = _listen_address(config.host, config.port)
     try:
         if config.tls:
@@ -264,7 +297,7 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
     if port == 0:
         raise OSError(f"cannot listen on {address} (in use, or not an address of this machine); "
                       "pick another with --port (0 picks a free one) or --host")
-    return VoxloopServer(config, server, health_servicer, model, slots, sink_executor, store, writer,
+    return VoxloopServer(config, server, health_servicer, watcher, slots, sink_executor, store, writer,
                          feedback_executor), port
 
 
@@ -274,13 +307,19 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    metrics = None
     try:
         await server.start()
+        # One metrics endpoint per process (the in-process trainer's metrics share it), so it belongs
+        # here and not to VoxloopServer, of which tests and embedders may run several.
+        metrics = start_metrics_server(config.metrics_port, config.host) if config.metrics_port else None
         log.info("voxloop listening on %s (model %s, registry %s)", _listen_address(config.host, port),
-                 server.model.version, config.registry_dir)
+                 server.model.version, config.registry_dir, extra={"port": port})
         await stop.wait()
     finally:
         await server.stop()
+        if metrics is not None:  # stopped last: Prometheus scrapes on while the streams drain
+            metrics.stop()
 
 
 def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None) -> None:

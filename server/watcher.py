@@ -1,0 +1,229 @@
+"""The registry watcher: notices a new target version, loads and warms it off the serving path, swaps.
+
+Every `model_watch_interval_s` (or at once when poked by an admin call) the watcher asks the registry
+which version every replica should serve (`Registry.target_version()`: the pin, else CURRENT, else
+the newest good one of the history). When that differs from the serving version it loads the new
+one in a worker thread: sha256 of every file against the card, an onnxruntime session, a warm-up on
+the probe utterance (warmup.py). Only then does it swap the holder's current reference. A version
+that fails any step is refused: the old model keeps serving, the refusal is logged, counted
+(voxloop_model_swaps_refused_total{reason}) and written to the registry (`refused/<version>.json`),
+so that no replica serves it and no watcher retries it in a loop.
+
+Polling rather than inotify: the registry may be a shared volume (NFS, a mounted bucket) where
+inotify sees nothing, and reading a one-line file once a second costs nothing; admin calls poke the
+watcher, so an activation through this replica takes effect at once.
+
+The admin operations (activate, rollback, pin, unpin) run here too, under the same lock as the
+watch loop, so a poll never races an admin call into loading twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from . import metrics
+from .batcher import ServingModel
+from .model_holder import ModelHolder
+from .registry import ROLLED_BACK, Registry, RegistryError, VerificationError, this_process
+from .warmup import WarmupFailed
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str], ServingModel]
+"""Verifies, loads and warms up a version (blocking; run in a worker thread); raises on any failure."""
+
+
+class UnknownVersion(LookupError):
+    """No such version in the registry (-> NOT_FOUND)."""
+
+
+class NotPossible(Exception):
+    """The registry's state does not allow the operation: pinned, refused, nothing to roll back, or the
+    version failed to load (-> FAILED_PRECONDITION)."""
+
+
+def refusal_reason(error: BaseException) -> str:
+    """The metric label of a failed load: missing_file, sha256, card, warmup, probe_mismatch, or load
+    (onnxruntime cannot load the graph, or it breaks the model contract)."""
+    return error.reason if isinstance(error, VerificationError | WarmupFailed) else "load"
+
+
+def publish_metrics(model: ServingModel) -> None:
+    metrics.MODEL_INFO.info({"version": model.version, "parent_version": str(model.card.get("parent_version") or "")})
+
+
+def load_initial(registry: Registry, load: Loader) -> ServingModel:
+    """At startup: the target version, or (refusing each that fails) the next good one; raises if none loads."""
+    while True:
+        version = registry.target_version()
+        if version is None:
+            raise RegistryError(f"no servable version in {registry.root}: CURRENT is unset or every version "
+                                "was refused; publish a new version or `voxloop models activate --force`")
+        try:
+            model = load(version)
+        except Exception as e:
+            pin = registry.pinned()
+            if pin is not None and pin.version == version:  # a pin is the admin's word: do not fall back
+                raise
+            metrics.MODEL_SWAPS_REFUSED.labels(refusal_reason(e)).inc()
+            registry.refuse(version, refusal_reason(e), str(e))
+            continue
+        publish_metrics(model)
+        return model
+
+
+class ModelWatcher:
+    """Keeps the holder's current model on the registry's target version; runs the admin operations."""
+
+    def __init__(self, registry: Registry, holder: ModelHolder, load: Loader, *, interval_s: float):
+        self.registry = registry
+        self.holder = holder
+        self.interval_s = interval_s
+        self._load = load
+        self._lock = asyncio.Lock()
+        self._poked = asyncio.Event()
+        self._refused_here: dict[str, str] = {}  # version -> reason; kept even if the registry is read-only
+        self._task: asyncio.Task | None = None
+        self.swaps = 0
+        self.refusals = 0
+
+    # --- the watch loop ---
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="registry-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def poke(self) -> None:
+        """Check the registry now rather than at the next interval."""
+        self._poked.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except Exception:  # an unreadable registry for a moment (NFS hiccup): keep serving, look again
+                log.exception("checking the registry %s failed; retrying in %g s", self.registry.root,
+                              self.interval_s)
+            self._poked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poked.wait(), self.interval_s)
+
+    async def check(self) -> str:
+        """Move to the registry's target version if it is new and loadable; returns the serving version."""
+        async with self._lock:
+            target = await asyncio.to_thread(self.registry.target_version)
+            if target is not None and target != self.holder.current.version and target not in self._refused_here:
+                with contextlib.suppress(NotPossible):  # refused and logged; the old model keeps serving
+                    await self._switch(target)
+            return self.holder.current.version
+
+    async def _switch(self, version: str) -> ServingModel:
+        """Load, warm and swap to `version`; on failure refuse it and raise NotPossible."""
+        began = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(self._load, version)
+        except Exception as e:
+            reason = refusal_reason(e)
+            self.refusals += 1
+            self._refused_here[version] = reason
+            metrics.MODEL_SWAPS_REFUSED.labels(reason).inc()
+            log.error("refused model %s (%s): %s; still serving %s", version, reason, e, self.holder.current.version)
+            try:
+                await asyncio.to_thread(self.registry.refuse, version, reason, str(e))
+            except OSError:
+                log.exception("could not record the refusal of %s in the registry", version)
+            raise NotPossible(f"version {version} was refused ({reason}): {e}") from e
+        model.batcher.start()
+        old = self.holder.swap(model)
+        self.swaps += 1
+        metrics.MODEL_SWAPS.inc()
+        metrics.LAST_SWAP_TIMESTAMP.set(time.time())
+        publish_metrics(model)
+        log.info("now serving %s (was %s; load and warm-up took %.2f s)", version, old.version,
+                 time.perf_counter() - began)
+        return model
+
+    # --- admin operations (ModelAdmin) ---
+
+    def _check_published(self, version: str) -> None:
+        if version not in self.registry.versions():
+            raise UnknownVersion(f"no version {version!r} in the registry; `voxloop models list` shows them")
+
+    def _check_not_pinned(self, operation: str) -> None:
+        pin = self.registry.pinned()
+        if pin is not None:
+            raise NotPossible(f"the registry is pinned to {pin.version} (by {pin.by}); unpin first "
+                              f"(`voxloop models unpin`) to {operation}")
+
+    async def _serve_now(self, version: str) -> None:
+        """Make this replica serve `version` (loading it unless it already serves)."""
+        if version != self.holder.current.version:
+            await self._switch(version)
+
+    async def activate(self, version: str, *, force: bool = False, by: str = "") -> tuple[str, str]:
+        """Load and warm `version` here, then point CURRENT at it; returns (previous, serving) versions.
+
+        Raises UnknownVersion, NotPossible (pinned; refused and not `force`; failed to load).
+        """
+        async with self._lock:
+            await asyncio.to_thread(self._check_published, version)
+            await asyncio.to_thread(self._check_not_pinned, f"activate {version}")
+            refusal = await asyncio.to_thread(self.registry.refusal, version)
+            if refusal is not None or version in self._refused_here:
+                if not force:
+                    reason = refusal.reason if refusal is not None else self._refused_here[version]
+                    raise NotPossible(f"version {version} was refused ({reason}); activate it with force to try "
+                                      "again (`voxloop models activate --force`)")
+                await asyncio.to_thread(self.registry.clear_refusal, version)
+                self._refused_here.pop(version, None)
+            previous = self.holder.current.version
+            await self._serve_now(version)  # a broken version never reaches CURRENT
+            await asyncio.to_thread(self.registry.activate, version, action="activate", by=by or this_process())
+            return previous, self.holder.current.version
+
+    async def rollback(self, *, by: str = "") -> tuple[str, str]:
+        """Refuse the serving version (rolled_back) and go back to the previous one; returns (previous, serving)."""
+        async with self._lock:
+            await asyncio.to_thread(self._check_not_pinned, "roll back")
+            serving = self.holder.current.version
+            target = await asyncio.to_thread(self.registry.previous_version, serving)
+            if target is None:
+                raise NotPossible(f"nothing to roll back to: no other good version in the history before {serving}")
+            await self._serve_now(target)
+            who = by or this_process()
+            await asyncio.to_thread(self.registry.refuse, serving, ROLLED_BACK, f"rolled back to {target}", by=who)
+            await asyncio.to_thread(self.registry.activate, target, action="rollback", by=who)
+            log.info("rolled back from %s to %s (%s)", serving, target, who)
+            return serving, self.holder.current.version
+
+    async def pin(self, version: str = "", *, by: str = "") -> tuple[str, str]:
+        """Serve `version` (default: the serving one) everywhere and stop automatic activation."""
+        async with self._lock:
+            version = version or self.holder.current.version
+            await asyncio.to_thread(self._check_published, version)
+            refusal = await asyncio.to_thread(self.registry.refusal, version)
+            if refusal is not None:
+                raise NotPossible(f"version {version} was refused ({refusal.reason}); pin a good version")
+            previous = self.holder.current.version
+            await self._serve_now(version)
+            await asyncio.to_thread(self.registry.pin, version, by=by or this_process())
+            return previous, self.holder.current.version
+
+    async def unpin(self) -> tuple[str, str]:
+        """Resume automatic activation: serve the registry's target (CURRENT) again."""
+        previous = self.holder.current.version
+        await asyncio.to_thread(self.registry.unpin)
+        serving = await self.check()
+        return previous, serving
+
+
+__all__ = ["Loader", "ModelWatcher", "NotPossible", "UnknownVersion", "load_initial", "refusal_reason"]
