@@ -1,0 +1,205 @@
+"""One training cycle end to end: feedback in a store -> update -> gate -> registry version -> store records."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_support import add_feedback, speech, tiny_version, tone, write_corpus
+from voxloop.server.registry import Registry
+from voxloop.server.store import FeedbackKind, FeedbackStore
+from voxloop.trainer.config import TrainerConfig
+from voxloop.trainer.cycle import child_version_name, is_heldout, run_cycle
+from voxloop.trainer.evaluate import EvalSummary
+from voxloop.trainer.gate import decide
+from voxloop.trainer.ppo import PPOConfig
+from voxloop.trainer.rewards import REJECTED_REWARD, edit_reward, feedback_item
+
+torch.set_num_threads(1)
+BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
+
+
+@pytest.fixture(scope="module")
+def tiny_version_dir(tmp_path_factory) -> Path:
+    return tiny_version(tmp_path_factory.mktemp("tiny") / "tiny-0001", "tiny-0001")
+
+
+@pytest.fixture(scope="module")
+def toy_corpus(tmp_path_factory) -> Path:
+    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
+    return write_corpus(tmp_path_factory.mktemp("toy-corpus"), {"train": rows, "dev": rows[:3]})
+
+
+def toy_config(data_dir: Path, corpus: Path, **ppo) -> TrainerConfig:
+    ppo_config = PPOConfig(**{"epochs": 8, "minibatch_size": 8, "learning_rate": 3e-3, "replay_per_minibatch": 2,
+                              "samples_per_utterance": 4, **ppo})
+    return TrainerConfig(data_dir=data_dir, corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
+                         replay_pool_size=6, max_anchor_regression=1.0, ppo=ppo_config)
+
+
+def seeded_registry(root: Path, version_dir: Path) -> Registry:
+    registry = Registry(root)
+    registry.seed_from(version_dir)
+    return registry
+
+
+# --- rewards ---------------------------------------------------------------------------------------
+
+
+def test_edit_rewards_on_known_pairs():
+    assert edit_reward("the cat sat", "the cat sat") == 0.0
+    assert edit_reward("the bat sat", "the cat sat", "word") == pytest.approx(-1 / 3)
+    assert edit_reward("the bat sat", "the cat sat", "char") == pytest.approx(-1 / 11)
+    assert edit_reward("", "abc", "char") == -1.0
+
+
+def test_each_feedback_kind_maps_to_its_reward_and_target(tmp_path):
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        samples = tone("a")
+        add_feedback(store, samples, kind="correction", text="Hello World", hypothesis="hello word")
+        add_feedback(store, samples, kind="acceptance", hypothesis="good morning")
+        add_feedback(store, samples, kind="rejection", hypothesis="wrong words")
+        add_feedback(store, samples, kind="choice", hypothesis="recognise speech",
+                     alternatives=["recognise speech", "wreck a nice beach"], chosen_index=1)
+        items = {i.kind: i for i in map(feedback_item, store.pending_feedback(10))}
+    correction = items[FeedbackKind.CORRECTION]
+    assert correction.target == "hello world" and correction.reward("hello word") == pytest.approx(-1 / 11)
+    assert items[FeedbackKind.ACCEPTANCE].target == "good morning"
+    assert items[FeedbackKind.ACCEPTANCE].reward("good morning") == 0.0
+    rejection = items[FeedbackKind.REJECTION]
+    assert rejection.target is None and rejection.reference is None
+    assert rejection.reward("wrong words") == REJECTED_REWARD and rejection.reward("other words") == 0.0
+    choice = items[FeedbackKind.CHOICE]
+    assert choice.target == "wreck a nice beach"
+    assert choice.reward("wreck a nice beach") == 0.0 and choice.reward("recognise speech") < -0.3
+    assert choice.alternatives == ("recognise speech", "wreck a nice beach")
+
+
+# --- gate ------------------------------------------------------------------------------------------
+
+
+def test_gate_rules_on_figures():
+    def s(wer: float, n: int = 10) -> EvalSummary:
+        return EvalSummary(n, wer, wer)
+
+    ok = decide(heldout_candidate=s(0.30), heldout_serving=s(0.40), anchor_candidate=s(0.505),
+                anchor_serving=s(0.50), max_anchor_regression=0.01, parity_max_abs_diff=1e-6, parity_ok=True)
+    assert ok.passed and ok.reasons == ()
+    worse_heldout = decide(heldout_candidate=s(0.41), heldout_serving=s(0.40), anchor_candidate=s(0.5),
+                           anchor_serving=s(0.5), max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True)
+    assert not worse_heldout.passed and "held-out WER rose" in worse_heldout.reasons[0]
+    worse_anchor = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.52),
+                          anchor_serving=s(0.50), max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True)
+    assert not worse_anchor.passed and "anchor WER rose" in worse_anchor.reasons[0]
+    assert worse_anchor.heldout_wer_candidate is None
+    no_parity = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=None, anchor_serving=None,
+                       max_anchor_regression=0.01, parity_max_abs_diff=0.5, parity_ok=False)
+    assert not no_parity.passed and "parity" in no_parity.reasons[0]
+
+
+def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
+    """The shipped model, a real-speech anchor set, and an update with a destructive learning rate."""
+    sentences = ["the weather is nice today", "please open the door", "i would like a cup of tea",
+                 "the train leaves at noon", "she reads a book every night", "we walked along the river"]
+    corpus = write_corpus(tmp_path / "corpus", {"train": [(s, speech(s)) for s in sentences[:2]],
+                                                "dev": [(s, speech(s)) for s in sentences]})
+    registry = seeded_registry(tmp_path / "registry", BASE_MODEL_DIR)
+    parent = registry.current_version()
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0, anchor_size=6,
+                           replay_pool_size=2, ppo=PPOConfig(learning_rate=0.05, epochs=3, minibatch_size=2,
+                                                             objective="sft", replay_coef=0.0))
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        ids = [add_feedback(store, speech(text), text="zzz qqq xxx") for text in ("hello there", "good night")]
+        report = run_cycle(store, registry, config)
+        assert report.outcome == "gated"
+        assert report.gate["anchor_wer_candidate"] > report.gate["anchor_wer_serving"] + 0.01
+        assert any("anchor WER rose" in reason for reason in report.gate["reasons"])
+        assert registry.current_version() == parent and registry.versions() == [parent]
+        cycle = store.get_cycle(report.cycle_id)
+        assert cycle.outcome == "gated" and cycle.model_version_out is None
+        assert sorted(cycle.feedback_ids) == sorted(ids)  # a refused batch is consumed, not retried forever
+        assert cycle.stats["gate"]["passed"] is False
+    # The trainer's weights went back to the serving model's.
+    from voxloop.trainer.state import TrainerState
+
+    state = TrainerState.load(config.trainer_dir, registry, config.ppo)
+    served = TrainerState.load(tmp_path / "fresh", registry, config.ppo)
+    assert all(torch.equal(a, b) for a, b in zip(state.policy.state_dict().values(),
+                                                 served.policy.state_dict().values(), strict=True))
+
+
+# --- a cycle -----------------------------------------------------------------------------------------
+
+
+def test_a_cycle_raises_the_mean_reward_and_publishes_a_version(tmp_path, tiny_version_dir, toy_corpus):
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    config = toy_config(tmp_path / "data", toy_corpus)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        ids = [add_feedback(store, tone(w, seed=10 + i), text=w) for i, w in enumerate("abcabcab")]
+        report = run_cycle(store, registry, config)
+        assert report.outcome == "published", report.gate
+        assert report.reward_after["sampled"] > report.reward_before["sampled"] + 0.2
+        assert report.reward_after["greedy"] > report.reward_before["greedy"]
+        assert registry.current_version() == report.version_out == "tiny-0001-c0001"
+        card = registry.verify(report.version_out)
+        assert card["parent_version"] == "tiny-0001"
+        assert sorted(card["training"]["trained_feedback_ids"]) == sorted(ids)
+        assert card["gate"]["passed"] is True and "policy/model.safetensors" in card["files"]
+        cycle = store.get_cycle(report.cycle_id)
+        assert cycle.outcome == "published" and cycle.model_version_out == report.version_out
+        assert sorted(cycle.feedback_ids) == sorted(ids) and store.pending_count() == 0
+        assert {"approx_kl", "clip_fraction", "entropy", "kl_coef", "grad_norm", "policy_loss", "ptx_loss",
+                "reward_mean", "reward_std"} <= set(report.last_step)
+
+
+def test_held_out_items_are_picked_by_id_and_never_trained_on(tmp_path, tiny_version_dir, toy_corpus):
+    assert [is_heldout(i, 0.5) for i in range(200)] == [is_heldout(i, 0.5) for i in range(200)]
+    assert 60 < sum(is_heldout(i, 0.5) for i in range(200)) < 140
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    config = dataclasses.replace(toy_config(tmp_path / "data", toy_corpus, epochs=1), heldout_share=0.5,
+                                 max_anchor_regression=0.0)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        ids = [add_feedback(store, tone(w, seed=i), text=w) for i, w in enumerate("abcabcab")]
+        rejection = add_feedback(store, tone("a"), kind="rejection", hypothesis="b")
+        report = run_cycle(store, registry, config)
+    assert set(report.heldout_ids) == {i for i in ids if is_heldout(i, 0.5)}
+    assert not set(report.heldout_ids) & set(report.trained_ids)
+    assert rejection in report.trained_ids  # no reference text: never held out
+    assert sorted(report.feedback_ids) == sorted([*ids, rejection])
+    assert report.gate["heldout_utterances"] == len(report.heldout_ids)
+
+
+def test_version_names_follow_the_parent_stem_and_never_collide(tmp_path, tiny_version_dir):
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    assert child_version_name(registry, "tiny-0001", 3) == "tiny-0001-c0003"
+    assert child_version_name(registry, "tiny-0001-c0003", 4) == "tiny-0001-c0004"
+    (registry.versions_root / "tiny-0001-c0005").mkdir()
+    assert child_version_name(registry, "tiny-0001-c0004", 5) == "tiny-0001-c0005.1"
+
+
+def test_published_versions_carry_the_parents_decoder_forward_and_adapt_it(tmp_path, tiny_version_dir, toy_corpus):
+    import shutil
+
+    from voxloop.trainer.lm import DecoderSettings, add_decoder_to_version
+
+    with_decoder = tmp_path / "tiny-lm"
+    shutil.copytree(tiny_version_dir, with_decoder)
+    add_decoder_to_version(with_decoder, ["a b c", "b c a"], DecoderSettings(), source="test")
+    for adapt in (True, False):
+        registry = seeded_registry(tmp_path / f"registry-{adapt}", with_decoder)
+        config = dataclasses.replace(toy_config(tmp_path / f"data-{adapt}", toy_corpus, epochs=1),
+                                     adapt_lexicon=adapt)
+        with FeedbackStore.sqlite(tmp_path / f"f-{adapt}.sqlite3") as store:
+            add_feedback(store, tone("a"), text="a zebra")
+            report = run_cycle(store, registry, config)
+        assert report.outcome == "published"
+        child = registry.version_dir(report.version_out)
+        card = registry.verify(report.version_out)
+        parent_card = registry.load_card("tiny-0001")
+        decoder_files = {n for n in parent_card["files"] if n != "model.onnx" and not n.startswith("policy/")}
+        assert decoder_files and decoder_files <= set(card["files"])
+        assert card["decoder"]["type"] == parent_card["decoder"]["type"]
+        lexicon = (child / "lexicon.txt").read_text()
+        assert ("zebra" in lexicon) is adapt

@@ -1,0 +1,106 @@
+"""The safety gate: publish a candidate only if it is no worse where it matters (design.md, "The gate").
+
+Both models are scored with onnxruntime on their exported graphs (what the server would run) and
+the same greedy CTC decoding the server uses:
+
+- held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
+  a hash of the feedback id); the candidate's WER must not be higher than the serving model's;
+- anchor: a fixed slice of the base corpus (base_data.py); the candidate's WER may rise by at most
+  `max_anchor_regression` (absolute, 0.01 = 1 point);
+- parity: the candidate's ONNX export matched its torch weights (export.check_parity raised nothing).
+
+`decide` is pure: figures in, decision with its reasons out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import EvalSummary, error_rates, onnx_transcriber
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: tuple[str, ...]
+    """Why it failed (empty when it passed)."""
+    heldout_utterances: int
+    heldout_wer_candidate: float | None
+    heldout_wer_serving: float | None
+    anchor_utterances: int
+    anchor_wer_candidate: float | None
+    anchor_wer_serving: float | None
+    max_anchor_regression: float
+    parity_max_abs_diff: float | None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "reasons": list(self.reasons)}
+
+
+def score_onnx(onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]]) -> EvalSummary:
+    """Corpus WER/CER of an exported model on (float32 16 kHz samples, reference text) pairs."""
+    transcribe = onnx_transcriber(onnx_path)
+    hypotheses = [transcribe(np.asarray(samples, dtype=np.float32)) for samples, _ in utterances]
+    return error_rates([reference for _, reference in utterances], hypotheses)
+
+
+def decide(
+    *,
+    heldout_candidate: EvalSummary | None,
+    heldout_serving: EvalSummary | None,
+    anchor_candidate: EvalSummary | None,
+    anchor_serving: EvalSummary | None,
+    max_anchor_regression: float,
+    parity_max_abs_diff: float | None,
+    parity_ok: bool,
+) -> GateDecision:
+    """Apply the three rules; a missing set (no held-out items, no anchor) is reported, not failed."""
+    reasons = []
+    has_heldout = heldout_candidate is not None and heldout_serving is not None and heldout_candidate.utterances > 0
+    has_anchor = anchor_candidate is not None and anchor_serving is not None and anchor_candidate.utterances > 0
+    if not parity_ok:
+        reasons.append(f"ONNX parity failed (max |dlogp| {parity_max_abs_diff})")
+    if has_heldout and heldout_candidate.wer > heldout_serving.wer + 1e-12:
+        reasons.append(f"held-out WER rose from {heldout_serving.wer:.4f} to {heldout_candidate.wer:.4f}")
+    if has_anchor and anchor_candidate.wer - anchor_serving.wer > max_anchor_regression + 1e-12:
+        reasons.append(
+            f"anchor WER rose from {anchor_serving.wer:.4f} to {anchor_candidate.wer:.4f} "
+            f"(more than the allowed {max_anchor_regression:.4f})"
+        )
+    return GateDecision(
+        passed=not reasons,
+        reasons=tuple(reasons),
+        heldout_utterances=heldout_candidate.utterances if has_heldout else 0,
+        heldout_wer_candidate=heldout_candidate.wer if has_heldout else None,
+        heldout_wer_serving=heldout_serving.wer if has_heldout else None,
+        anchor_utterances=anchor_candidate.utterances if has_anchor else 0,
+        anchor_wer_candidate=anchor_candidate.wer if has_anchor else None,
+        anchor_wer_serving=anchor_serving.wer if has_anchor else None,
+        max_anchor_regression=max_anchor_regression,
+        parity_max_abs_diff=parity_max_abs_diff,
+    )
+
+
+class AnchorScores:
+    """The serving model's anchor figures, cached per version (the anchor set and a version never change)."""
+
+    def __init__(self) -> None:
+        self._by_version: dict[str, EvalSummary] = {}
+
+    def get(self, version: str, onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]]) -> EvalSummary:
+        if version not in self._by_version:
+            self._by_version[version] = score_onnx(onnx_path, utterances)
+        return self._by_version[version]
+
+    def put(self, version: str, summary: EvalSummary) -> None:
+        self._by_version[version] = summary
+
+
+__all__ = ["AnchorScores", "GateDecision", "decide", "score_onnx"]

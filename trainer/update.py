@@ -1,0 +1,340 @@
+"""One cycle's policy update: rollout of candidate CTC paths, then PPO(-ptx) epochs over minibatches.
+
+    rollout = collect_rollout(policy, items, ppo_config, generator)     # pi_old == pi_ref here
+    report = ppo_update(policy, optimizer, kl_controller, rollout, replay, ppo_config)
+
+Stages of `ppo_update` per minibatch (numbered in the code):
+ 1. forward the minibatch's feedback audio through pi_theta (eval mode: no dropout, no SpecAugment,
+    so the ratio pi_theta / pi_old is exactly 1 before the first step);
+ 2. PPO terms (objective ppo, ppo+sft): clipped surrogate over the candidates' per-frame log-probs,
+    exact per-frame KL to the reference with the adaptive coefficient, entropy bonus;
+ 3. supervised terms: CTC on the feedback targets (objective sft, ppo+sft) and CTC on replayed base
+    data (replay_coef > 0, every objective) -- InstructGPT's ptx;
+ 4. one AdamW step with global gradient clipping; the KL controller sees the step's exact KL.
+
+The cycle starts from the serving version's weights, and that version is the frozen reference: the
+rollout's per-frame distributions are the reference's, so no second model is kept in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .data import IGNORE_INDEX
+from .export import serving_vocabulary
+from .model import VoxloopForCTC, ctc_loss, encoder_frames_for
+from .ppo import (
+    AdaptiveKLController,
+    PPOConfig,
+    best_alignment,
+    clipped_policy_loss,
+    collapse_path,
+    entropy,
+    greedy_paths,
+    group_advantages,
+    kl_to_reference,
+    masked_mean,
+    path_log_probs,
+    sample_paths,
+)
+from .rewards import FeedbackItem
+from .tokenizer import encode_targets, make_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class UpdateAborted(RuntimeError):
+    """The caller asked the update to stop (shutdown); nothing it did should be kept."""
+
+
+@dataclass
+class ItemRollout:
+    """Everything the update needs about one feedback item, computed once under pi_old."""
+
+    item: FeedbackItem
+    frames: int
+    """Encoder frames of the item's audio (T)."""
+    ref_log_probs: torch.Tensor
+    """(T, V) per-frame log-probs of pi_old = pi_ref."""
+    target_ids: list[int] | None
+    """Tokenized supervised target, None without one (or when it has characters outside the vocabulary)."""
+    paths: torch.Tensor
+    """(K', T) candidate paths: K samples, then the greedy path, then target/alternative alignments."""
+    old_log_probs: torch.Tensor
+    """(K', T) per-frame log-probs of the candidates under pi_old."""
+    rewards: torch.Tensor
+    """(K',) reward of each candidate's text."""
+    advantages: torch.Tensor
+    """(K',) reward minus the group mean (over the item's candidates)."""
+    sampled: int
+    """How many of the candidates are samples (the first `sampled`)."""
+
+
+@dataclass
+class Rollout:
+    items: list[ItemRollout]
+    reward_mean: float
+    """Mean reward over every candidate of every item."""
+    reward_std: float
+    sampled_reward_mean: float
+    """Mean reward of the sampled candidates only: the policy's expected reward."""
+    greedy_reward_mean: float
+
+
+@dataclass
+class UpdateReport:
+    steps: int = 0
+    history: list[dict] = field(default_factory=list)
+    """Per-step statistics (reward_mean, reward_std, approx_kl, kl, clip_fraction, entropy, policy_loss,
+    sft_loss, replay_loss, ptx_loss, kl_coef, grad_norm)."""
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def path_text(path: torch.Tensor, vocabulary: Sequence[str]) -> str:
+    """A CTC path (T,) -> its normalized text, exactly as the server's greedy decoder prints it."""
+    printed = serving_vocabulary(list(vocabulary))
+    return " ".join("".join(printed[t] for t in collapse_path(path)).split())
+
+
+def _batch_audio(samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad float32 waveforms to (B, S); lengths (B,) in samples."""
+    lengths = torch.tensor([len(s) for s in samples])
+    audio = torch.zeros(len(samples), int(lengths.max()))
+    for i, s in enumerate(samples):
+        audio[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float32))
+    return audio, lengths
+
+
+def forward_log_probs(
+    policy: VoxloopForCTC, samples: Sequence[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded batch forward: logits (B, T, V), log-probs (B, T, V), frame lengths (B,)."""
+    audio, lengths = _batch_audio(samples)
+    logits = policy(audio, input_lengths=lengths).logits
+    return logits, torch.log_softmax(logits.float(), -1), encoder_frames_for(lengths, policy.config)
+
+
+def _labels(target_ids: Sequence[list[int]]) -> torch.Tensor:
+    labels = torch.full((len(target_ids), max(len(t) for t in target_ids)), IGNORE_INDEX, dtype=torch.long)
+    for i, ids in enumerate(target_ids):
+        labels[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return labels
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: VoxloopForCTC,
+    items: Sequence[FeedbackItem],
+    config: PPOConfig,
+    generator: torch.Generator,
+    *,
+    batch_size: int = 32,
+) -> Rollout:
+    """Candidates, rewards and group advantages of every item under the current policy (pi_old).
+
+    Items whose audio is shorter than one encoder frame are left out.
+    """
+    policy.eval()
+    vocabulary = policy.config.vocabulary
+    tokenizer = make_tokenizer(vocabulary)
+    out: list[ItemRollout] = []
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start : start + batch_size])
+        _, log_probs, frame_lengths = forward_log_probs(policy, [it.samples for it in chunk])
+        sampled = sample_paths(log_probs, config.samples_per_utterance, generator, config.sampling_temperature)
+        for i, item in enumerate(chunk):
+            frames = int(frame_lengths[i])
+            if frames == 0:
+                log.warning("feedback %d: audio shorter than one frame; not trained on", item.feedback_id)
+                continue
+            lp = log_probs[i, :frames]  # (T, V)
+            target_ids = None
+            if item.target:
+                try:
+                    target_ids = encode_targets(tokenizer, item.target)
+                except ValueError as e:
+                    log.warning("feedback %d: target not usable (%s)", item.feedback_id, e)
+            paths = [p[:frames] for p in sampled[i]]
+            if config.include_greedy:
+                paths.append(greedy_paths(lp))
+            aligned_texts = []
+            if config.include_target_alignment and target_ids:
+                aligned_texts.append(target_ids)
+            for alternative in item.alternatives:  # a choice: every alternative shown joins the group
+                if alternative and alternative != item.target:
+                    try:
+                        aligned_texts.append(encode_targets(tokenizer, alternative))
+                    except ValueError:
+                        continue
+            for ids in aligned_texts:
+                alignment = best_alignment(lp, ids)
+                if alignment is not None:
+                    paths.append(alignment)
+            stacked = torch.stack(paths)  # (K', T)
+            rewards = torch.tensor([item.reward(path_text(p, vocabulary), config.reward_unit) for p in stacked])
+            advantages = group_advantages(rewards[None], torch.ones(1, len(rewards), dtype=torch.bool),
+                                          config.normalize_advantages)[0]
+            old = path_log_probs(lp[None], stacked[None])[0]
+            out.append(ItemRollout(item, frames, lp.clone(), target_ids, stacked, old, rewards, advantages,
+                                   config.samples_per_utterance))
+    all_rewards = torch.cat([r.rewards for r in out]) if out else torch.zeros(0)
+    sampled_rewards = torch.cat([r.rewards[: r.sampled] for r in out]) if out else torch.zeros(0)
+    greedy = [float(r.rewards[r.sampled]) for r in out if config.include_greedy]
+
+    def mean(t: torch.Tensor | list[float]) -> float:
+        return float(torch.as_tensor(t, dtype=torch.float).mean()) if len(t) else math.nan
+
+    std = float(all_rewards.std(unbiased=False)) if len(all_rewards) else math.nan
+    return Rollout(out, mean(all_rewards), std, mean(sampled_rewards), mean(greedy))
+
+
+@torch.no_grad()
+def mean_rewards(policy: VoxloopForCTC, items: Sequence[FeedbackItem], config: PPOConfig,
+                 generator: torch.Generator) -> tuple[float, float]:
+    """(sampled, greedy) mean reward of the policy on `items`: the before/after figure of a cycle."""
+    rollout = collect_rollout(policy, items, config, generator)
+    return rollout.sampled_reward_mean, rollout.greedy_reward_mean
+
+
+def _pad_candidates(batch: Sequence[ItemRollout], frames: int) -> tuple[torch.Tensor, ...]:
+    """Stack the items' candidates: paths, old log-probs, mask (B, K, T) and advantages (B, K)."""
+    k = max(len(r.paths) for r in batch)
+    paths = torch.zeros(len(batch), k, frames, dtype=torch.long)
+    old = torch.zeros(len(batch), k, frames)
+    mask = torch.zeros(len(batch), k, frames, dtype=torch.bool)
+    advantages = torch.zeros(len(batch), k)
+    for i, r in enumerate(batch):
+        n, t = r.paths.shape
+        paths[i, :n, :t] = r.paths
+        old[i, :n, :t] = r.old_log_probs
+        mask[i, :n, :t] = True
+        advantages[i, :n] = r.advantages
+    return paths, old, mask, advantages
+
+
+def _ref_log_probs(batch: Sequence[ItemRollout], frames: int, vocab: int) -> torch.Tensor:
+    ref = torch.zeros(len(batch), frames, vocab)
+    for i, r in enumerate(batch):
+        ref[i, : r.frames] = r.ref_log_probs
+    return ref
+
+
+ReplaySampler = Callable[[int, random.Random], list[tuple[np.ndarray, list[int]]]]
+"""(count, rng) -> `count` base-corpus utterances as (float32 samples, target ids)."""
+
+
+def ppo_update(
+    policy: VoxloopForCTC,
+    optimizer: torch.optim.Optimizer,
+    kl_controller: AdaptiveKLController,
+    rollout: Rollout,
+    config: PPOConfig,
+    *,
+    replay: ReplaySampler | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> UpdateReport:
+    """`config.epochs` passes over the rollout in minibatches; returns per-step statistics.
+
+    Raises UpdateAborted (between steps) as soon as `should_stop()` is true.
+    """
+    rng = random.Random(config.seed)
+    report = UpdateReport()
+    items = list(rollout.items)
+    if not items:
+        return report
+    policy.eval()  # see stage 1 in the module docstring
+    for epoch in range(config.epochs):
+        rng.shuffle(items)
+        for start in range(0, len(items), config.minibatch_size):
+            if should_stop():
+                raise UpdateAborted(f"stopped at epoch {epoch}, step {report.steps}")
+            batch = items[start : start + config.minibatch_size]
+            # 1. forward
+            logits, log_probs, frame_lengths = forward_log_probs(policy, [r.item.samples for r in batch])
+            frames = log_probs.shape[1]
+            frame_mask = torch.arange(frames)[None, :] < frame_lengths[:, None]  # (B, T)
+            loss = torch.zeros(())
+            stats: dict[str, float] = {"epoch": epoch}
+            # 2. PPO terms
+            ref = _ref_log_probs(batch, frames, log_probs.shape[-1])
+            kl = masked_mean(kl_to_reference(log_probs, ref), frame_mask)
+            ent = masked_mean(entropy(log_probs), frame_mask)
+            if config.uses_rewards:
+                paths, old, mask, advantages = _pad_candidates(batch, frames)
+                new = path_log_probs(log_probs, paths)
+                policy_loss = clipped_policy_loss(new, old, advantages, mask, config.clip_range)
+                loss = loss + policy_loss.loss + kl_controller.value * kl - config.entropy_coef * ent
+                stats.update(policy_loss=float(policy_loss.loss.detach()),
+                             clip_fraction=float(policy_loss.clip_fraction), approx_kl=float(policy_loss.approx_kl))
+            # 3. supervised (ptx) terms
+            ptx = torch.zeros(())
+            with_target = [i for i, r in enumerate(batch) if r.target_ids]
+            if config.uses_targets and with_target:
+                sft = ctc_loss(logits[with_target], frame_lengths[with_target],
+                               _labels([batch[i].target_ids for i in with_target]))
+                ptx = ptx + config.sft_coef * sft
+                stats["sft_loss"] = float(sft.detach())
+            if replay is not None and config.replay_coef > 0 and config.replay_per_minibatch > 0:
+                drawn = replay(config.replay_per_minibatch, rng)
+                if drawn:
+                    replay_logits, _, replay_frames = forward_log_probs(policy, [s for s, _ in drawn])
+                    replay_loss = ctc_loss(replay_logits, replay_frames, _labels([ids for _, ids in drawn]))
+                    ptx = ptx + config.replay_coef * replay_loss
+                    stats["replay_loss"] = float(replay_loss.detach())
+            loss = loss + ptx
+            # 4. step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            kl_value = float(kl.detach())
+            stats.update(
+                step=report.steps,
+                reward_mean=rollout.reward_mean,
+                reward_std=rollout.reward_std,
+                kl=kl_value,
+                entropy=float(ent.detach()),
+                ptx_loss=float(ptx.detach()),
+                loss=float(loss.detach()),
+                kl_coef=kl_controller.value,
+                grad_norm=float(grad_norm),
+            )
+            if config.uses_rewards:
+                kl_controller.update(kl_value)
+            report.history.append(stats)
+            report.steps += 1
+            log.info(
+                "ppo step %d (epoch %d): reward %.3f±%.3f kl %.4f approx_kl %.4f clip %.3f entropy %.3f "
+                "policy_loss %.4f ptx_loss %.4f kl_coef %.4f grad_norm %.3f",
+                report.steps, epoch, rollout.reward_mean, rollout.reward_std, kl_value, stats.get("approx_kl", 0.0),
+                stats.get("clip_fraction", 0.0), stats["entropy"], stats.get("policy_loss", 0.0), stats["ptx_loss"],
+                stats["kl_coef"], stats["grad_norm"],
+            )
+    return report
+
+
+__all__ = [
+    "ItemRollout",
+    "ReplaySampler",
+    "Rollout",
+    "UpdateAborted",
+    "UpdateReport",
+    "collect_rollout",
+    "forward_log_probs",
+    "mean_rewards",
+    "path_text",
+    "ppo_update",
+]
