@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from flashlight.lib.text.decoder import (
     CriterionType,
-    KenLM,
     LexiconDecoder,
     LexiconDecoderOptions,
     SmearingMode,
     Trie,
 )
+from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import Dictionary
 
 from .decoder import WORD_SEPARATOR, CtcGreedyDecoder, DecoderFactory, Hypothesis
