@@ -1,4 +1,4 @@
-"""The trainer's `voxloop` subcommands: pretrain corpus|train, export, eval.
+"""The trainer's `voxloop` subcommands: pretrain corpus|train, export, eval, train (the online trainer).
 
 Importing this module imports no torch: the client-only install keeps a fast, working CLI. Each
 command imports what it needs when it runs.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 DEFAULT_CORPUS_DIR = Path("corpus")
@@ -42,6 +43,27 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--corpus", type=Path, default=None, help="evaluate the test splits of this corpus")
     export.add_argument("--parent-version", default=None)
     export.set_defaults(handler=_export)
+
+    train_online = subparsers.add_parser(
+        "train", help="the online trainer: PPO cycles on user feedback, gated, published to the registry")
+    train_online.add_argument("--once", action="store_true", help="run one cycle on what is pending, then exit")
+    train_online.add_argument("--objective", choices=("ppo", "sft", "ppo+sft"), default=None,
+                              help="update objective (default: the config's, ppo+sft)")
+    train_online.add_argument("--data-dir", type=Path, default=None,
+                              help="state directory, as for serve (default: $VOXLOOP_HOME or ~/.local/share/voxloop)")
+    train_online.add_argument("--store", default=None,
+                              help="feedback store path or URL (default <data-dir>/feedback.sqlite3)")
+    train_online.add_argument("--registry", type=Path, default=None,
+                              help="model registry (default <data-dir>/registry)")
+    train_online.add_argument("--corpus", type=Path, default=None,
+                              help="base corpus for anchor set and replay (default: corpus; synthesized if missing)")
+    train_online.add_argument("--min-feedback", type=int, default=None, help="items that start a cycle (default 64)")
+    train_online.add_argument("--max-wait-s", type=float, default=None,
+                              help="seconds after which any pending item starts a cycle (default 600)")
+    train_online.add_argument("--no-adapt-lexicon", action="store_true",
+                              help="do not teach the decoder's lexicon/LM the corrections' words")
+    train_online.add_argument("--json", action="store_true", help="with --once: print the cycle report as JSON")
+    train_online.set_defaults(handler=_train_online)
 
     evaluate = subparsers.add_parser("eval", help="WER/CER of a model on a manifest")
     evaluate.add_argument("--manifest", type=Path, required=True, help="JSON-lines manifest (path, text, voice)")
@@ -87,6 +109,63 @@ def _export(args: argparse.Namespace) -> int:
                       "evaluation": {k: {"wer": v["wer"], "cer": v["cer"]}
                                      for k, v in card.get("evaluation", {}).items()}}, indent=2))
     return 0
+
+
+def trainer_config_from_args(args: argparse.Namespace, environ=None):
+    """TrainerConfig from `voxloop train` flags (None = the config's default); data dir as for serve."""
+    import os
+
+    from .config import TrainerConfig
+
+    environ = os.environ if environ is None else environ
+    overrides: dict = {}
+    data_dir = args.data_dir or (Path(environ["VOXLOOP_HOME"]) if environ.get("VOXLOOP_HOME") else None)
+    for field, value in (("data_dir", data_dir), ("store_url", args.store), ("registry_dir", args.registry),
+                         ("corpus_dir", args.corpus), ("min_feedback", args.min_feedback),
+                         ("max_wait_s", args.max_wait_s)):
+        if value is not None:
+            overrides[field] = value
+    if args.no_adapt_lexicon:
+        overrides["adapt_lexicon"] = False
+    config = TrainerConfig(**overrides)
+    return config.with_objective(args.objective) if args.objective else config
+
+
+def _train_online(args: argparse.Namespace) -> int:
+    import threading
+
+    from .loop import TrainerLoop
+
+    _setup_logging()
+    try:
+        config = trainer_config_from_args(args)
+    except ValueError as e:
+        print(f"voxloop train: error: {e}", file=sys.stderr)
+        return 2
+    loop = TrainerLoop(config)
+    try:
+        if args.once:
+            report = loop.run_once()
+            if args.json:
+                print(json.dumps(report.as_dict(), indent=2, default=str))
+            else:
+                gate = report.gate or {}
+                print(f"cycle {report.cycle_id}: {report.outcome}; {report.version_in} -> "
+                      f"{report.version_out or report.version_in}; {len(report.feedback_ids)} feedback items "
+                      f"({len(report.trained_ids)} trained, {len(report.heldout_ids)} held out); "
+                      f"held-out WER {gate.get('heldout_wer_serving')} -> {gate.get('heldout_wer_candidate')}, "
+                      f"anchor WER {gate.get('anchor_wer_serving')} -> {gate.get('anchor_wer_candidate')}; "
+                      f"{report.seconds.get('total', 0):.1f} s")
+            return 0
+        import signal
+
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: loop.stop())
+        loop.run(stop)
+        return 0
+    finally:
+        loop.close()
 
 
 def _eval(args: argparse.Namespace) -> int:
