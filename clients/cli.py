@@ -3,11 +3,15 @@
     voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
+    voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
     voxloop correct UTTERANCE_ID "TEXT" [--server HOST:PORT] [--token T]
     voxloop accept UTTERANCE_ID [--server HOST:PORT] [--token T]
+    voxloop reject UTTERANCE_ID [--server HOST:PORT] [--token T]
+    voxloop choose UTTERANCE_ID INDEX [--server HOST:PORT] [--token T]   (INDEX from transcribe --alternatives N)
     voxloop feedback stats [--tenant T] [--json] [--server HOST:PORT] [--token T]
     voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
+    voxloop train [--once] [--objective ppo|sft|ppo+sft] [--data-dir DIR] [--store URL] [--registry DIR]
 
 The composition root: it imports server and trainer code only inside the commands that need them,
 so the client-only install (no torch, no onnxruntime) has a working CLI. Only this module prints.
@@ -51,6 +55,11 @@ class CliError(Exception):
     """A runtime failure the CLI reports as one line with exit status 1."""
 
 
+TRAINER_ENV = "VOXLOOP_TRAINER"
+"""`off` (or 0/false/no): `voxloop serve` runs without the in-process trainer, like --no-trainer."""
+TRAINER_STOP_TIMEOUT_S = 60.0  # a cycle past its update stage (export, gate) finishes before the process exits
+
+
 def _server_target(value: str) -> str:
     if not _TARGET_PATTERN.match(value):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. {DEFAULT_SERVER}), got {value!r}")
@@ -85,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         if defaults.get(config_field) is not None:
             help_text += f" (default: {defaults[config_field]})"
         serve.add_argument(flag, dest=config_field, type=flag_type, default=None, help=help_text)
+    serve.add_argument("--no-trainer", action="store_true",
+                       help=f"do not run the online trainer in the server process (also: {TRAINER_ENV}=off)")
     serve.set_defaults(handler=_serve)
 
     transcribe = commands.add_parser("transcribe", parents=[client_options],
@@ -93,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--realtime", action="store_true",
                             help="send at real-time pace (default: as fast as possible)")
     transcribe.add_argument("--json", action="store_true", help="print one JSON object per file")
+    transcribe.add_argument("--alternatives", type=int, default=1, metavar="N",
+                            help="ask for N-best finals (printed numbered, for `voxloop choose`)")
     transcribe.add_argument("--no-interim", dest="interim_results", action="store_false",
                             help="ask for final results only")
     transcribe.set_defaults(handler=_transcribe)
@@ -102,6 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     current = model_commands.add_parser("current", parents=[client_options], help="print the serving version")
     current.add_argument("--json", action="store_true", help="print version, parent, load time and metrics as JSON")
     current.set_defaults(handler=_models_current)
+    listing = model_commands.add_parser("list", parents=[client_options],
+                                        help="admin: every version with its state (serving/available/refused)")
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+    listing.set_defaults(handler=_models_list)
+    activate = model_commands.add_parser("activate", parents=[client_options],
+                                         help="admin: load, warm up and serve VERSION (then CURRENT names it)")
+    activate.add_argument("version", metavar="VERSION")
+    activate.add_argument("--force", action="store_true", help="clear a refusal of VERSION and try again")
+    activate.set_defaults(handler=_models_change, admin_call="activate_model")
+    rollback = model_commands.add_parser("rollback", parents=[client_options],
+                                         help="admin: go back to the previous serving version")
+    rollback.set_defaults(handler=_models_change, admin_call="rollback_model")
+    pin = model_commands.add_parser("pin", parents=[client_options],
+                                    help="admin: stop automatic activation (serve VERSION, default the serving one)")
+    pin.add_argument("version", metavar="VERSION", nargs="?", default="")
+    pin.set_defaults(handler=_models_change, admin_call="pin_model")
+    unpin = model_commands.add_parser("unpin", parents=[client_options],
+                                      help="admin: resume automatic activation of new versions")
+    unpin.set_defaults(handler=_models_change, admin_call="unpin_model")
 
     correct = commands.add_parser("correct", parents=[client_options],
                                   help="send what was really said in an utterance; prints the reward")
@@ -115,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("utterance_id", metavar="UTTERANCE_ID", help="from a final result (transcribe --json)")
     accept.add_argument("--json", action="store_true", help="print feedback_id and reward as JSON")
     accept.set_defaults(handler=_accept)
+
+    reject = commands.add_parser("reject", parents=[client_options],
+                                 help="say an utterance's transcript was wrong, without the right text")
+    reject.add_argument("utterance_id", metavar="UTTERANCE_ID", help="from a final result (transcribe --json)")
+    reject.add_argument("--json", action="store_true", help="print feedback_id and reward as JSON")
+    reject.set_defaults(handler=_reject)
+
+    choose = commands.add_parser("choose", parents=[client_options],
+                                 help="pick the right one of an utterance's n-best alternatives")
+    choose.add_argument("utterance_id", metavar="UTTERANCE_ID",
+                        help="from a final result with alternatives (transcribe --alternatives N --json)")
+    choose.add_argument("index", metavar="INDEX", type=int, help="0 is the first alternative")
+    choose.add_argument("--json", action="store_true", help="print feedback_id, reward and the chosen text as JSON")
+    choose.set_defaults(handler=_choose)
 
     feedback = commands.add_parser("feedback", help="the feedback the server has collected")
     feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
@@ -174,11 +220,34 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
+    trainer = None if args.no_trainer else _start_trainer(config)
     try:
         serve(config)
     except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback
         raise CliError(str(e)) from e
+    finally:
+        if trainer is not None:  # serve() returned on SIGTERM/SIGINT: stop the trainer, recording nothing half-done
+            loop, thread = trainer
+            loop.stop()
+            thread.join(TRAINER_STOP_TIMEOUT_S)
     return EXIT_OK
+
+
+def _start_trainer(config):
+    """The in-process online trainer beside the server (daemon thread, nice 10), unless turned off."""
+    if os.environ.get(TRAINER_ENV, "on").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    try:
+        import threading
+
+        from voxloop.trainer.config import TrainerConfig
+        from voxloop.trainer.loop import start_background
+    except ImportError:
+        logging.getLogger(__name__).info("trainer not installed: serving without the in-process trainer")
+        return None
+    trainer_config = TrainerConfig(data_dir=config.data_dir, store_url=config.store_url,
+                                   registry_dir=config.registry_dir)
+    return start_background(trainer_config, threading.Event())
 
 
 def _client(args: argparse.Namespace) -> RecognizerClient:
@@ -192,7 +261,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for path in args.files:
             try:
-                result = client.transcribe_file(path, realtime=args.realtime, interim_results=args.interim_results)
+                result = client.transcribe_file(path, realtime=args.realtime, interim_results=args.interim_results,
+                                                max_alternatives=args.alternatives)
             except ValueError as e:  # this file is bad; the others may be fine
                 _print_error(e)
                 status = EXIT_RUNTIME_ERROR
@@ -207,6 +277,10 @@ def _transcribe(args: argparse.Namespace) -> int:
                 print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
             else:
                 print(f"{path}: {result.transcript}", flush=True)
+                for utterance in result.utterances if args.alternatives > 1 else ():
+                    print(f"  {utterance.utterance_id}", flush=True)
+                    for index, alternative in enumerate(utterance.alternatives):
+                        print(f"    {index}: {alternative}", flush=True)
     return status
 
 
@@ -226,6 +300,45 @@ def _models_current(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_MODEL_STATES = {1: "serving", 2: "available", 3: "refused"}
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listing = client.list_models()
+    models = [{
+        "version": m.version, "parent_version": m.parent_version or None, "state": _MODEL_STATES.get(m.state, "?"),
+        "created_at": m.created_at.ToDatetime().isoformat() + "Z" if m.HasField("created_at") else None,
+        "current": m.current, "pinned": m.pinned, "gate": dict(sorted(m.gate.items())),
+        "metrics": dict(sorted(m.metrics.items())),
+        **({"refused_reason": m.refused_reason, "refused_detail": m.refused_detail} if m.refused_reason else {}),
+    } for m in listing.models]
+    if args.json:
+        print(json.dumps({"serving_version": listing.serving_version, "current_version": listing.current_version,
+                          "pinned_version": listing.pinned_version or None, "models": models}))
+        return EXIT_OK
+    for m in models:
+        marks = "".join((" CURRENT" if m["current"] else "", " PINNED" if m["pinned"] else ""))
+        why = f" ({m['refused_reason']}: {m['refused_detail']})" if "refused_reason" in m else ""
+        wer = m["metrics"].get("test_wer")
+        figure = f" test_wer={wer:.3f}" if wer is not None else ""
+        print(f"{m['version']}\t{m['state']}{marks}\tparent={m['parent_version'] or '-'}{figure}{why}")
+    return EXIT_OK
+
+
+def _models_change(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        call = getattr(client, args.admin_call)
+        if args.admin_call == "activate_model":
+            change = call(args.version, force=args.force)
+        elif args.admin_call == "pin_model":
+            change = call(args.version)
+        else:
+            change = call()
+    print(f"serving {change.serving_version} (was {change.previous_version})")
+    return EXIT_OK
+
+
 def _correct(args: argparse.Namespace) -> int:
     with _client(args) as client:
         response = client.submit_correction(args.utterance_id, args.text)
@@ -235,6 +348,27 @@ def _correct(args: argparse.Namespace) -> int:
     else:
         flag = " (flagged: shares little with the transcript)" if response.flagged else ""
         print(f"reward {response.reward:.3f}: {response.normalized_text}{flag}")
+    return EXIT_OK
+
+
+def _reject(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.reject_transcript(args.utterance_id)
+    if args.json:
+        print(json.dumps({"feedback_id": response.feedback_id, "reward": response.reward}))
+    else:
+        print(f"reward {response.reward:.3f}")
+    return EXIT_OK
+
+
+def _choose(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.choose_alternative(args.utterance_id, args.index)
+    if args.json:
+        print(json.dumps({"feedback_id": response.feedback_id, "reward": response.reward,
+                          "chosen_text": response.chosen_text}))
+    else:
+        print(f"reward {response.reward:.3f}: {response.chosen_text}")
     return EXIT_OK
 
 

@@ -8,7 +8,9 @@ Imports only grpcio, numpy/soundfile (for files) and the `voxloop.v1` stubs, nev
 onnxruntime or server code: an application installs the client without them.
 
 The raw calls (`streaming_recognize`, `recognize`, `get_model_info`, and the Feedback service's
-`submit_correction`, `accept_transcript`, `feedback_stats`, `delete_user_data`) return the `voxloop.v1`
+`submit_correction`, `accept_transcript`, `reject_transcript`, `choose_alternative`, `feedback_stats`,
+`delete_user_data`, and the ModelAdmin
+service's `list_models`, `activate_model`, `rollback_model`, `pin_model`, `unpin_model`) return the `voxloop.v1`
 messages unchanged; `transcribe_file` returns a typed `FileTranscript` with the latencies a user feels.
 Every gRPC failure surfaces as `VoxloopError` with the status code's name and details.
 """
@@ -26,6 +28,8 @@ from typing import Any
 import grpc
 from voxloop.v1 import feedback_pb2 as feedback_pb
 from voxloop.v1 import feedback_pb2_grpc as feedback_grpc
+from voxloop.v1 import model_admin_pb2 as admin_pb
+from voxloop.v1 import model_admin_pb2_grpc as admin_grpc
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
@@ -43,6 +47,8 @@ RecognizeResponse = pb.RecognizeResponse
 ModelInfo = pb.ModelInfo
 SubmitCorrectionResponse = feedback_pb.SubmitCorrectionResponse
 AcceptTranscriptResponse = feedback_pb.AcceptTranscriptResponse
+RejectTranscriptResponse = feedback_pb.RejectTranscriptResponse
+ChooseAlternativeResponse = feedback_pb.ChooseAlternativeResponse
 FeedbackStats = feedback_pb.FeedbackStats
 
 
@@ -112,13 +118,16 @@ class Utterance:
     """The model version that decoded this utterance."""
     start_s: float
     end_s: float
+    alternatives: tuple[str, ...] = ()
+    """The n-best transcripts, best first (alternatives[0] is `transcript`); ChooseAlternative indexes them."""
 
     @classmethod
     def from_result(cls, result: pb.StreamingRecognitionResult | pb.SpeechRecognitionResult) -> Utterance:
         best = result.alternatives[0] if result.alternatives else pb.SpeechRecognitionAlternative()
         words = tuple(Word(w.word, _seconds(w.start_offset), _seconds(w.end_offset), w.confidence) for w in best.words)
         return cls(result.utterance_id, best.transcript, best.confidence, words, result.model_version,
-                   _seconds(result.utterance_start_offset), _seconds(result.result_end_offset))
+                   _seconds(result.utterance_start_offset), _seconds(result.result_end_offset),
+                   tuple(a.transcript for a in result.alternatives))
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,7 @@ class FileTranscript:
             "utterances": [
                 {"utterance_id": u.utterance_id, "transcript": u.transcript, "confidence": round(u.confidence, 4),
                  "model_version": u.model_version, "start_s": round(u.start_s, 3), "end_s": round(u.end_s, 3),
+                 "alternatives": list(u.alternatives),
                  "words": [{"word": w.word, "start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3),
                             "confidence": round(w.confidence, 4)} for w in u.words]}
                 for u in self.utterances
@@ -232,8 +242,9 @@ async def _file_requests_async(audio: AudioFile, config: pb.RecognitionConfig, r
     recorder.audio_finished = recorder.clock()
 
 
-def _config_for(audio: AudioFile, interim_results: bool) -> pb.RecognitionConfig:
-    return recognition_config(audio.sample_rate_hz, interim_results=interim_results)
+def _config_for(audio: AudioFile, interim_results: bool, max_alternatives: int = 1) -> pb.RecognitionConfig:
+    return recognition_config(audio.sample_rate_hz, interim_results=interim_results,
+                              max_alternatives=max_alternatives)
 
 
 def _channel_credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:
@@ -267,6 +278,7 @@ class RecognizerClient:
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.RecognizerStub(self._channel)
         self._feedback = feedback_grpc.FeedbackStub(self._channel)
+        self._admin = admin_grpc.ModelAdminStub(self._channel)
 
     def __enter__(self) -> RecognizerClient:
         return self
@@ -331,6 +343,22 @@ class RecognizerClient:
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    def reject_transcript(self, utterance_id: str) -> feedback_pb.RejectTranscriptResponse:
+        """Tell the server the transcript of an utterance was wrong, without the right text (negative feedback)."""
+        request = feedback_pb.RejectTranscriptRequest(utterance_id=utterance_id)
+        try:
+            return self._feedback.RejectTranscript(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    def choose_alternative(self, utterance_id: str, index: int) -> feedback_pb.ChooseAlternativeResponse:
+        """Tell the server which of a final's n-best alternatives (0 = the first) was right."""
+        request = feedback_pb.ChooseAlternativeRequest(utterance_id=utterance_id, alternative_index=index)
+        try:
+            return self._feedback.ChooseAlternative(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
     def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
         """Feedback counts of the caller's tenant (an admin token: `tenant`'s, or all tenants' when empty)."""
         try:
@@ -347,15 +375,44 @@ class RecognizerClient:
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    # --- ModelAdmin (admin tokens only) ---
+
+    def _admin_call(self, method: str, request):
+        try:
+            return getattr(self._admin, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    def list_models(self) -> admin_pb.ListModelsResponse:
+        """Every published version with parent, gate figures and state (serving / available / refused)."""
+        return self._admin_call("ListModels", admin_pb.ListModelsRequest())
+
+    def activate_model(self, version: str, *, force: bool = False) -> admin_pb.ModelChange:
+        """Load, warm up and serve `version`, then point CURRENT at it (force: retry a refused version)."""
+        return self._admin_call("ActivateModel", admin_pb.ActivateModelRequest(version=version, force=force))
+
+    def rollback_model(self) -> admin_pb.ModelChange:
+        """Go back to the version that served before the serving one (which is then refused)."""
+        return self._admin_call("Rollback", admin_pb.RollbackRequest())
+
+    def pin_model(self, version: str = "") -> admin_pb.ModelChange:
+        """Serve `version` (default: the serving one) and stop automatic activation until unpin_model()."""
+        return self._admin_call("PinModel", admin_pb.PinModelRequest(version=version))
+
+    def unpin_model(self) -> admin_pb.ModelChange:
+        """Resume automatic activation (CURRENT is served again)."""
+        return self._admin_call("UnpinModel", admin_pb.UnpinModelRequest())
+
     def transcribe_file(self, path: str | Path, *, realtime: bool = False,
-                        interim_results: bool = True) -> FileTranscript:
+                        interim_results: bool = True, max_alternatives: int = 1) -> FileTranscript:
         """Stream a WAV/FLAC file in 100 ms chunks (at real-time pace with `realtime`) and collect the finals.
 
+        `max_alternatives` > 1 asks for n-best finals (each Utterance's `alternatives`).
         Raises ValueError for a file it cannot read, VoxloopError for a failed call.
         """
         audio = read_audio_file(path)
         recorder = _StreamRecorder()
-        requests = _file_requests(audio, _config_for(audio, interim_results), recorder, realtime)
+        requests = _file_requests(audio, _config_for(audio, interim_results, max_alternatives), recorder, realtime)
         for response in self._stream(requests, self.timeout + audio.duration_s):
             recorder.on_response(response)
         log.debug("transcribed %s (%.2f s of audio)", audio.path, audio.duration_s)
@@ -376,6 +433,7 @@ class AsyncRecognizerClient:
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.RecognizerStub(self._channel)
         self._feedback = feedback_grpc.FeedbackStub(self._channel)
+        self._admin = admin_grpc.ModelAdminStub(self._channel)
 
     async def __aenter__(self) -> AsyncRecognizerClient:
         return self
@@ -442,6 +500,20 @@ class AsyncRecognizerClient:
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    async def reject_transcript(self, utterance_id: str) -> feedback_pb.RejectTranscriptResponse:
+        request = feedback_pb.RejectTranscriptRequest(utterance_id=utterance_id)
+        try:
+            return await self._feedback.RejectTranscript(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    async def choose_alternative(self, utterance_id: str, index: int) -> feedback_pb.ChooseAlternativeResponse:
+        request = feedback_pb.ChooseAlternativeRequest(utterance_id=utterance_id, alternative_index=index)
+        try:
+            return await self._feedback.ChooseAlternative(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
     async def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
         try:
             return await self._feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(tenant=tenant),
@@ -456,12 +528,36 @@ class AsyncRecognizerClient:
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    # --- ModelAdmin (admin tokens only) ---
+
+    async def _admin_call(self, method: str, request):
+        try:
+            return await getattr(self._admin, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _voxloop_error(e, self.target) from None
+
+    async def list_models(self) -> admin_pb.ListModelsResponse:
+        return await self._admin_call("ListModels", admin_pb.ListModelsRequest())
+
+    async def activate_model(self, version: str, *, force: bool = False) -> admin_pb.ModelChange:
+        return await self._admin_call("ActivateModel", admin_pb.ActivateModelRequest(version=version, force=force))
+
+    async def rollback_model(self) -> admin_pb.ModelChange:
+        return await self._admin_call("Rollback", admin_pb.RollbackRequest())
+
+    async def pin_model(self, version: str = "") -> admin_pb.ModelChange:
+        return await self._admin_call("PinModel", admin_pb.PinModelRequest(version=version))
+
+    async def unpin_model(self) -> admin_pb.ModelChange:
+        return await self._admin_call("UnpinModel", admin_pb.UnpinModelRequest())
+
     async def transcribe_file(self, path: str | Path, *, realtime: bool = False,
-                              interim_results: bool = True) -> FileTranscript:
+                              interim_results: bool = True, max_alternatives: int = 1) -> FileTranscript:
         """As `RecognizerClient.transcribe_file`; the file is read in a worker thread."""
         audio = await asyncio.to_thread(read_audio_file, path)
         recorder = _StreamRecorder()
-        requests = _file_requests_async(audio, _config_for(audio, interim_results), recorder, realtime)
+        requests = _file_requests_async(audio, _config_for(audio, interim_results, max_alternatives), recorder,
+                                        realtime)
         async for response in self._stream(requests, self.timeout + audio.duration_s):
             recorder.on_response(response)
         return recorder.transcript(audio)

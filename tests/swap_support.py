@@ -1,0 +1,62 @@
+"""Helpers of the hot-swap tests: publish versions into a registry, wait for a server to serve one."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from server_support import noise, pcm16
+from voxloop.server.registry import CARD_FILE, Registry
+
+TOKENS_TOML = """
+[[tokens]]
+token = "root-token"
+tenant = "ops"
+user = "root"
+role = "admin"
+
+[[tokens]]
+token = "alice-token"
+tenant = "acme"
+user = "alice"
+"""
+ADMIN_TOKEN = "root-token"
+USER_TOKEN = "alice-token"
+
+
+def publish_copy(registry_root: Path, source: Path | str, version: str, *, activate: bool = True,
+                 parent: str | None = None, extra_card: dict | None = None,
+                 replace: dict[str, Path] | None = None) -> Path:
+    """Publish the files of version directory `source` (or a version name of this registry) as `version`.
+
+    The card is re-hashed by Registry.publish; `replace` swaps in other files (e.g. a corrupt model.onnx).
+    """
+    registry = Registry(registry_root)
+    source_dir = registry.version_dir(source) if isinstance(source, str) else Path(source)
+    card = json.loads((source_dir / CARD_FILE).read_text())
+    files = {name: source_dir / name for name in card["files"]}
+    files.update(replace or {})
+    kept = {k: v for k, v in card.items() if k not in ("files", "version", "created_at")}
+    kept["parent_version"] = parent if parent is not None else card.get("version")
+    kept.update(extra_card or {})
+    return registry.publish(version, files, kept, activate=activate)
+
+
+def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.02, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def audio_pcm(seconds: float, seed: int = 0) -> bytes:
+    return pcm16(noise(seconds, seed))
+
+
+__all__ = ["ADMIN_TOKEN", "TOKENS_TOML", "USER_TOKEN", "audio_pcm", "publish_copy", "wait_for"]
