@@ -91,6 +91,8 @@ class ServerConfig:
     """Longest corrected_text accepted, before normalization."""
     flag_similarity_threshold: float = 0.2
     """Corrections whose character similarity to the hypothesis is below this (0..1) are flagged."""
+    rejection_reward: float = -1.0
+    """Reward of a rejected transcript (RejectTranscript: wrong, no text given); -1 is as bad as every word wrong."""
     feedback_rate_per_s: float = 1.0
     """Per-user feedback rate (token bucket refill); past it, RESOURCE_EXHAUSTED."""
     feedback_burst: int = 30
@@ -132,6 +134,8 @@ class ServerConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 _invalid(name, "must be > 0 seconds")
+        if not -10.0 <= self.rejection_reward < 0.0:
+            _invalid("rejection_reward", "must be negative and >= -10 (-1: as many edits as the reference is long)")
         if self.max_alternatives < 1:
             _invalid("max_alternatives", "must be >= 1 (1 sends only the best transcript)")
         if self.max_utterance_s > MAX_UTTERANCE_LIMIT_S:

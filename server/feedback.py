@@ -62,7 +62,8 @@ def normalized_correction(text: str, max_chars: int) -> str:
 
 
 class FeedbackIntake:
-    """SubmitCorrection / AcceptTranscript / stats over a FeedbackStore, as one tenant's user sees them."""
+    """SubmitCorrection / AcceptTranscript / RejectTranscript / ChooseAlternative / stats over a FeedbackStore,
+    as one tenant's user sees them."""
 
     def __init__(self, config: ServerConfig, store: FeedbackStore, writer: UtteranceWriter | None,
                  rate_limiter: RateLimiter):
@@ -107,6 +108,41 @@ class FeedbackIntake:
                                              kind=FeedbackKind.ACCEPTANCE, reward=ACCEPTANCE_REWARD)
         FEEDBACK_RECEIVED.labels(kind=record.kind.value).inc()
         return FeedbackReceipt(record.id, record.reward, None, record.flagged)
+
+    def reject_transcript(self, caller: Identity, utterance_id: str) -> FeedbackReceipt:
+        """The transcript was wrong and no text was given: config.rejection_reward.
+
+        Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied.
+        """
+        self._rate_limiter.acquire((caller.tenant, caller.user))
+        self._utterance(caller, utterance_id)
+        record = self._store.submit_feedback(utterance_id, tenant=caller.tenant, user=caller.user,
+                                             kind=FeedbackKind.REJECTION, reward=self._config.rejection_reward)
+        FEEDBACK_RECEIVED.labels(kind=record.kind.value).inc()
+        return FeedbackReceipt(record.id, record.reward, None, record.flagged)
+
+    def choose_alternative(self, caller: Identity, utterance_id: str, index: int) -> FeedbackReceipt:
+        """The user picked alternative `index` of the final's n-best; its text is the receipt's normalized_text.
+
+        The reward is the shown transcript's (alternative 0, the stored hypothesis) against the chosen
+        one, as a correction to that text would give. Raises RateLimited, InvalidFeedback (no
+        alternatives were sent, or index outside them), NotFound, PermissionDenied.
+        """
+        self._rate_limiter.acquire((caller.tenant, caller.user))
+        utterance = self._utterance(caller, utterance_id)
+        alternatives = utterance.alternatives or ()
+        if not alternatives:
+            raise InvalidFeedback(f"utterance {utterance_id!r} was finalized without alternatives; recognize with "
+                                  "max_alternatives > 1 in RecognitionConfig to get n-best to choose from")
+        if not 0 <= index < len(alternatives):
+            raise InvalidFeedback(f"alternative_index {index} is outside the {len(alternatives)} alternatives of "
+                                  f"utterance {utterance_id!r} (0..{len(alternatives) - 1})")
+        chosen = alternatives[index]
+        record = self._store.submit_feedback(utterance_id, tenant=caller.tenant, user=caller.user,
+                                             kind=FeedbackKind.CHOICE, chosen_index=index,
+                                             reward=word_edit_reward(utterance.hypothesis, chosen))
+        FEEDBACK_RECEIVED.labels(kind=record.kind.value).inc()
+        return FeedbackReceipt(record.id, record.reward, chosen, record.flagged)
 
     def stats(self, caller: Identity, tenant: str = "") -> FeedbackStats:
         """The caller's tenant's counts; an admin may ask for any tenant, or all with tenant ""."""

@@ -1,7 +1,8 @@
 """The `voxloop.v1.Feedback` servicer: identity, protobuf in and out, errors to statuses; the work is in feedback.py.
 
 Status codes: UNAUTHENTICATED (no usable token), RESOURCE_EXHAUSTED (the user's feedback rate),
-INVALID_ARGUMENT (empty / over-long / unspeakable text, empty id), NOT_FOUND (unknown, dropped or
+INVALID_ARGUMENT (empty / over-long / unspeakable text, empty id; ChooseAlternative on an utterance sent
+without alternatives, or an index outside them), NOT_FOUND (unknown, dropped or
 expired utterance), PERMISSION_DENIED (another tenant's utterance or stats; DeleteUserData without role
 admin), INTERNAL (a bug, logged).
 """
@@ -78,6 +79,18 @@ class FeedbackServicer(pb_grpc.FeedbackServicer):
                                context: grpc.aio.ServicerContext) -> pb.AcceptTranscriptResponse:
         receipt = await self._call(context, lambda caller: self._intake.accept_transcript(caller, request.utterance_id))
         return pb.AcceptTranscriptResponse(feedback_id=receipt.feedback_id, reward=receipt.reward)
+
+    async def RejectTranscript(self, request: pb.RejectTranscriptRequest,
+                               context: grpc.aio.ServicerContext) -> pb.RejectTranscriptResponse:
+        receipt = await self._call(context, lambda caller: self._intake.reject_transcript(caller, request.utterance_id))
+        return pb.RejectTranscriptResponse(feedback_id=receipt.feedback_id, reward=receipt.reward)
+
+    async def ChooseAlternative(self, request: pb.ChooseAlternativeRequest,
+                                context: grpc.aio.ServicerContext) -> pb.ChooseAlternativeResponse:
+        receipt = await self._call(context, lambda caller: self._intake.choose_alternative(
+            caller, request.utterance_id, request.alternative_index))
+        return pb.ChooseAlternativeResponse(feedback_id=receipt.feedback_id, reward=receipt.reward,
+                                            chosen_text=receipt.normalized_text or "")
 
     async def GetFeedbackStats(self, request: pb.GetFeedbackStatsRequest,
                                context: grpc.aio.ServicerContext) -> pb.FeedbackStats:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19voxloop/v1/feedback.proto\x12\nvoxloop.v1\"M\n\x17SubmitCorrectionRequest\x12\x14\n\x0cutterance_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63orrected_text\x18\x02 \x01(\tJ\x04\x08\x03\x10\n\"i\n\x18SubmitCorrectionResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\x03\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x17\n\x0fnormalized_text\x18\x03 \x01(\t\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x08\"5\n\x17\x41\x63\x63\x65ptTranscriptRequest\x12\x14\n\x0cutterance_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\n\"?\n\x18\x41\x63\x63\x65ptTranscriptResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\x03\x12\x0e\n\x06reward\x18\x02 \x01(\x01\")\n\x17GetFeedbackStatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x8e\x04\n\rFeedbackStats\x12\x12\n\nutterances\x18\x01 \x01(\x03\x12\x1d\n\x15utterances_with_audio\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\x03\x12\x36\n\x07\x62y_kind\x18\x04 \x03(\x0b\x32%.voxloop.v1.FeedbackStats.ByKindEntry\x12:\n\tby_tenant\x18\x05 \x03(\x0b\x32\'.voxloop.v1.FeedbackStats.ByTenantEntry\x12G\n\x10\x62y_model_version\x18\x06 \x03(\x0b\x32-.voxloop.v1.FeedbackStats.ByModelVersionEntry\x12\x0f\n\x07pending\x18\x07 \x01(\x03\x12\x17\n\x0fpending_flagged\x18\x08 \x01(\x03\x12\x10\n\x08\x63onsumed\x18\t \x01(\x03\x12\x0f\n\x07\x66lagged\x18\n \x01(\x03\x12\x17\n\x0ftraining_cycles\x18\x0b \x01(\x03\x1a-\n\x0b\x42yKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rByTenantEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x35\n\x13\x42yModelVersionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"8\n\x15\x44\x65leteUserDataRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"N\n\x16\x44\x65leteUserDataResponse\x12\x1a\n\x12utterances_deleted\x18\x01 \x01(\x03\x12\x18\n\x10\x66\x65\x65\x64\x62\x61\x63k_deleted\x18\x02 \x01(\x03\x32\xf5\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12]\n\x10SubmitCorrection\x12#.voxloop.v1.SubmitCorrectionRequest\x1a$.voxloop.v1.SubmitCorrectionResponse\x12]\n\x10\x41\x63\x63\x65ptTranscript\x12#.voxloop.v1.AcceptTranscriptRequest\x1a$.voxloop.v1.AcceptTranscriptResponse\x12R\n\x10GetFeedbackStats\x12#.voxloop.v1.GetFeedbackStatsRequest\x1a\x19.voxloop.v1.FeedbackStats\x12W\n\x0e\x44\x65leteUserData\x12!.voxloop.v1.DeleteUserDataRequest\x1a\".voxloop.v1.DeleteUserDataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19voxloop/v1/feedback.proto\x12\nvoxloop.v1\"M\n\x17SubmitCorrectionRequest\x12\x14\n\x0cutterance_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63orrected_text\x18\x02 \x01(\tJ\x04\x08\x03\x10\n\"i\n\x18SubmitCorrectionResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\x03\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x17\n\x0fnormalized_text\x18\x03 \x01(\t\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x08\"5\n\x17\x41\x63\x63\x65ptTranscriptRequest\x12\x14\n\x0cutterance_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\n\"?\n\x18\x41\x63\x63\x65ptTranscriptResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\x03\x12\x0e\n\x06reward\x18\x02 \x01(\x01\"5\n\x17RejectTranscriptRequest\x12\x14\n\x0cutterance_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\n\"?\n\x18RejectTranscriptResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\x03\x12\x0e\n\x06reward\x18\x02 \x01(\x01\"Q\n\x18\x43hooseAlternativeRequest\x12\x14\n\x0cutterance_id\x18\x01 \x01(\t\x12\x19\n\x11\x61lternative_index\x18\x02 \x01(\x05J\x04\x08\x03\x10\n\"U\n\x19\x43hooseAlternativeResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\x03\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x13\n\x0b\x63hosen_text\x18\x03 \x01(\t\")\n\x17GetFeedbackStatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x8e\x04\n\rFeedbackStats\x12\x12\n\nutterances\x18\x01 \x01(\x03\x12\x1d\n\x15utterances_with_audio\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\x03\x12\x36\n\x07\x62y_kind\x18\x04 \x03(\x0b\x32%.voxloop.v1.FeedbackStats.ByKindEntry\x12:\n\tby_tenant\x18\x05 \x03(\x0b\x32\'.voxloop.v1.FeedbackStats.ByTenantEntry\x12G\n\x10\x62y_model_version\x18\x06 \x03(\x0b\x32-.voxloop.v1.FeedbackStats.ByModelVersionEntry\x12\x0f\n\x07pending\x18\x07 \x01(\x03\x12\x17\n\x0fpending_flagged\x18\x08 \x01(\x03\x12\x10\n\x08\x63onsumed\x18\t \x01(\x03\x12\x0f\n\x07\x66lagged\x18\n \x01(\x03\x12\x17\n\x0ftraining_cycles\x18\x0b \x01(\x03\x1a-\n\x0b\x42yKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rByTenantEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x35\n\x13\x42yModelVersionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"8\n\x15\x44\x65leteUserDataRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"N\n\x16\x44\x65leteUserDataResponse\x12\x1a\n\x12utterances_deleted\x18\x01 \x01(\x03\x12\x18\n\x10\x66\x65\x65\x64\x62\x61\x63k_deleted\x18\x02 \x01(\x03\x32\xb6\x04\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12]\n\x10SubmitCorrection\x12#.voxloop.v1.SubmitCorrectionRequest\x1a$.voxloop.v1.SubmitCorrectionResponse\x12]\n\x10\x41\x63\x63\x65ptTranscript\x12#.voxloop.v1.AcceptTranscriptRequest\x1a$.voxloop.v1.AcceptTranscriptResponse\x12R\n\x10GetFeedbackStats\x12#.voxloop.v1.GetFeedbackStatsRequest\x1a\x19.voxloop.v1.FeedbackStats\x12W\n\x0e\x44\x65leteUserData\x12!.voxloop.v1.DeleteUserDataRequest\x1a\".voxloop.v1.DeleteUserDataResponse\x12]\n\x10RejectTranscript\x12#.voxloop.v1.RejectTranscriptRequest\x1a$.voxloop.v1.RejectTranscriptResponse\x12`\n\x11\x43hooseAlternative\x12$.voxloop.v1.ChooseAlternativeRequest\x1a%.voxloop.v1.ChooseAlternativeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,20 +45,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCEPTTRANSCRIPTREQUEST']._serialized_end=280
   _globals['_ACCEPTTRANSCRIPTRESPONSE']._serialized_start=282
   _globals['_ACCEPTTRANSCRIPTRESPONSE']._serialized_end=345
-  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_start=347
-  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_end=388
-  _globals['_FEEDBACKSTATS']._serialized_start=391
-  _globals['_FEEDBACKSTATS']._serialized_end=917
-  _globals['_FEEDBACKSTATS_BYKINDENTRY']._serialized_start=768
-  _globals['_FEEDBACKSTATS_BYKINDENTRY']._serialized_end=813
-  _globals['_FEEDBACKSTATS_BYTENANTENTRY']._serialized_start=815
-  _globals['_FEEDBACKSTATS_BYTENANTENTRY']._serialized_end=862
-  _globals['_FEEDBACKSTATS_BYMODELVERSIONENTRY']._serialized_start=864
-  _globals['_FEEDBACKSTATS_BYMODELVERSIONENTRY']._serialized_end=917
-  _globals['_DELETEUSERDATAREQUEST']._serialized_start=919
-  _globals['_DELETEUSERDATAREQUEST']._serialized_end=975
-  _globals['_DELETEUSERDATARESPONSE']._serialized_start=977
-  _globals['_DELETEUSERDATARESPONSE']._serialized_end=1055
-  _globals['_FEEDBACK']._serialized_start=1058
-  _globals['_FEEDBACK']._serialized_end=1431
+  _globals['_REJECTTRANSCRIPTREQUEST']._serialized_start=347
+  _globals['_REJECTTRANSCRIPTREQUEST']._serialized_end=400
+  _globals['_REJECTTRANSCRIPTRESPONSE']._serialized_start=402
+  _globals['_REJECTTRANSCRIPTRESPONSE']._serialized_end=465
+  _globals['_CHOOSEALTERNATIVEREQUEST']._serialized_start=467
+  _globals['_CHOOSEALTERNATIVEREQUEST']._serialized_end=548
+  _globals['_CHOOSEALTERNATIVERESPONSE']._serialized_start=550
+  _globals['_CHOOSEALTERNATIVERESPONSE']._serialized_end=635
+  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_start=637
+  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_end=678
+  _globals['_FEEDBACKSTATS']._serialized_start=681
+  _globals['_FEEDBACKSTATS']._serialized_end=1207
+  _globals['_FEEDBACKSTATS_BYKINDENTRY']._serialized_start=1058
+  _globals['_FEEDBACKSTATS_BYKINDENTRY']._serialized_end=1103
+  _globals['_FEEDBACKSTATS_BYTENANTENTRY']._serialized_start=1105
+  _globals['_FEEDBACKSTATS_BYTENANTENTRY']._serialized_end=1152
+  _globals['_FEEDBACKSTATS_BYMODELVERSIONENTRY']._serialized_start=1154
+  _globals['_FEEDBACKSTATS_BYMODELVERSIONENTRY']._serialized_end=1207
+  _globals['_DELETEUSERDATAREQUEST']._serialized_start=1209
+  _globals['_DELETEUSERDATAREQUEST']._serialized_end=1265
+  _globals['_DELETEUSERDATARESPONSE']._serialized_start=1267
+  _globals['_DELETEUSERDATARESPONSE']._serialized_end=1345
+  _globals['_FEEDBACK']._serialized_start=1348
+  _globals['_FEEDBACK']._serialized_end=1914
 # @@protoc_insertion_point(module_scope)

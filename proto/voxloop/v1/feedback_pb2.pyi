@@ -40,6 +40,38 @@ class AcceptTranscriptResponse(_message.Message):
     reward: float
     def __init__(self, feedback_id: _Optional[int] = ..., reward: _Optional[float] = ...) -> None: ...
 
+class RejectTranscriptRequest(_message.Message):
+    __slots__ = ("utterance_id",)
+    UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    utterance_id: str
+    def __init__(self, utterance_id: _Optional[str] = ...) -> None: ...
+
+class RejectTranscriptResponse(_message.Message):
+    __slots__ = ("feedback_id", "reward")
+    FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    feedback_id: int
+    reward: float
+    def __init__(self, feedback_id: _Optional[int] = ..., reward: _Optional[float] = ...) -> None: ...
+
+class ChooseAlternativeRequest(_message.Message):
+    __slots__ = ("utterance_id", "alternative_index")
+    UTTERANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    utterance_id: str
+    alternative_index: int
+    def __init__(self, utterance_id: _Optional[str] = ..., alternative_index: _Optional[int] = ...) -> None: ...
+
+class ChooseAlternativeResponse(_message.Message):
+    __slots__ = ("feedback_id", "reward", "chosen_text")
+    FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    feedback_id: int
+    reward: float
+    chosen_text: str
+    def __init__(self, feedback_id: _Optional[int] = ..., reward: _Optional[float] = ..., chosen_text: _Optional[str] = ...) -> None: ...
+
 class GetFeedbackStatsRequest(_message.Message):
     __slots__ = ("tenant",)
     TENANT_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,16 @@ class FeedbackStub:
                 request_serializer=voxloop_dot_v1_dot_feedback__pb2.DeleteUserDataRequest.SerializeToString,
                 response_deserializer=voxloop_dot_v1_dot_feedback__pb2.DeleteUserDataResponse.FromString,
                 _registered_method=True)
+        self.RejectTranscript = channel.unary_unary(
+                '/voxloop.v1.Feedback/RejectTranscript',
+                request_serializer=voxloop_dot_v1_dot_feedback__pb2.RejectTranscriptRequest.SerializeToString,
+                response_deserializer=voxloop_dot_v1_dot_feedback__pb2.RejectTranscriptResponse.FromString,
+                _registered_method=True)
+        self.ChooseAlternative = channel.unary_unary(
+                '/voxloop.v1.Feedback/ChooseAlternative',
+                request_serializer=voxloop_dot_v1_dot_feedback__pb2.ChooseAlternativeRequest.SerializeToString,
+                response_deserializer=voxloop_dot_v1_dot_feedback__pb2.ChooseAlternativeResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer:
@@ -83,8 +93,22 @@ class FeedbackServicer:
     def DeleteUserData(self, request, context):
         """Admin only (PERMISSION_DENIED otherwise): delete a user's utterances, with all feedback on them,
         and all feedback the user gave. Models already trained on it are not changed.
-        Reserved for a later issue: RejectTranscript (no text, negative reward) and ChooseAlternative
-        (pick one of the n-best). Their request/response field numbers start at 1 like these.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectTranscript(self, request, context):
+        """The transcript is wrong and the user gives no text (negative feedback: the server's rejection_reward).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChooseAlternative(self, request, context):
+        """The user picked one of the n-best alternatives the final result carried (asked for with
+        RecognitionConfig.max_alternatives > 1): a preference; the chosen text acts as the reference.
+        INVALID_ARGUMENT when the utterance was finalized without alternatives or the index is outside them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +136,16 @@ def add_FeedbackServicer_to_server(servicer, server):
                     servicer.DeleteUserData,
                     request_deserializer=voxloop_dot_v1_dot_feedback__pb2.DeleteUserDataRequest.FromString,
                     response_serializer=voxloop_dot_v1_dot_feedback__pb2.DeleteUserDataResponse.SerializeToString,
+            ),
+            'RejectTranscript': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectTranscript,
+                    request_deserializer=voxloop_dot_v1_dot_feedback__pb2.RejectTranscriptRequest.FromString,
+                    response_serializer=voxloop_dot_v1_dot_feedback__pb2.RejectTranscriptResponse.SerializeToString,
+            ),
+            'ChooseAlternative': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChooseAlternative,
+                    request_deserializer=voxloop_dot_v1_dot_feedback__pb2.ChooseAlternativeRequest.FromString,
+                    response_serializer=voxloop_dot_v1_dot_feedback__pb2.ChooseAlternativeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +256,60 @@ class Feedback:
             '/voxloop.v1.Feedback/DeleteUserData',
             voxloop_dot_v1_dot_feedback__pb2.DeleteUserDataRequest.SerializeToString,
             voxloop_dot_v1_dot_feedback__pb2.DeleteUserDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectTranscript(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxloop.v1.Feedback/RejectTranscript',
+            voxloop_dot_v1_dot_feedback__pb2.RejectTranscriptRequest.SerializeToString,
+            voxloop_dot_v1_dot_feedback__pb2.RejectTranscriptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChooseAlternative(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxloop.v1.Feedback/ChooseAlternative',
+            voxloop_dot_v1_dot_feedback__pb2.ChooseAlternativeRequest.SerializeToString,
+            voxloop_dot_v1_dot_feedback__pb2.ChooseAlternativeResponse.FromString,
             options,
             channel_credentials,
             insecure,
