@@ -207,7 +207,7 @@ def _package_version() -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from voxloop.server.app import serve
+        from voxloop.server.app import open_registry, serve
         from voxloop.server.config import load_config
         from voxloop.server.logging_setup import configure_logging
         from voxloop.server.registry import RegistryError
@@ -220,8 +220,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
-    trainer = None if args.no_trainer else _start_trainer(config)
+    trainer = None
     try:
+        if not args.no_trainer:
+            open_registry(config)  # no servable model fails here, before a trainer thread starts
+            trainer = _start_trainer(config)
         serve(config)
     except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback
         raise CliError(str(e)) from e
