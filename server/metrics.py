@@ -52,6 +52,7 @@ FEEDBACK_RECEIVED = Counter("voxloop_feedback_received_total",
 # --- server: models and hot-swap ---
 
 MODEL_INFO = Info("voxloop_model", "The model version serving new streams.")
+"""Labels version and parent_version; the value is always 1 (a timeline: count by (version))."""
 MODEL_SWAPS = Counter("voxloop_model_swaps_total", "Models activated in the running server.")
 MODEL_SWAPS_REFUSED = Counter("voxloop_model_swaps_refused_total",
                               "Versions the server refused to activate (bad sha256, unloadable, failed warm-up).",
@@ -69,7 +70,8 @@ TRAINER_FEEDBACK_CONSUMED = Counter("voxloop_trainer_feedback_consumed_total",
 TRAINER_LAST_CYCLE_TIMESTAMP = Gauge("voxloop_trainer_last_cycle_timestamp_seconds",
                                      "Unix time the last training cycle finished (any outcome).")
 TRAINER_PPO = Gauge("voxloop_trainer_ppo", "PPO statistics of the last cycle's final update.", ["statistic"])
-"""statistic: reward_mean, reward_std, approx_kl, clip_fraction, entropy, kl_coef, policy_loss, ptx_loss."""
+"""statistic: reward_mean, reward_std, kl (mean per-frame KL to the reference policy, nats; alerted above 0.1),
+approx_kl (old vs new policy), clip_fraction, entropy, kl_coef, policy_loss, ptx_loss."""
 TRAINER_GATE_WER = Gauge("voxloop_trainer_gate_wer", "Gate WER (0..1) of the last cycle, by evaluation set and model.",
                          ["set", "model"])
 """set: heldout (held-out feedback) or anchor (base corpus); model: candidate or serving."""
