@@ -57,11 +57,11 @@ class DecoderFilesError(ModelFormatError):
 class BeamSettings:
     """card["decoder"]'s search knobs (trainer/lm.py DecoderSettings writes them; defaults as there)."""
 
-    lm_weight: float = 0.8
+    lm_weight: float = 1.2
     """Weight of the LM's log-probability against the acoustic log-probs."""
-    word_score: float = 1.0
+    word_score: float = -1.0
     """Score added per word (insertion bonus)."""
-    beam_size: int = 16
+    beam_size: int = 32
     """Hypotheses kept after each frame."""
     beam_size_token: int = 12
     """Tokens tried per frame (the most likely ones)."""

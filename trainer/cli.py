@@ -70,6 +70,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="an exported model.onnx (or its version directory)")
     source.add_argument("--checkpoint", type=Path, help="a torch checkpoint directory (save_pretrained)")
+    evaluate.add_argument("--decoder", choices=("greedy", "lm"), default="greedy",
+                          help="greedy best path, or the version's lexicon + LM beam search (--model only; "
+                               "card['decoder'] of the model's version directory or --decoder-dir)")
+    evaluate.add_argument("--decoder-dir", type=Path, default=None,
+                          help="version directory whose card['decoder'] and files to use (default: the model's)")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-utterance results (JSON lines)")
     evaluate.add_argument("--json", action="store_true", help="print the summary as JSON")
     evaluate.set_defaults(handler=_eval)
@@ -170,12 +175,17 @@ def _train_online(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import read_manifest
-    from .evaluate import evaluate, onnx_transcriber, torch_transcriber
+    from .evaluate import evaluate, lm_transcriber, onnx_transcriber, torch_transcriber
     from .model import VoxloopForCTC
 
+    if args.decoder == "lm" and args.model is None:
+        raise SystemExit("voxloop eval: --decoder lm needs --model (an exported version with decoder files)")
     if args.model is not None:
         onnx_path = args.model / "model.onnx" if args.model.is_dir() else args.model
-        transcribe = onnx_transcriber(onnx_path)
+        if args.decoder == "lm":
+            transcribe = lm_transcriber(onnx_path, args.decoder_dir or onnx_path.parent)
+        else:
+            transcribe = onnx_transcriber(onnx_path)
     else:
         transcribe = torch_transcriber(VoxloopForCTC.from_pretrained(args.checkpoint))
     rows = read_manifest(args.manifest)

@@ -51,11 +51,11 @@ _DISCOUNT_FALLBACK = (0.5, 1.0, 1.5)
 class DecoderSettings:
     """Beam-search knobs stored in card["decoder"]; the server reads them (server/lm_decoder.py)."""
 
-    lm_weight: float = 0.8
+    lm_weight: float = 1.2
     """Weight of the LM's natural-log probability against the acoustic log-probs (tuned on corpus/dev)."""
-    word_score: float = 1.0
+    word_score: float = -1.0
     """Score added per word: offsets the LM's bias to short outputs (tuned on corpus/dev)."""
-    beam_size: int = 16
+    beam_size: int = 32
     """Hypotheses kept after each frame."""
     beam_size_token: int = 12
     """Tokens considered per frame (the most likely ones)."""
@@ -63,7 +63,7 @@ class DecoderSettings:
     """Hypotheses scoring this much below the best are pruned."""
     sil_score: float = 0.0
     """Score added per word boundary token."""
-    order: int = 3
+    order: int = 2
     """n of the n-gram LM."""
     adapt_count_weight: int = 5
     """Each sentence of adaptation text (corrections) counts this many times when a child re-estimates."""
