@@ -71,7 +71,7 @@ TRAINER_LAST_CYCLE_TIMESTAMP = Gauge("voxloop_trainer_last_cycle_timestamp_secon
                                      "Unix time the last training cycle finished (any outcome).")
 TRAINER_PPO = Gauge("voxloop_trainer_ppo", "PPO statistics of the last cycle's final update.", ["statistic"])
 """statistic: reward_mean, reward_std, kl (mean per-frame KL to the reference policy, nats; alerted above 0.1),
-approx_kl (old vs new policy), clip_fraction, entropy, kl_coef, policy_loss, ptx_loss."""
+approx_kl (old vs new policy), clip_fraction, entropy, kl_coef, policy_loss, ptx_loss, grad_norm."""
 TRAINER_GATE_WER = Gauge("voxloop_trainer_gate_wer", "Gate WER (0..1) of the last cycle, by evaluation set and model.",
                          ["set", "model"])
 """set: heldout (held-out feedback) or anchor (base corpus); model: candidate or serving."""

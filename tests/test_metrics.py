@@ -259,3 +259,43 @@ def test_text_logs_append_structured_fields_and_configure_logging_checks_its_arg
         ServerConfig(log_format="xml")
     with pytest.raises(ValueError, match="log_level"):
         ServerConfig(log_level="loud")
+
+
+def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
+    import torch
+    from trainer_support import add_feedback, tiny_version, tone, write_corpus
+    from voxloop.server.registry import Registry
+    from voxloop.server.store import FeedbackStore
+    from voxloop.trainer.config import TrainerConfig
+    from voxloop.trainer.cycle import run_cycle
+    from voxloop.trainer.ppo import PPOConfig
+
+    torch.set_num_threads(1)
+    registry = Registry(tmp_path / "registry")
+    registry.seed_from(tiny_version(tmp_path / "tiny" / "tiny-0001", "tiny-0001"))
+    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
+    corpus = write_corpus(tmp_path / "corpus", {"train": rows, "dev": rows[:3]})
+    ppo = PPOConfig(epochs=2, minibatch_size=8, learning_rate=3e-3, replay_per_minibatch=2, samples_per_utterance=4)
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
+                           replay_pool_size=6, max_anchor_regression=1.0, ppo=ppo)
+    before = {outcome: sample("voxloop_trainer_cycles_total", outcome=outcome)
+              for outcome in ("published", "gated", "failed")}
+    cycles_timed = sample("voxloop_trainer_cycle_seconds_count")
+    consumed = sample("voxloop_trainer_feedback_consumed_total")
+    started = time.time()
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        for i, word in enumerate("abcabc"):
+            add_feedback(store, tone(word, seed=10 + i), text=word)
+        report = run_cycle(store, registry, config)
+    assert report.outcome in ("published", "gated")
+    assert sample("voxloop_trainer_cycles_total", outcome=report.outcome) == before[report.outcome] + 1
+    assert sample("voxloop_trainer_cycle_seconds_count") == cycles_timed + 1
+    assert sample("voxloop_trainer_feedback_consumed_total") == consumed + 6
+    assert sample("voxloop_trainer_last_cycle_timestamp_seconds") >= started
+    for statistic in ("reward_mean", "approx_kl", "clip_fraction", "entropy", "kl_coef", "kl"):
+        assert REGISTRY.get_sample_value("voxloop_trainer_ppo", {"statistic": statistic}) == pytest.approx(
+            report.last_step[statistic]), statistic
+    for model in ("candidate", "serving"):
+        wer = REGISTRY.get_sample_value("voxloop_trainer_gate_wer", {"set": "anchor", "model": model})
+        assert wer is not None and 0 <= wer <= 1.5
+    assert 0 <= sample("voxloop_trainer_export_parity_max_abs_diff") < 1e-2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +63,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train_online.add_argument("--no-adapt-lexicon", action="store_true",
                               help="do not teach the decoder's lexicon/LM the corrections' words")
     train_online.add_argument("--json", action="store_true", help="with --once: print the cycle report as JSON")
+    train_online.add_argument("--metrics-port", type=int, default=9401,
+                              help="Prometheus metrics port of the running trainer (0 turns it off; default 9401)")
+    train_online.add_argument("--metrics-host", default="127.0.0.1",
+                              help="address the metrics endpoint listens on (0.0.0.0 in a container)")
     train_online.set_defaults(handler=_train_online)
 
     evaluate = subparsers.add_parser("eval", help="WER/CER of a model on a manifest")
@@ -81,7 +85,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # As for `voxloop serve`: $VOXLOOP_LOG_FORMAT (text|json) and $VOXLOOP_LOG_LEVEL (the image sets json).
+    from voxloop.server.logging_setup import configure_logging
+
+    configure_logging(os.environ.get("VOXLOOP_LOG_LEVEL", "info"), os.environ.get("VOXLOOP_LOG_FORMAT", "text"))
 
 
 def _pretrain_corpus(args: argparse.Namespace) -> int:
@@ -148,6 +155,7 @@ def _train_online(args: argparse.Namespace) -> int:
         print(f"voxloop train: error: {e}", file=sys.stderr)
         return 2
     loop = TrainerLoop(config)
+    metrics = None
     try:
         if args.once:
             report = loop.run_once()
@@ -164,6 +172,10 @@ def _train_online(args: argparse.Namespace) -> int:
             return 0
         import signal
 
+        from voxloop.server.metrics import start_metrics_server
+
+        # The standalone trainer's own endpoint (in `voxloop serve` its metrics share the server's).
+        metrics = start_metrics_server(args.metrics_port, args.metrics_host) if args.metrics_port else None
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: loop.stop())
@@ -171,6 +183,8 @@ def _train_online(args: argparse.Namespace) -> int:
         return 0
     finally:
         loop.close()
+        if metrics is not None:
+            metrics.stop()
 
 
 def _eval(args: argparse.Namespace) -> int:
