@@ -3,8 +3,9 @@
     .venv/bin/python bench/decoder.py --version-dir models/base --manifest corpus/dev.jsonl --limit 200
 
 The model's log-probs of each utterance are computed first (not timed); then each decoder is fed
-them in the server's chunks (chunk_frames frames per feed, as RecognitionStream does) and closed
-with final_hypotheses(max_alternatives). Reported per decoder: feed time per chunk (p50/p95/mean),
+them in the server's chunks (chunk_frames frames per feed, as RecognitionStream does), asked for the
+interim hypothesis after each, and closed with final_hypotheses(max_alternatives). Reported per
+decoder: feed + interim time per chunk (p50/p95),
 time of the final (p50/p95), and the total decode time per second of audio. One thread, on the
 machine as it is: other load shows in the figures.
 """
@@ -33,6 +34,7 @@ def measure(make_decoder, utterances: list[np.ndarray], chunk_frames: int, frame
         for start in range(0, len(log_probs), chunk_frames):
             began = time.perf_counter()
             decoder.feed(log_probs[start : start + chunk_frames], start * frame_shift_s)
+            decoder.hypothesis()  # the interim result the server sends after every chunk (interim_results)
             chunk_ms.append((time.perf_counter() - began) * 1000)
         began = time.perf_counter()
         decoder.final_hypotheses(max_alternatives)

@@ -33,14 +33,18 @@ class WordTiming:
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """The best path so far: complete words (never change) and the word still being spelled."""
+    """The best path so far: complete words that never change, complete words a beam search may still
+    revise, and the word still being spelled."""
 
     stable: tuple[WordTiming, ...] = ()
     tentative: WordTiming | None = None
+    unstable: tuple[WordTiming, ...] = ()
+    """Complete words after the stable ones that may still change (a beam search's; greedy: none)."""
 
     @property
     def words(self) -> tuple[WordTiming, ...]:
-        return self.stable if self.tentative is None else (*self.stable, self.tentative)
+        words = (*self.stable, *self.unstable)
+        return words if self.tentative is None else (*words, self.tentative)
 
     @property
     def transcript(self) -> str:

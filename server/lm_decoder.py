@@ -7,10 +7,12 @@ makes one `LexiconLmDecoder` per utterance (the beam state: a few KB).
 
 Streaming trade-off (measured in docs/benchmarks.md): the beam search advances with every chunk
 (`decode_step` on the chunk's frames), so its cost is spread over the utterance and the final only
-pays for closing the beam; interim results and the endpointer read a greedy decoder that runs beside
-it, because the beam's best hypothesis can still change its last words until the endpoint and a
-partial word has no lexicon entry yet. The final comes from the beam: n-best, each with word timings
-and confidences taken along its own CTC path, exactly as the greedy decoder computes them.
+pays for closing the beam. Interim results read the beam's best path: its words on which every live
+hypothesis agrees are stable (they cannot change: all later hypotheses descend from live ones), the
+later complete words are unstable, the word being spelled tentative. The endpointer reads a greedy
+decoder that runs beside the beam (trailing blank frames of the best path, cheap). The final comes
+from the beam: n-best, each with word timings and confidences taken along its own CTC path, exactly
+as the greedy decoder computes them.
 
 The model's word separator (" ") is the lexicon's word-boundary token "|"; every spelling ends with
 it, so a word is complete only when a separator follows it. At the endpoint one forced separator
@@ -210,7 +212,21 @@ class LexiconLmDecoder:
         self._greedy.feed(emissions, first_frame_s)
 
     def hypothesis(self) -> Hypothesis:
-        return self._greedy.hypothesis()
+        """The beam's best path so far. Its complete words that every live hypothesis shares are stable:
+        every later hypothesis descends from a live one, so the final starts with them too."""
+        frames = self._greedy.frames
+        results = self._search.get_all_final_hypothesis() if frames else []
+        if not results:
+            return Hypothesis()
+        best = self._path_hypothesis(np.asarray(results[0].tokens[1 : frames + 1]), np.concatenate(self._chunks),
+                                     finalize=False)
+        word_ids = [[w for w in r.words if w >= 0] for r in results]
+        agreed = 0
+        while agreed < len(word_ids[0]) and all(len(w) > agreed and w[agreed] == word_ids[0][agreed]
+                                                for w in word_ids[1:]):
+            agreed += 1
+        complete = best.stable
+        return Hypothesis(complete[:agreed], best.tentative, complete[agreed:])
 
     def final_hypotheses(self, max_alternatives: int) -> tuple[Hypothesis, ...]:
         """Close the beam (one forced separator frame ends the last word) and read up to max_alternatives."""
@@ -236,12 +252,12 @@ class LexiconLmDecoder:
                 break
         return tuple(hypotheses) or (self._greedy.hypothesis().finalized(),)
 
-    def _path_hypothesis(self, path: np.ndarray, log_probs: np.ndarray) -> Hypothesis:
+    def _path_hypothesis(self, path: np.ndarray, log_probs: np.ndarray, *, finalize: bool = True) -> Hypothesis:
         """Words, timings and confidences along one CTC path (T,), as the greedy decoder gives them."""
         collapse = CtcGreedyDecoder(self._factory.vocabulary, self._factory.frame_shift_s)
         path = np.where(path < 0, BLANK_ID, path)
         collapse.feed_path(path, np.exp(log_probs[np.arange(len(path)), path]), self._first_frame_s or 0.0)
-        return collapse.hypothesis().finalized()
+        return collapse.hypothesis().finalized() if finalize else collapse.hypothesis()
 
 
 def lm_decoder_paths(card: dict, version_dir: Path, overrides: dict | None = None) -> tuple[Path, Path, BeamSettings]:

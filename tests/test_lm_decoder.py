@@ -168,11 +168,27 @@ def test_n_best_alternatives_are_distinct_and_best_first(tmp_path):
     assert len(beam_decode(make, log_probs, n=1)) == 1
 
 
-def test_the_interim_hypothesis_is_the_greedy_one_and_the_endpointer_sees_its_blanks(tmp_path):
+def test_interim_stable_words_never_change_and_begin_the_final(tmp_path):
+    decoder = factory(decoder_files(tmp_path))()
+    log_probs = spelled("the dog sat on the mat", confusion={4: ("b", 0.45), 9: ("m", 0.4), 16: ("c", 0.45)})
+    stable_seen: list[list[str]] = []
+    for start in range(0, len(log_probs), 3):
+        decoder.feed(log_probs[start : start + 3], start * FRAME_SHIFT_S)
+        interim = decoder.hypothesis()
+        stable = [w.word for w in interim.stable]
+        assert interim.transcript.split()[: len(stable)] == stable
+        assert not stable_seen or stable[: len(stable_seen[-1])] == stable_seen[-1]  # only ever grows
+        stable_seen.append(stable)
+    assert stable_seen[-1]  # the beam agreed on some words before the end
+    final = decoder.final_hypotheses(1)[0]
+    assert final.transcript == "the dog sat on the mat"
+    assert final.transcript.split()[: len(stable_seen[-1])] == stable_seen[-1]
+
+
+def test_the_endpointer_reads_the_greedy_best_path(tmp_path):
     decoder = factory(decoder_files(tmp_path))()
     log_probs = spelled("the kat")
     decoder.feed(log_probs, 0.0)
-    assert decoder.hypothesis().transcript == "the kat"  # interim: no lexicon yet
     assert decoder.has_output and decoder.trailing_blank_frames == 2 and decoder.frames == len(log_probs)
     assert decoder.final_hypotheses(1)[0].transcript == "the cat"
 
