@@ -260,7 +260,8 @@ def decoder_card(parent_card: dict) -> dict | None:
     section = parent_card.get("decoder")
     if not section:
         return None
-    child = {k: v for k, v in section.items() if k not in ("adapted_sentences", "source")}
+    # Provenance that describes the parent's files, not the child's, stays behind.
+    child = {k: v for k, v in section.items() if k not in ("adapted_sentences", "source", "rebuild", "evaluation_note")}
     child["source"] = f"adapted from {parent_card.get('version', 'the parent')}"
     return child
 
