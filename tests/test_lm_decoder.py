@@ -37,7 +37,8 @@ from voxloop.trainer.lm import (
 VOCABULARY = ("", " ", "'", *"abcdefghijklmnopqrstuvwxyz", "")
 FRAME_SHIFT_S = 0.04
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "the cat ran"]
-SETTINGS = BeamSettings(lm_weight=1.0, word_score=0.0, beam_size=32, beam_size_token=10, beam_threshold=30.0)
+SETTINGS = BeamSettings(lm_weight=1.0, word_score=0.0, beam_size=32, beam_size_token=10, beam_threshold=30.0,
+                        stable_check_frames=3)
 
 
 def spelled(text: str, *, confusion: dict[int, tuple[str, float]] | None = None, peak: float = 0.9) -> np.ndarray:
