@@ -28,6 +28,7 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("voxloop
 # Attributes every LogRecord has: anything else on a record came from `extra=` and is a structured field.
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_OURS = "_voxloop_handler"  # marks the handler configure_logging installed
 
 
 def structured_fields(record: logging.LogRecord) -> dict[str, object]:
@@ -79,19 +80,27 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "info", log_format: str = "text", stream: TextIO | None = None) -> logging.Handler:
-    """Replace the root logger's handlers with one that writes `log_format` lines at `level` to stream (stderr)."""
+def configure_logging(level: str = "info", log_format: str = "text",
+                      stream: TextIO | None = None) -> logging.Handler | None:
+    """Log `log_format` lines at `level` to stream (stderr) from the root logger; returns the handler.
+
+    Like logging.basicConfig, it leaves logging alone (returns None) when someone else already gave
+    the root logger a handler (an application embedding the CLI, or pytest running it in-process);
+    a second call replaces the handler of the first.
+    """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}; got {log_format!r}")
     if level.lower() not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
+    if any(not getattr(h, _OURS, False) for h in root.handlers):
+        return None
     for old in list(root.handlers):
         root.removeHandler(old)
-        old.close()
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    setattr(handler, _OURS, True)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     return handler
