@@ -1,99 +1,293 @@
-"""Text-side adaptation on and off: what the decoder gains from corrections' texts (adapt_decoder_files).
+"""Adaptation bench: what feedback on a new domain does to domain WER, target words and the anchor.
 
-    .venv/bin/python bench/adaptation.py --version-dir models/base --corpus corpus --corrected 100
+    .venv/bin/python bench/adaptation.py [--arms ppo+sft,sft,ppo,reject:ppo,choice:ppo]
+        [--points 0,16,32,64,128] [--scenario runs/scenario] [--corpus corpus] [--out runs/bench-adaptation]
 
-Simulates users correcting the first `--corrected` utterances of corpus/test (their reference texts
-become the corrections), adapts the version's lexicon + LM with them (trainer.lm.adapt_decoder_files,
-as the trainer does when it publishes), and decodes, with the parent's decoder files and with the
-adapted ones:
-- the same sentences read by the held-out flite voice (a corrected phrase said again by someone else);
-- the remaining test sentences, never corrected (adaptation must not hurt them);
-- words of the corrected sentences missing from the parent lexicon: how many are now recognized.
-The acoustic model is the same throughout: only the decoder files change.
+The scenario is trainer/scenario.py's (built into --scenario on first use): a warehouse domain of
+product and place names no base transcript has, read by voices held out of base training; a feedback
+stream (144 utterances), a held-out domain test (80) and an anchor (60 utterances of the base corpus's
+own test split).
+
+Each arm gets a fresh data dir (registry seeded with the shipped model, empty store) and its own
+`voxloop serve` subprocess on loopback, and is driven only through the public API and CLI:
+1. measure: transcribe the domain test and the anchor (StreamingRecognize) and score the finals:
+   domain WER, target-word accuracy, anchor WER;
+2. feedback, in batches of 16: stream the next 16 feedback utterances and send, per arm kind,
+   - `OBJECTIVE` (correction): SubmitCorrection with the reference text;
+   - `reject:OBJECTIVE`: RejectTranscript for every transcript that is not exactly right (nothing else);
+   - `choice:OBJECTIVE`: the final's n-best (max_alternatives 4); ChooseAlternative of the alternative
+     closest to the reference (a user picking what they said), for every utterance with alternatives;
+3. cycle: `voxloop train --once --objective OBJECTIVE` on the arm's data dir (the public training
+   command; the server runs with --no-trainer so each batch is exactly one cycle), then wait until the
+   server serves the published version (its registry watcher hot-swaps it); a gated cycle keeps it;
+4. re-measure when the feedback sent so far is one of --points.
+
+Reported per arm and point: domain WER, target-word accuracy, anchor WER, the cycles' outcomes;
+per arm: seconds per cycle (the trainer's own `total`, and the `voxloop train` process wall clock
+including its start), peak RSS of the trainer process and of the server. Writes results.json and
+adaptation.png (matplotlib) to --out, and prints markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from voxloop.server.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
-from voxloop.server.model import OnnxModel
-from voxloop.server.registry import CARD_FILE, MODEL_FILE
-from voxloop.trainer.data import read_manifest
-from voxloop.trainer.evaluate import error_rates, load_samples, onnx_log_probs
-from voxloop.trainer.lm import LEXICON_FILE, LM_FILE, adapt_decoder_files
+from voxloop.clients.client import RecognizerClient
+from voxloop.clients.demo import (
+    USERS,
+    Scores,
+    ServerProcess,
+    run_train_once,
+    score,
+    transcribe_all,
+    user_token,
+    wait_for_version,
+)
+from voxloop.trainer.evaluate import error_rates
+from voxloop.trainer.scenario import ScenarioConfig, build_scenario, load_scenario
+
+OBJECTIVES = ("ppo", "sft", "ppo+sft")
+KINDS = ("correct", "reject", "choice")
+DEFAULT_ARMS = ("ppo+sft", "sft", "ppo", "reject:ppo", "choice:ppo")
+DEFAULT_POINTS = (0, 16, 32, 64, 128)
+BATCH = 16
+"""Feedback items per training cycle (issue #5)."""
+CHOICE_ALTERNATIVES = 4
+SWAP_TIMEOUT_S = 120.0
 
 
-def decode_all(factory: LexiconLmDecoderFactory, utterances: list[np.ndarray]) -> list[str]:
-    transcripts = []
-    for log_probs in utterances:
-        decoder = factory()
-        decoder.feed(log_probs, 0.0)
-        transcripts.append(decoder.final_hypotheses(1)[0].transcript)
-    return transcripts
+@dataclass(frozen=True)
+class Arm:
+    kind: str
+    """correct, reject or choice: the feedback users give."""
+    objective: str
+
+    @classmethod
+    def parse(cls, text: str) -> Arm:
+        kind, _, objective = text.rpartition(":")
+        kind = kind or "correct"
+        if kind not in KINDS or objective not in OBJECTIVES:
+            raise argparse.ArgumentTypeError(f"arm {text!r}: expected OBJECTIVE or KIND:OBJECTIVE with KIND in "
+                                             f"{KINDS[1:]} and OBJECTIVE in {OBJECTIVES}")
+        return cls(kind, objective)
+
+    @property
+    def name(self) -> str:
+        return self.objective if self.kind == "correct" else f"{self.kind}:{self.objective}"
+
+    @property
+    def label(self) -> str:
+        return {"correct": "corrections", "reject": "rejections only", "choice": "choices only"}[self.kind] + \
+            f", {self.objective}"
 
 
-def new_word_recall(references: list[str], hypotheses: list[str], new_words: set[str]) -> tuple[int, int]:
-    """(occurrences of new words recognized, occurrences in the references), bag-of-words per utterance."""
-    found = total = 0
-    for reference, hypothesis in zip(references, hypotheses, strict=True):
-        said = hypothesis.split()
-        for word in reference.split():
-            if word in new_words:
-                total += 1
-                if word in said:
-                    found += 1
-                    said.remove(word)
-    return found, total
+@dataclass
+class Point:
+    feedback: int
+    """Feedback items sent before this measurement."""
+    version: str
+    domain: Scores
+    anchor: Scores
 
 
-def main() -> int:
+@dataclass
+class ArmResult:
+    arm: str
+    points: list[Point] = field(default_factory=list)
+    cycles: list[dict] = field(default_factory=list)
+    """Per cycle: outcome, version_out, trainer seconds, process wall seconds, peak RSS (MiB), gate figures."""
+    server_peak_rss_mib: float | None = None
+    skipped_feedback: int = 0
+    """Utterances of the stream that got no feedback (a rejection arm's exactly-right transcripts)."""
+
+
+def measure(target: str, scenario, feedback: int) -> Point:
+    domain = transcribe_all(target, [u.path for u in scenario.test])
+    anchor = transcribe_all(target, [u.path for u in scenario.anchor])
+    versions = {r.model_version for r in domain + anchor}
+    return Point(feedback, ",".join(sorted(versions)),
+                 score([u.text for u in scenario.test], [r.transcript for r in domain]),
+                 score([u.text for u in scenario.anchor], [r.transcript for r in anchor]))
+
+
+def send_feedback(client: RecognizerClient, arm: Arm, heard, utterance) -> bool:
+    """Give the feedback the arm's users give on one final result; False when they give none."""
+    if arm.kind == "correct":
+        client.submit_correction(heard.utterance_id, utterance.text)
+        return True
+    if arm.kind == "reject":
+        if heard.transcript == utterance.text:
+            return False
+        client.reject_transcript(heard.utterance_id)
+        return True
+    if len(heard.alternatives) < 2:
+        return False
+    wers = [error_rates([utterance.text], [a]).wer for a in heard.alternatives]
+    client.choose_alternative(heard.utterance_id, wers.index(min(wers)))
+    return True
+
+
+def run_arm(arm: Arm, scenario, points: tuple[int, ...], home: Path, corpus: Path | None) -> ArmResult:
+    result = ArmResult(arm.name)
+    with ServerProcess(home, in_process_trainer=False) as server:
+        server.wait_ready()
+        result.points.append(measure(server.target, scenario, 0))
+        _print_point(arm, result.points[-1])
+        stream = list(enumerate(scenario.feedback))
+        sent = 0
+        clients = [RecognizerClient(server.target, token=user_token(u)) for u in range(USERS)]
+        try:
+            while sent < max(points):
+                batch_sent = 0
+                while batch_sent < BATCH:
+                    if not stream:
+                        raise RuntimeError(f"the feedback stream ran out at {sent} items; build a longer scenario")
+                    chunk, stream = stream[: BATCH - batch_sent], stream[BATCH - batch_sent:]
+                    for user in range(USERS):  # utterance k is user k % USERS's: they stream it and judge it
+                        mine = [u for k, u in chunk if k % USERS == user]
+                        heard = transcribe_all(server.target, [u.path for u in mine], token=user_token(user),
+                                               max_alternatives=CHOICE_ALTERNATIVES if arm.kind == "choice" else 1)
+                        for final, utterance in zip(heard, mine, strict=True):
+                            if send_feedback(clients[user], arm, final, utterance):
+                                batch_sent += 1
+                            else:
+                                result.skipped_feedback += 1
+                sent += batch_sent
+                run = run_train_once(home, objective=arm.objective, corpus_dir=corpus)
+                report = run.report
+                if report.get("outcome") == "published":
+                    wait_for_version(server.target, report["version_out"], SWAP_TIMEOUT_S)
+                result.cycles.append({
+                    "feedback": sent, "outcome": report.get("outcome"), "version_out": report.get("version_out"),
+                    "trainer_s": report.get("seconds", {}).get("total"), "process_s": round(run.wall_s, 1),
+                    "peak_rss_mib": round(run.peak_rss_mib, 1), "gate": report.get("gate"),
+                })
+                print(f"  [{arm.name}] cycle at {sent} feedback: {report.get('outcome')} "
+                      f"{report.get('version_out') or ''} ({run.wall_s:.0f} s, {run.peak_rss_mib:.0f} MiB)",
+                      flush=True)
+                if sent in points:
+                    result.points.append(measure(server.target, scenario, sent))
+                    _print_point(arm, result.points[-1])
+        finally:
+            for client in clients:
+                client.close()
+        result.server_peak_rss_mib = server.peak_rss_mib()
+    return result
+
+
+def _print_point(arm: Arm, point: Point) -> None:
+    print(f"  [{arm.name}] {point.feedback:3d} feedback: domain WER {point.domain.wer:.1%}, target words "
+          f"{point.domain.target_accuracy:.1%}, anchor WER {point.anchor.wer:.1%} ({point.version})", flush=True)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def tables(results: list[ArmResult], points: tuple[int, ...]) -> list[str]:
+    lines = ["| arm | " + " | ".join(f"{p} fb: domain WER / target acc / anchor WER" for p in points) + " |",
+             "|---|" + "---|" * len(points)]
+    for result in results:
+        by_point = {p.feedback: p for p in result.points}
+        cells = [f"{by_point[p].domain.wer:.1%} / {by_point[p].domain.target_accuracy:.1%} / "
+                 f"{by_point[p].anchor.wer:.1%}" if p in by_point else "-" for p in points]
+        lines.append(f"| {result.arm} | " + " | ".join(cells) + " |")
+    lines += ["", "| arm | domain WER change at the last point | anchor WER change | cycles published/gated | "
+                  "s per cycle (trainer / process) | peak trainer RSS | peak server RSS |",
+              "|---|---|---|---|---|---|---|"]
+    for result in results:
+        first, last = result.points[0], result.points[-1]
+        relative = (last.domain.wer - first.domain.wer) / first.domain.wer if first.domain.wer else float("nan")
+        published = sum(c["outcome"] == "published" for c in result.cycles)
+        trainer_s = [c["trainer_s"] for c in result.cycles if c["trainer_s"] is not None]
+        process_s = [c["process_s"] for c in result.cycles]
+        rss = max((c["peak_rss_mib"] for c in result.cycles), default=float("nan"))
+        lines.append(
+            f"| {result.arm} | {relative:+.1%} relative ({first.domain.wer:.1%} -> {last.domain.wer:.1%}, "
+            f"{last.feedback} fb) | {100 * (last.anchor.wer - first.anchor.wer):+.1f} points | "
+            f"{published}/{len(result.cycles) - published} | "
+            f"{_mean(trainer_s):.0f} / {_mean(process_s):.0f} | {rss:.0f} MiB | "
+            f"{result.server_peak_rss_mib or float('nan'):.0f} MiB |")
+    return lines
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def plot(results: list[ArmResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for result in results:
+        xs = [p.feedback for p in result.points]
+        axes[0].plot(xs, [100 * p.domain.wer for p in result.points], marker="o", label=result.arm)
+        axes[1].plot(xs, [100 * p.domain.target_accuracy for p in result.points], marker="o", label=result.arm)
+        axes[2].plot(xs, [100 * p.anchor.wer for p in result.points], marker="o", label=result.arm)
+    for axis, title in zip(axes, ("domain-test WER (%)", "target-word accuracy (%)", "anchor WER (%)"), strict=True):
+        axis.set_title(title)
+        axis.set_xlabel("feedback items")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("voxloop adaptation: warehouse domain, held-out voices (bench/adaptation.py)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--version-dir", type=Path, default=Path("models/base"))
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"))
-    parser.add_argument("--corrected", type=int, default=100, help="test sentences whose text becomes corrections")
-    parser.add_argument("--uncorrected", type=int, default=200, help="other test sentences decoded as a control")
-    args = parser.parse_args()
-    card = json.loads((args.version_dir / CARD_FILE).read_text())
-    spec = OnnxModel(args.version_dir / MODEL_FILE).spec
-    forward, _ = onnx_log_probs(args.version_dir / MODEL_FILE)
-    test = read_manifest(args.corpus / "test.jsonl")
-    corrected = test[: args.corrected]
-    texts = {r["text"] for r in corrected}
-    heard_again = [r for r in read_manifest(args.corpus / "test_heldout_flite.jsonl") if r["text"] in texts]
-    control = [r for r in test[args.corrected :] if r["text"] not in texts][: args.uncorrected]
-    sets = {"corrected sentences, held-out flite voice": heard_again, "uncorrected test sentences": control}
-    log_probs = {name: [forward(load_samples(args.corpus / r["path"])) for r in rows] for name, rows in sets.items()}
-    parent_lexicon = {line.split()[0] for line in (args.version_dir / LEXICON_FILE).read_text().splitlines()}
-    new_words = {w for t in texts for w in t.split()} - parent_lexicon
-    with tempfile.TemporaryDirectory() as tmp:
-        adapted = adapt_decoder_files(args.version_dir, [r["text"] for r in corrected], Path(tmp))
-        _, _, settings = lm_decoder_paths(card, args.version_dir)
-        factories = {
-            "off (parent's decoder files)": LexiconLmDecoderFactory(
-                spec.vocabulary, spec.frame_shift_s, args.version_dir / LEXICON_FILE, args.version_dir / LM_FILE,
-                settings),
-            "on (adapted with the corrections)": LexiconLmDecoderFactory(
-                spec.vocabulary, spec.frame_shift_s, adapted[LEXICON_FILE], adapted[LM_FILE], settings),
-        }
-        print(f"{len(corrected)} corrected test sentences ({len(new_words)} words new to the lexicon); "
-              f"decoder settings {settings}")
-        print("| adaptation | set | utterances | WER | CER | new words recognized |")
-        print("|---|---|---|---|---|---|")
-        for adaptation, factory in factories.items():
-            for name, rows in sets.items():
-                hypotheses = decode_all(factory, log_probs[name])
-                references = [r["text"] for r in rows]
-                summary = error_rates(references, hypotheses)
-                found, total = new_word_recall(references, hypotheses, new_words)
-                print(f"| {adaptation} | {name} | {summary.utterances} | {summary.wer:.1%} | {summary.cer:.1%} | "
-                      f"{found}/{total} |")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help="comma-separated: OBJECTIVE (corrections) or reject:OBJECTIVE / choice:OBJECTIVE")
+    parser.add_argument("--points", default=",".join(map(str, DEFAULT_POINTS)),
+                        help="feedback counts to measure at (multiples of 16, 0 first)")
+    parser.add_argument("--scenario", type=Path, default=Path("runs/scenario"), help="scenario dir (built if missing)")
+    parser.add_argument("--corpus", type=Path, default=Path("corpus"),
+                        help="base corpus for the trainer's anchor and replay (missing: it synthesizes a small one)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-adaptation"))
+    parser.add_argument("--feedback-utterances", type=int, default=ScenarioConfig.feedback_utterances)
+    parser.add_argument("--test-utterances", type=int, default=ScenarioConfig.test_utterances)
+    parser.add_argument("--anchor-utterances", type=int, default=ScenarioConfig.anchor_utterances)
+    args = parser.parse_args(argv)
+    arms = [Arm.parse(a.strip()) for a in args.arms.split(",") if a.strip()]
+    points = tuple(sorted({int(p) for p in args.points.split(",")}))
+    if points[0] != 0 or any(p % BATCH for p in points):
+        parser.error(f"--points must start at 0 and be multiples of {BATCH}")
+    logging.basicConfig(level=logging.WARNING)
+
+    scenario_config = ScenarioConfig(out_dir=args.scenario, feedback_utterances=args.feedback_utterances,
+                                     test_utterances=args.test_utterances, anchor_utterances=args.anchor_utterances)
+    scenario = load_scenario(build_scenario(scenario_config))
+    corpus = args.corpus if (args.corpus / "train.jsonl").is_file() else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"scenario {args.scenario}: {len(scenario.feedback)} feedback, {len(scenario.test)} test, "
+          f"{len(scenario.anchor)} anchor utterances; corpus {corpus or '(trainer fallback)'}; "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
+    results = []
+    for arm in arms:
+        home = args.out / "homes" / arm.name.replace(":", "-").replace("+", "-")
+        shutil.rmtree(home, ignore_errors=True)
+        started = time.monotonic()
+        print(f"arm {arm.name} ({arm.label}), data dir {home}", flush=True)
+        results.append(run_arm(arm, scenario, points, home, corpus.resolve() if corpus else None))
+        print(f"arm {arm.name} done in {time.monotonic() - started:.0f} s", flush=True)
+        (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
+        plot(results, args.out / "adaptation.png")
+    print("\nFor docs/benchmarks.md:\n")
+    print("\n".join(tables(results, points)))
+    print(f"\nplot: {args.out / 'adaptation.png'}; results: {args.out / 'results.json'}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

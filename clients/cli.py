@@ -12,6 +12,7 @@
     voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
     voxloop train [--once] [--objective ppo|sft|ppo+sft] [--data-dir DIR] [--store URL] [--registry DIR]
+    voxloop demo [--home DIR] [--feedback N] [--test N] [--trainer inprocess|once]   (clients/demo.py)
 
 The composition root: it imports server and trainer code only inside the commands that need them,
 so the client-only install (no torch, no onnxruntime) has a working CLI. Only this module prints.
@@ -32,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .client import DEFAULT_SERVER, DEFAULT_TIMEOUT_S, RecognizerClient, VoxloopError
+from .demo import add_subcommand as add_demo_subcommand
 
 PROG = "voxloop"
 EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE = 0, 1, 2
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(handler=_feedback_delete_user)
 
     _add_trainer_commands(commands)
+    add_demo_subcommand(commands)  # clients/demo.py imports server/trainer code only when it runs
     return parser
 
 
