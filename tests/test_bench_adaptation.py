@@ -1,0 +1,46 @@
+"""bench/adaptation.py: arm names, and the report it prints for docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_PATH = Path(__file__).resolve().parent.parent / "bench" / "adaptation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_adaptation", BENCH_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arms_name_an_objective_and_optionally_a_feedback_kind(bench):
+    assert bench.Arm.parse("ppo+sft") == bench.Arm("correct", "ppo+sft")
+    assert bench.Arm.parse("reject:ppo") == bench.Arm("reject", "ppo")
+    assert bench.Arm.parse("choice:ppo").name == "choice:ppo"
+    for bad in ("dpo", "shout:ppo", "choice:"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected OBJECTIVE or KIND:OBJECTIVE"):
+            bench.Arm.parse(bad)
+
+
+def test_report_gives_relative_domain_change_and_absolute_anchor_change(bench):
+    def point(feedback, domain_wer, anchor_wer):
+        return bench.Point(feedback, "v", bench.Scores(80, domain_wer, 0.5), bench.Scores(60, anchor_wer, None))
+
+    result = bench.ArmResult("ppo+sft", [point(0, 0.60, 0.46), point(128, 0.30, 0.465)],
+                             [{"outcome": "published", "trainer_s": 40.0, "process_s": 60.0, "peak_rss_mib": 1500.0},
+                              {"outcome": "gated", "trainer_s": 20.0, "process_s": 40.0, "peak_rss_mib": 1600.0}],
+                             server_peak_rss_mib=900.0)
+    lines = bench.tables([result], (0, 128))
+
+    assert "| ppo+sft | 60.0% / 50.0% / 46.0% | 30.0% / 50.0% / 46.5% |" in lines
+    summary = next(line for line in lines if line.startswith("| ppo+sft | -50.0% relative"))
+    assert "+0.5 points" in summary and "| 1/1 |" in summary and "| 30 / 50 |" in summary
+    assert "1600 MiB" in summary and "900 MiB" in summary
