@@ -11,7 +11,7 @@ from trainer_support import add_feedback, speech, tiny_version, tone, write_corp
 from voxloop.server.registry import Registry
 from voxloop.server.store import FeedbackKind, FeedbackStore
 from voxloop.trainer.config import TrainerConfig
-from voxloop.trainer.cycle import child_version_name, is_heldout, run_cycle
+from voxloop.trainer.cycle import child_version_name, is_heldout, lineage_base, run_cycle
 from voxloop.trainer.evaluate import EvalSummary
 from voxloop.trainer.gate import decide
 from voxloop.trainer.ppo import PPOConfig
@@ -94,6 +94,11 @@ def test_gate_rules_on_figures():
                           anchor_serving=s(0.50), max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True)
     assert not worse_anchor.passed and "anchor WER rose" in worse_anchor.reasons[0]
     assert worse_anchor.heldout_wer_candidate is None
+    drifted = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.525), anchor_serving=s(0.52),
+                     max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True, anchor_base=s(0.50),
+                     max_total_anchor_regression=0.02)
+    assert not drifted.passed and "above the base version" in drifted.reasons[0]  # small steps may not add up
+    assert drifted.anchor_wer_base == 0.50
     no_parity = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=None, anchor_serving=None,
                        max_anchor_regression=0.01, parity_max_abs_diff=0.5, parity_ok=False)
     assert not no_parity.passed and "parity" in no_parity.reasons[0]
@@ -143,6 +148,7 @@ def test_a_cycle_raises_the_mean_reward_and_publishes_a_version(tmp_path, tiny_v
         assert report.reward_after["sampled"] > report.reward_before["sampled"] + 0.2
         assert report.reward_after["greedy"] > report.reward_before["greedy"]
         assert registry.current_version() == report.version_out == "tiny-0001-c0001"
+        assert lineage_base(registry, report.version_out) == "tiny-0001"
         card = registry.verify(report.version_out)
         assert card["parent_version"] == "tiny-0001"
         assert sorted(card["training"]["trained_feedback_ids"]) == sorted(ids)

@@ -60,6 +60,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train_online.add_argument("--min-feedback", type=int, default=None, help="items that start a cycle (default 64)")
     train_online.add_argument("--max-wait-s", type=float, default=None,
                               help="seconds after which any pending item starts a cycle (default 600)")
+    train_online.add_argument("--threads", type=int, default=None,
+                              help="torch intra-op threads (default 1, as inside `voxloop serve`)")
     train_online.add_argument("--no-adapt-lexicon", action="store_true",
                               help="do not teach the decoder's lexicon/LM the corrections' words")
     train_online.add_argument("--json", action="store_true", help="with --once: print the cycle report as JSON")
@@ -134,7 +136,7 @@ def trainer_config_from_args(args: argparse.Namespace, environ=None):
     data_dir = args.data_dir or (Path(environ["VOXLOOP_HOME"]) if environ.get("VOXLOOP_HOME") else None)
     for field, value in (("data_dir", data_dir), ("store_url", args.store), ("registry_dir", args.registry),
                          ("corpus_dir", args.corpus), ("min_feedback", args.min_feedback),
-                         ("max_wait_s", args.max_wait_s)):
+                         ("max_wait_s", args.max_wait_s), ("num_threads", args.threads)):
         if value is not None:
             overrides[field] = value
     if args.no_adapt_lexicon:

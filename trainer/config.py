@@ -52,6 +52,8 @@ class TrainerConfig:
     """Sentences of the corpus synthesized when corpus_dir has none (anchor = its dev split)."""
     max_anchor_regression: float = 0.01
     """Largest anchor WER rise (absolute; 0.01 = 1 point) the gate accepts."""
+    max_total_anchor_regression: float = 0.02
+    """Largest anchor WER rise over the lineage's base version (the last one not made by this trainer)."""
     adapt_lexicon: bool = True
     """Teach the version's lexicon/LM (if it has a decoder) the words of the corrections it trained on."""
     num_threads: int = 1
@@ -73,8 +75,9 @@ class TrainerConfig:
             raise ValueError(f"heldout_share must be in [0, 1), e.g. 0.2 (got {self.heldout_share})")
         if not 0.0 < self.max_share_per_user <= 1.0:
             raise ValueError("max_share_per_user must be in (0, 1]; 1 means no per-user cap")
-        if self.max_anchor_regression < 0:
-            raise ValueError("max_anchor_regression must be >= 0 (absolute WER, 0.01 = 1 point)")
+        if self.max_anchor_regression < 0 or self.max_total_anchor_regression < 0:
+            raise ValueError("max_anchor_regression and max_total_anchor_regression must be >= 0 "
+                             "(absolute WER, 0.01 = 1 point)")
         if self.anchor_size < 0 or self.replay_pool_size < 0 or self.num_threads < 1:
             raise ValueError("anchor_size and replay_pool_size must be >= 0, num_threads >= 1")
 

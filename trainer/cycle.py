@@ -12,7 +12,8 @@ Stages (each logged with its figures):
  4. update: rollout under the serving weights (= the frozen reference), then `ppo.epochs` passes;
  5. export + parity: the candidate's ONNX graph, checked against its torch weights;
  6. gate (gate.py): held-out WER must not rise, anchor WER may rise by at most
-    `max_anchor_regression`, parity must hold; both models scored with onnxruntime;
+    `max_anchor_regression` per cycle and `max_total_anchor_regression` over the lineage's base
+    version, parity must hold; all models scored with onnxruntime;
  7. publish (gate passed): a new immutable version `<stem>-c<NNNN>` (parent version, cycle stats,
     gate figures, feedback ids; the parent's decoder files carried forward, adapted with the
     corrections' words when `adapt_lexicon`), then
@@ -123,6 +124,22 @@ def recover_activation(store: FeedbackStore, registry: Registry, trainer_dir: Pa
                     "unactivated and its feedback pending", version)
     clear_intent(trainer_dir)
     return activated
+
+
+def lineage_base(registry: Registry, version: str) -> str:
+    """The newest ancestor of `version` (itself included) that the online trainer did not make."""
+    seen = set()
+    while version not in seen:
+        seen.add(version)
+        card = registry.load_card(version)
+        parent = card.get("parent_version")
+        if (card.get("training") or {}).get("kind") != "online" or not parent:
+            return version
+        if not (registry.version_dir(parent) / MODEL_FILE).is_file():
+            log.warning("lineage of %s: parent %s is gone; %s counts as the base", version, parent, version)
+            return version
+        version = parent
+    return version
 
 
 def _split(items: list[FeedbackItem], share: float) -> tuple[list[FeedbackItem], list[FeedbackItem]]:
@@ -274,16 +291,21 @@ def run_cycle(
         anchor_cand: EvalSummary | None = score_onnx(onnx_path, anchor_pairs) if anchor_pairs else None
         anchor_scores = anchor_scores or AnchorScores()
         anchor_serv = anchor_scores.get(parent, serving_onnx, anchor_pairs) if anchor_pairs else None
+        base = lineage_base(registry, parent)
+        anchor_base = (anchor_scores.get(base, registry.version_dir(base) / MODEL_FILE, anchor_pairs)
+                       if anchor_pairs else None)
         decision = decide(heldout_candidate=heldout_cand, heldout_serving=heldout_serv,
                           anchor_candidate=anchor_cand, anchor_serving=anchor_serv,
                           max_anchor_regression=config.max_anchor_regression,
-                          parity_max_abs_diff=parity_diff, parity_ok=parity_ok)
+                          parity_max_abs_diff=parity_diff, parity_ok=parity_ok, anchor_base=anchor_base,
+                          max_total_anchor_regression=config.max_total_anchor_regression)
         report.gate = decision.as_dict()
         t = lap("gate", t)
-        log.info("gate %s for %s: held-out WER %s -> %s (%d utts), anchor WER %s -> %s (%d utts), parity %s%s",
-                 "PASSED" if decision.passed else "REFUSED", version, decision.heldout_wer_serving,
+        log.info("gate %s for %s: held-out WER %s -> %s (%d utts), anchor WER %s -> %s (%d utts; base %s: %s), "
+                 "parity %s%s", "PASSED" if decision.passed else "REFUSED", version, decision.heldout_wer_serving,
                  decision.heldout_wer_candidate, decision.heldout_utterances, decision.anchor_wer_serving,
-                 decision.anchor_wer_candidate, decision.anchor_utterances, parity_diff,
+                 decision.anchor_wer_candidate, decision.anchor_utterances, base, decision.anchor_wer_base,
+                 parity_diff,
                  "" if decision.passed else ": " + "; ".join(decision.reasons))
         stats_base = {"parent_version": parent, "objective": config.ppo.objective,
                       "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
@@ -345,4 +367,4 @@ def run_cycle(
     return report
 
 
-__all__ = ["CycleReport", "child_version_name", "is_heldout", "recover_activation", "run_cycle"]
+__all__ = ["CycleReport", "child_version_name", "is_heldout", "lineage_base", "recover_activation", "run_cycle"]

@@ -6,7 +6,9 @@ the same greedy CTC decoding the server uses:
 - held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
   a hash of the feedback id); the candidate's WER must not be higher than the serving model's;
 - anchor: a fixed slice of the base corpus (base_data.py); the candidate's WER may rise by at most
-  `max_anchor_regression` (absolute, 0.01 = 1 point);
+  `max_anchor_regression` (absolute, 0.01 = 1 point) over the serving model's, and by at most
+  `max_total_anchor_regression` over the lineage's base version (the last one the online trainer did
+  not make), so that per-cycle margins cannot add up to unbounded forgetting;
 - parity: the candidate's ONNX export matched its torch weights (export.check_parity raised nothing).
 
 `decide` is pure: figures in, decision with its reasons out.
@@ -37,7 +39,10 @@ class GateDecision:
     anchor_utterances: int
     anchor_wer_candidate: float | None
     anchor_wer_serving: float | None
+    anchor_wer_base: float | None
+    """WER of the lineage's base version on the anchor set (None when it could not be scored)."""
     max_anchor_regression: float
+    max_total_anchor_regression: float
     parity_max_abs_diff: float | None
 
     def as_dict(self) -> dict:
@@ -60,6 +65,8 @@ def decide(
     max_anchor_regression: float,
     parity_max_abs_diff: float | None,
     parity_ok: bool,
+    anchor_base: EvalSummary | None = None,
+    max_total_anchor_regression: float = float("inf"),
 ) -> GateDecision:
     """Apply the three rules; a missing set (no held-out items, no anchor) is reported, not failed."""
     reasons = []
@@ -74,6 +81,12 @@ def decide(
             f"anchor WER rose from {anchor_serving.wer:.4f} to {anchor_candidate.wer:.4f} "
             f"(more than the allowed {max_anchor_regression:.4f})"
         )
+    if has_anchor and anchor_base is not None and \
+            anchor_candidate.wer - anchor_base.wer > max_total_anchor_regression + 1e-12:
+        reasons.append(
+            f"anchor WER {anchor_candidate.wer:.4f} is more than {max_total_anchor_regression:.4f} above the base "
+            f"version's {anchor_base.wer:.4f}"
+        )
     return GateDecision(
         passed=not reasons,
         reasons=tuple(reasons),
@@ -83,7 +96,9 @@ def decide(
         anchor_utterances=anchor_candidate.utterances if has_anchor else 0,
         anchor_wer_candidate=anchor_candidate.wer if has_anchor else None,
         anchor_wer_serving=anchor_serving.wer if has_anchor else None,
+        anchor_wer_base=anchor_base.wer if has_anchor and anchor_base is not None else None,
         max_anchor_regression=max_anchor_regression,
+        max_total_anchor_regression=max_total_anchor_regression,
         parity_max_abs_diff=parity_max_abs_diff,
     )
 

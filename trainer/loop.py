@@ -77,6 +77,7 @@ class TrainerLoop:
 
     def run_once(self, should_stop=lambda: False) -> CycleReport:
         """One cycle on what is pending now (returns an "idle" report when nothing is)."""
+        torch.set_num_threads(self.config.num_threads)
         self.config.trainer_dir.mkdir(parents=True, exist_ok=True)
         recover_activation(self.store, self.registry, self.config.trainer_dir)
         kept = self._kept
