@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--eval", type=int, default=150)
-    parser.add_argument("--no-gate", action="store_true", help="publish every candidate (anchor margin 1.0)")
+    parser.add_argument("--no-gate", action="store_true", help="publish every candidate (anchor margins 1.0)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a PPOConfig field (e.g. --set epochs=2 --set init_kl_coef=1.0)")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a fresh temp dir)")
@@ -78,7 +78,8 @@ def main() -> None:
                                int(value) if kind == "int" else float(value) if "float" in kind else value)
         config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, **overrides))
     if args.no_gate:
-        config = dataclasses.replace(config, max_anchor_regression=1.0, heldout_share=0.0)
+        config = dataclasses.replace(config, max_anchor_regression=1.0, max_total_anchor_regression=1.0,
+                                     heldout_share=0.0)
     eval_pairs = [(load_samples(args.corpus / r["path"]), r["text"]) for r in eval_rows]
     results = []
     base_domain = score_onnx(registry.version_dir(registry.current_version()) / MODEL_FILE, eval_pairs)

@@ -36,7 +36,8 @@ def toy_config(data_dir: Path, corpus: Path, **ppo) -> TrainerConfig:
     ppo_config = PPOConfig(**{"epochs": 8, "minibatch_size": 8, "learning_rate": 3e-3, "replay_per_minibatch": 2,
                               "samples_per_utterance": 4, **ppo})
     return TrainerConfig(data_dir=data_dir, corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
-                         replay_pool_size=6, max_anchor_regression=1.0, ppo=ppo_config)
+                         replay_pool_size=6, max_anchor_regression=1.0, max_total_anchor_regression=1.0,
+                         ppo=ppo_config)
 
 
 def seeded_registry(root: Path, version_dir: Path) -> Registry:
@@ -200,7 +201,8 @@ def test_published_versions_carry_the_parents_decoder_forward_and_adapt_it(tmp_p
         with FeedbackStore.sqlite(tmp_path / f"f-{adapt}.sqlite3") as store:
             add_feedback(store, tone("a"), text="a zebra")
             report = run_cycle(store, registry, config)
-        assert report.outcome == "published"
+        assert report.outcome == "published", report.gate
+        assert report.gate["decoding"] == "lexicon-lm"  # the gate decodes as the server will
         child = registry.version_dir(report.version_out)
         card = registry.verify(report.version_out)
         parent_card = registry.load_card("tiny-0001")

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from ..server import metrics
-from ..server.registry import MODEL_FILE, Registry, RegistryError
+from ..server.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from ..server.store import FeedbackKind, FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
@@ -168,6 +169,18 @@ def _decoder_files(parent_dir: Path, parent_card: dict, texts: list[str], out_di
     return carried, section
 
 
+def _decoder_dir(out_dir: Path, files: dict[str, Path], section: dict | None) -> Path | None:
+    """A directory the evaluation's beam search can load the child's decoder from (None: greedy)."""
+    if section is None:
+        return None
+    out_dir.mkdir(parents=True)
+    for name, path in files.items():
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out_dir / name)
+    (out_dir / CARD_FILE).write_text(json.dumps({"decoder": section}))
+    return out_dir
+
+
 def _set_metrics(report: CycleReport, decision: GateDecision | None, parity: float | None) -> None:
     metrics.TRAINER_CYCLES.labels(report.outcome).inc()
     metrics.TRAINER_CYCLE_SECONDS.observe(report.seconds.get("total", 0.0))
@@ -282,23 +295,34 @@ def run_cycle(
             log.error("candidate %s: %s", version, e)
             parity_ok = False
         t = lap("export", t)
+        # The child's decoder (the parent's, adapted with the corrections' words): the gate decodes with it.
+        parent_dir, parent_card = registry.version_dir(parent), registry.load_card(parent)
+        texts = [i.target for i in train if i.kind in (FeedbackKind.CORRECTION, FeedbackKind.CHOICE) and i.target]
+        decoder_files, decoder_section = _decoder_files(parent_dir, parent_card, texts, staging / "decoder",
+                                                        config.adapt_lexicon)
+        candidate_decoder = _decoder_dir(staging / "decoder-eval", decoder_files, decoder_section)
         # 6. gate
-        serving_onnx = registry.version_dir(parent) / MODEL_FILE
+        serving_onnx = parent_dir / MODEL_FILE
+        serving_decoder = parent_dir if parent_card.get("decoder") else None
         heldout_pairs = [(i.samples, i.reference) for i in heldout]
         anchor_pairs = [(u.float_samples(), u.text) for u in base_data.anchor]
-        heldout_cand = score_onnx(onnx_path, heldout_pairs) if heldout_pairs else None
-        heldout_serv = score_onnx(serving_onnx, heldout_pairs) if heldout_pairs else None
-        anchor_cand: EvalSummary | None = score_onnx(onnx_path, anchor_pairs) if anchor_pairs else None
+        heldout_cand = score_onnx(onnx_path, heldout_pairs, candidate_decoder) if heldout_pairs else None
+        heldout_serv = score_onnx(serving_onnx, heldout_pairs, serving_decoder) if heldout_pairs else None
+        anchor_cand: EvalSummary | None = (score_onnx(onnx_path, anchor_pairs, candidate_decoder)
+                                           if anchor_pairs else None)
         anchor_scores = anchor_scores or AnchorScores()
-        anchor_serv = anchor_scores.get(parent, serving_onnx, anchor_pairs) if anchor_pairs else None
+        anchor_serv = anchor_scores.get(parent, serving_onnx, anchor_pairs, serving_decoder) if anchor_pairs else None
         base = lineage_base(registry, parent)
-        anchor_base = (anchor_scores.get(base, registry.version_dir(base) / MODEL_FILE, anchor_pairs)
+        base_dir = registry.version_dir(base)
+        base_decoder = base_dir if registry.load_card(base).get("decoder") else None
+        anchor_base = (anchor_scores.get(base, base_dir / MODEL_FILE, anchor_pairs, base_decoder)
                        if anchor_pairs else None)
         decision = decide(heldout_candidate=heldout_cand, heldout_serving=heldout_serv,
                           anchor_candidate=anchor_cand, anchor_serving=anchor_serv,
                           max_anchor_regression=config.max_anchor_regression,
                           parity_max_abs_diff=parity_diff, parity_ok=parity_ok, anchor_base=anchor_base,
-                          max_total_anchor_regression=config.max_total_anchor_regression)
+                          max_total_anchor_regression=config.max_total_anchor_regression,
+                          decoding="lexicon-lm" if candidate_decoder is not None else "greedy")
         report.gate = decision.as_dict()
         t = lap("gate", t)
         log.info("gate %s for %s: held-out WER %s -> %s (%d utts), anchor WER %s -> %s (%d utts; base %s: %s), "
@@ -326,10 +350,6 @@ def run_cycle(
         make_tokenizer(state.policy.config.vocabulary).save_pretrained(staging / POLICY_DIR)
         files = {MODEL_FILE: onnx_path}
         files.update({str(p.relative_to(staging)): p for p in sorted((staging / POLICY_DIR).rglob("*")) if p.is_file()})
-        parent_card = registry.load_card(parent)
-        texts = [i.target for i in train if i.kind in (FeedbackKind.CORRECTION, FeedbackKind.CHOICE) and i.target]
-        decoder_files, decoder_section = _decoder_files(registry.version_dir(parent), parent_card, texts,
-                                                        staging / "decoder", config.adapt_lexicon)
         files.update(decoder_files)
         card = {
             "parent_version": parent,
@@ -360,7 +380,7 @@ def run_cycle(
     state.cycles += 1
     state.save(trainer_dir)
     if anchor_cand is not None:
-        anchor_scores.put(version, anchor_cand)
+        anchor_scores.put(version, anchor_cand, lm=candidate_decoder is not None)
     _set_metrics(report, decision, parity_diff)
     log.info("cycle %d published %s (CURRENT); consumed %d feedback items in %.1f s", report.cycle_id, version,
              len(report.feedback_ids), report.seconds["total"])

@@ -1,7 +1,8 @@
 """The safety gate: publish a candidate only if it is no worse where it matters (design.md, "The gate").
 
-Both models are scored with onnxruntime on their exported graphs (what the server would run) and
-the same greedy CTC decoding the server uses:
+Both models are scored with onnxruntime on their exported graphs (what the server would run),
+decoded as the server decodes them: with the version's lexicon + LM beam search when its card has a
+"decoder" section (the candidate with its own, possibly adapted, decoder files), greedily otherwise:
 
 - held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
   a hash of the feedback id); the candidate's WER must not be higher than the serving model's;
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import EvalSummary, error_rates, onnx_transcriber
+from .evaluate import EvalSummary, error_rates, lm_transcriber, onnx_transcriber
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,21 @@ class GateDecision:
     max_anchor_regression: float
     max_total_anchor_regression: float
     parity_max_abs_diff: float | None
+    decoding: str = "greedy"
+    """How the WERs were decoded: "lexicon-lm" (the version's beam search) or "greedy"."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "reasons": list(self.reasons)}
 
 
-def score_onnx(onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]]) -> EvalSummary:
-    """Corpus WER/CER of an exported model on (float32 16 kHz samples, reference text) pairs."""
-    transcribe = onnx_transcriber(onnx_path)
+def score_onnx(onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]],
+               decoder_dir: Path | None = None) -> EvalSummary:
+    """Corpus WER/CER of an exported model on (float32 16 kHz samples, reference text) pairs.
+
+    With `decoder_dir` (a directory whose card.json has a "decoder" section, beside its files), the
+    server's lexicon + LM beam search decodes; without, greedy CTC.
+    """
+    transcribe = lm_transcriber(onnx_path, decoder_dir) if decoder_dir is not None else onnx_transcriber(onnx_path)
     hypotheses = [transcribe(np.asarray(samples, dtype=np.float32)) for samples, _ in utterances]
     return error_rates([reference for _, reference in utterances], hypotheses)
 
@@ -67,6 +75,7 @@ def decide(
     parity_ok: bool,
     anchor_base: EvalSummary | None = None,
     max_total_anchor_regression: float = float("inf"),
+    decoding: str = "greedy",
 ) -> GateDecision:
     """Apply the three rules; a missing set (no held-out items, no anchor) is reported, not failed."""
     reasons = []
@@ -100,6 +109,7 @@ def decide(
         max_anchor_regression=max_anchor_regression,
         max_total_anchor_regression=max_total_anchor_regression,
         parity_max_abs_diff=parity_max_abs_diff,
+        decoding=decoding,
     )
 
 
@@ -109,13 +119,15 @@ class AnchorScores:
     def __init__(self) -> None:
         self._by_version: dict[str, EvalSummary] = {}
 
-    def get(self, version: str, onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]]) -> EvalSummary:
-        if version not in self._by_version:
-            self._by_version[version] = score_onnx(onnx_path, utterances)
-        return self._by_version[version]
+    def get(self, version: str, onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]],
+            decoder_dir: Path | None = None) -> EvalSummary:
+        key = f"{version}:{'lm' if decoder_dir is not None else 'greedy'}"
+        if key not in self._by_version:
+            self._by_version[key] = score_onnx(onnx_path, utterances, decoder_dir)
+        return self._by_version[key]
 
-    def put(self, version: str, summary: EvalSummary) -> None:
-        self._by_version[version] = summary
+    def put(self, version: str, summary: EvalSummary, lm: bool) -> None:
+        self._by_version[f"{version}:{'lm' if lm else 'greedy'}"] = summary
 
 
 __all__ = ["AnchorScores", "GateDecision", "decide", "score_onnx"]
