@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/adaptation.py [--arms ppo+sft,sft,ppo,reject:ppo,choice:ppo]
         [--points 0,16,32,64,128] [--scenario runs/scenario] [--corpus corpus] [--out runs/bench-adaptation]
+    .venv/bin/python bench/adaptation.py --merge RUN1/results.json RUN2/results.json --out DIR
 
 The scenario is trainer/scenario.py's (built into --scenario on first use): a warehouse domain of
 product and place names no base transcript has, read by voices held out of base training; a feedback
@@ -245,6 +246,27 @@ def plot(results: list[ArmResult], path: Path) -> None:
     plt.close(figure)
 
 
+def load_results(path: Path) -> list[ArmResult]:
+    """The arms a run wrote to results.json."""
+    results = []
+    for arm in json.loads(Path(path).read_text()):
+        points = [Point(p["feedback"], p["version"], Scores(**p["domain"]), Scores(**p["anchor"]))
+                  for p in arm.pop("points")]
+        results.append(ArmResult(points=points, **arm))
+    return results
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """Tables and one plot of the arms of several runs (e.g. arms run in separate processes)."""
+    results = [result for path in paths for result in load_results(path)]
+    points = tuple(sorted({p.feedback for result in results for p in result.points}))
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / "adaptation.png")
+    print("\n".join(tables(results, points)))
+    print(f"\nplot: {out / 'adaptation.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
@@ -258,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback-utterances", type=int, default=ScenarioConfig.feedback_utterances)
     parser.add_argument("--test-utterances", type=int, default=ScenarioConfig.test_utterances)
     parser.add_argument("--anchor-utterances", type=int, default=ScenarioConfig.anchor_utterances)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="run nothing: print the tables of these results.json files and plot them into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     arms = [Arm.parse(a.strip()) for a in args.arms.split(",") if a.strip()]
     points = tuple(sorted({int(p) for p in args.points.split(",")}))
     if points[0] != 0 or any(p % BATCH for p in points):

@@ -44,3 +44,15 @@ def test_report_gives_relative_domain_change_and_absolute_anchor_change(bench):
     summary = next(line for line in lines if line.startswith("| ppo+sft | -50.0% relative"))
     assert "+0.5 points" in summary and "| 1/1 |" in summary and "| 30 / 50 |" in summary
     assert "1600 MiB" in summary and "900 MiB" in summary
+
+
+def test_results_json_round_trips_for_merging_runs(bench, tmp_path):
+    import dataclasses
+    import json
+
+    point = bench.Point(16, "v-c0001", bench.Scores(80, 0.4, 0.3), bench.Scores(60, 0.46, None))
+    result = bench.ArmResult("reject:ppo", [point], [{"outcome": "published"}], 700.0, 3)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([dataclasses.asdict(result)]))
+
+    assert bench.load_results(path) == [result]
