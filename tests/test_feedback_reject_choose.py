@@ -150,7 +150,13 @@ def test_choosing_outside_the_alternatives_or_without_any_is_invalid_argument(al
 # --- n-best finals end to end -------------------------------------------------------------------------
 
 
-def test_finals_carry_the_n_best_and_the_store_keeps_what_was_shown(alice, store):
+def written(running, utterance_id: str) -> str:
+    """The final reaches the client before the writer thread stores it: wait for the row."""
+    assert running.server.writer.wait_written(utterance_id, 10.0)
+    return utterance_id
+
+
+def test_finals_carry_the_n_best_and_the_store_keeps_what_was_shown(running, alice, store):
     [final] = stream_finals(alice, max_alternatives=4, seed=3)
 
     transcripts = [a.transcript for a in final.alternatives]
@@ -159,16 +165,16 @@ def test_finals_carry_the_n_best_and_the_store_keeps_what_was_shown(alice, store
     assert all(set(t.split()) <= lexicon for t in transcripts)  # the lexicon decoder spells only its words
     assert all(0.0 <= a.confidence <= 1.0 for a in final.alternatives)
     assert [w.word for w in final.alternatives[1].words] == transcripts[1].split()
-    stored = store.get_utterance(final.utterance_id, tenant="acme")
+    stored = store.get_utterance(written(running, final.utterance_id), tenant="acme")
     assert stored.hypothesis == transcripts[0] and stored.alternatives == tuple(transcripts)
     # And the user can pick one of them.
     assert alice.choose_alternative(final.utterance_id, 1).chosen_text == transcripts[1]
 
 
-def test_one_alternative_by_default_and_none_stored(alice, store):
+def test_one_alternative_by_default_and_none_stored(running, alice, store):
     [final] = stream_finals(alice, max_alternatives=0, seed=3)
     assert len(final.alternatives) == 1
-    assert store.get_utterance(final.utterance_id, tenant="acme").alternatives is None
+    assert store.get_utterance(written(running, final.utterance_id), tenant="acme").alternatives is None
 
 
 def test_asking_for_more_alternatives_than_the_server_allows_is_invalid_argument(alice):
