@@ -246,13 +246,16 @@ def _start_trainer(config):
     try:
         import threading
 
-        from voxloop.trainer.config import TrainerConfig
+        from voxloop.trainer.config import config_from_env
         from voxloop.trainer.loop import start_background
     except ImportError:
         logging.getLogger(__name__).info("trainer not installed: serving without the in-process trainer")
         return None
-    trainer_config = TrainerConfig(data_dir=config.data_dir, store_url=config.store_url,
-                                   registry_dir=config.registry_dir)
+    try:
+        trainer_config = config_from_env(os.environ, data_dir=config.data_dir, store_url=config.store_url,
+                                         registry_dir=config.registry_dir)
+    except ValueError as e:  # a bad VOXLOOP_TRAINER_* value: one line, like a bad server setting
+        raise CliError(str(e)) from e
     return start_background(trainer_config, threading.Event())
 
 

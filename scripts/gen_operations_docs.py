@@ -99,7 +99,9 @@ def trainer_config_table() -> str:
 def config_section() -> str:
     return ("### `voxloop serve` (ServerConfig)\n\n" + server_config_table()
             + "\n\n### The online trainer (TrainerConfig)\n\n"
-            "`voxloop train` flags and the in-process trainer map onto these fields (trainer/cli.py).\n\n"
+            "`voxloop train` flags map onto these fields (trainer/cli.py); the in-process trainer of `voxloop serve`\n"
+            "takes them from `VOXLOOP_TRAINER_<FIELD>` (e.g. `VOXLOOP_TRAINER_MIN_FEEDBACK=16`,\n"
+            "`VOXLOOP_TRAINER_OBJECTIVE=sft`); `VOXLOOP_TRAINER=off` turns it off.\n\n"
             + trainer_config_table())
 
 

@@ -7,6 +7,8 @@ the PPO update's own knobs are its `ppo` field (trainer/ppo.py PPOConfig).
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,10 @@ TRAINER_SUBDIR = "trainer"
 """Under data_dir: the trainer's checkpoint, intent file and fallback corpus."""
 STORE_FILE = "feedback.sqlite3"  # the server's default store file name under data_dir (server/config.py)
 REGISTRY_SUBDIR = "registry"  # the server's default registry under data_dir (server/config.py)
+ENV_PREFIX = "VOXLOOP_TRAINER_"
+"""`VOXLOOP_TRAINER_<FIELD>` sets a scalar field of the in-process trainer (e.g. VOXLOOP_TRAINER_MIN_FEEDBACK=16);
+VOXLOOP_TRAINER_OBJECTIVE sets ppo.objective. Where data, store and registry live follows the server's config."""
+_ENV_EXCLUDED = ("data_dir", "store_url", "registry_dir", "ppo")
 
 
 @dataclass(frozen=True)
@@ -97,4 +103,36 @@ class TrainerConfig:
         return dataclasses.replace(self, ppo=dataclasses.replace(self.ppo, objective=objective))
 
 
-__all__ = ["TrainerConfig"]
+def overrides_from_env(env: Mapping[str, str]) -> dict[str, object]:
+    """TrainerConfig fields set by `VOXLOOP_TRAINER_<FIELD>` variables, converted to the field's type.
+
+    Raises ValueError naming the variable when a value does not parse.
+    """
+    types = typing.get_type_hints(TrainerConfig)
+    overrides: dict[str, object] = {}
+    for f in dataclasses.fields(TrainerConfig):
+        variable = ENV_PREFIX + f.name.upper()
+        if f.name in _ENV_EXCLUDED or variable not in env:
+            continue
+        raw = env[variable].strip()
+        target = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])
+        try:
+            if target is bool:
+                if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(raw)
+                overrides[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                overrides[f.name] = target(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"${variable}: {raw!r} is not a valid {target.__name__}") from None
+    return overrides
+
+
+def config_from_env(env: Mapping[str, str], **fields: object) -> TrainerConfig:
+    """The in-process trainer's config: `fields` (where the server keeps its data) plus `VOXLOOP_TRAINER_*`."""
+    config = TrainerConfig(**fields, **overrides_from_env(env))
+    objective = env.get(ENV_PREFIX + "OBJECTIVE", "").strip()
+    return config.with_objective(objective) if objective else config
+
+
+__all__ = ["TrainerConfig", "config_from_env", "overrides_from_env"]
