@@ -59,7 +59,7 @@ class DecoderFilesError(ModelFormatError):
 
 @dataclass(frozen=True)
 class BeamSettings:
-    """card["decoder"]'s search knobs (trainer/lm.py DecoderSettings writes them; defaults as there)."""
+    """card["decoder"]'s search knobs, defaults tuned on corpus/dev (trainer/lm.py DecoderSettings adds the LM's)."""
 
     lm_weight: float = 1.2
     """Weight of the LM's log-probability against the acoustic log-probs."""

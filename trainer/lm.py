@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..server.lm_decoder import BeamSettings
 from ..server.registry import CARD_FILE, sha256_file
 from ..server.text import normalize_text
 
@@ -48,21 +49,9 @@ _DISCOUNT_FALLBACK = (0.5, 1.0, 1.5)
 
 
 @dataclass(frozen=True)
-class DecoderSettings:
-    """Beam-search knobs stored in card["decoder"]; the server reads them (server/lm_decoder.py)."""
+class DecoderSettings(BeamSettings):
+    """card["decoder"]: the server's beam-search knobs (tuned on corpus/dev) plus how the LM is estimated."""
 
-    lm_weight: float = 1.2
-    """Weight of the LM's natural-log probability against the acoustic log-probs (tuned on corpus/dev)."""
-    word_score: float = -1.0
-    """Score added per word: offsets the LM's bias to short outputs (tuned on corpus/dev)."""
-    beam_size: int = 32
-    """Hypotheses kept after each frame."""
-    beam_size_token: int = 12
-    """Tokens considered per frame (the most likely ones)."""
-    beam_threshold: float = 20.0
-    """Hypotheses scoring this much below the best are pruned."""
-    sil_score: float = 0.0
-    """Score added per word boundary token."""
     order: int = 2
     """n of the n-gram LM."""
     adapt_count_weight: int = 5
