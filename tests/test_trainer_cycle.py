@@ -211,3 +211,25 @@ def test_published_versions_carry_the_parents_decoder_forward_and_adapt_it(tmp_p
         assert card["decoder"]["type"] == parent_card["decoder"]["type"]
         lexicon = (child / "lexicon.txt").read_text()
         assert ("zebra" in lexicon) is adapt
+
+
+def test_published_version_carries_a_probe_the_servers_warm_up_reproduces(tmp_path, tiny_version_dir, toy_corpus):
+    from voxloop.server.model import OnnxModel
+    from voxloop.server.warmup import WarmupFailed, warm_up
+
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    config = toy_config(tmp_path / "data", toy_corpus)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        for i, w in enumerate("abcabcab"):
+            add_feedback(store, tone(w, seed=10 + i), text=w)
+        report = run_cycle(store, registry, config)
+    assert report.outcome == "published", report.gate
+    card = registry.verify(report.version_out)  # the probe WAV is hashed like every other file
+    assert card["probe"]["file"] in card["files"]
+    version_dir = registry.version_dir(report.version_out)
+    model = OnnxModel(version_dir / "model.onnx")
+    assert warm_up(model, card, version_dir).expected == card["probe"]["transcript"]
+    tampered = {**card, "probe": {**card["probe"], "transcript": card["probe"]["transcript"] + " zzz"}}
+    with pytest.raises(WarmupFailed) as refused:
+        warm_up(model, tampered, version_dir)
+    assert refused.value.reason == "probe_mismatch"

@@ -42,11 +42,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import soundfile as sf
 import torch
 
 from ..server import metrics
+from ..server.model import MODEL_SAMPLE_RATE_HZ
 from ..server.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from ..server.store import FeedbackKind, FeedbackStore
+from ..server.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .evaluate import EvalSummary
@@ -363,6 +366,12 @@ def run_cycle(
         }
         if decoder_section is not None:
             card["decoder"] = decoder_section
+        if base_data.anchor:  # the server's warm-up must reproduce this transcript (catches a wrong graph)
+            probe_wav = staging / PROBE_FILE
+            anchor = base_data.anchor[0]
+            sf.write(probe_wav, anchor.samples, MODEL_SAMPLE_RATE_HZ, subtype="PCM_16")  # int16 16 kHz
+            files[PROBE_FILE] = probe_wav
+            card[PROBE_CARD_KEY] = probe_card_entry(onnx_path, probe_wav)
         registry.publish(version, files, card, activate=False)
     # 8. record, then activate
     write_intent(trainer_dir, version)
