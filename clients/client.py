@@ -309,20 +309,20 @@ class RecognizerClient:
         finally:
             call.cancel()  # a no-op once the call has finished; stops it when the caller stops early
 
-    def recognize(self, audio_bytes: bytes, config: pb.RecognitionConfig) -> pb.RecognizeResponse:
-        """Recognize a whole recording in one call."""
+    def _call(self, rpc, request):
+        """One unary call with the client's timeout and credentials; gRPC errors become VoxloopError."""
         try:
-            return self._stub.Recognize(pb.RecognizeRequest(config=config, audio_content=audio_bytes),
-                                        timeout=self.timeout, metadata=self._metadata)
+            return rpc(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    def recognize(self, audio_bytes: bytes, config: pb.RecognitionConfig) -> pb.RecognizeResponse:
+        """Recognize a whole recording in one call."""
+        return self._call(self._stub.Recognize, pb.RecognizeRequest(config=config, audio_content=audio_bytes))
+
     def get_model_info(self) -> pb.ModelInfo:
         """The serving model: version, parent, card, load time."""
-        try:
-            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
 
     def submit_correction(self, utterance_id: str, corrected_text: str) -> feedback_pb.SubmitCorrectionResponse:
         """Tell the server what was said in an utterance; returns the reward once the correction is stored.
@@ -330,78 +330,53 @@ class RecognizerClient:
         Idempotent: a retry returns the same feedback_id; a new text replaces this user's earlier one.
         """
         request = feedback_pb.SubmitCorrectionRequest(utterance_id=utterance_id, corrected_text=corrected_text)
-        try:
-            return self._feedback.SubmitCorrection(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._feedback.SubmitCorrection, request)
 
     def accept_transcript(self, utterance_id: str) -> feedback_pb.AcceptTranscriptResponse:
         """Tell the server the transcript of an utterance was right (positive feedback)."""
         request = feedback_pb.AcceptTranscriptRequest(utterance_id=utterance_id)
-        try:
-            return self._feedback.AcceptTranscript(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._feedback.AcceptTranscript, request)
 
     def reject_transcript(self, utterance_id: str) -> feedback_pb.RejectTranscriptResponse:
         """Tell the server the transcript of an utterance was wrong, without the right text (negative feedback)."""
         request = feedback_pb.RejectTranscriptRequest(utterance_id=utterance_id)
-        try:
-            return self._feedback.RejectTranscript(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._feedback.RejectTranscript, request)
 
     def choose_alternative(self, utterance_id: str, index: int) -> feedback_pb.ChooseAlternativeResponse:
         """Tell the server which of a final's n-best alternatives (0 = the first) was right."""
         request = feedback_pb.ChooseAlternativeRequest(utterance_id=utterance_id, alternative_index=index)
-        try:
-            return self._feedback.ChooseAlternative(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._feedback.ChooseAlternative, request)
 
     def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
         """Feedback counts of the caller's tenant (an admin token: `tenant`'s, or all tenants' when empty)."""
-        try:
-            return self._feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(tenant=tenant),
-                                                   timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._feedback.GetFeedbackStats, feedback_pb.GetFeedbackStatsRequest(tenant=tenant))
 
     def delete_user_data(self, user_id: str, tenant: str = "") -> feedback_pb.DeleteUserDataResponse:
         """Admin tokens only: delete a user's utterances and feedback (`tenant` empty: the admin's own)."""
         request = feedback_pb.DeleteUserDataRequest(user_id=user_id, tenant=tenant)
-        try:
-            return self._feedback.DeleteUserData(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return self._call(self._feedback.DeleteUserData, request)
 
     # --- ModelAdmin (admin tokens only) ---
 
-    def _admin_call(self, method: str, request):
-        try:
-            return getattr(self._admin, method)(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
-
     def list_models(self) -> admin_pb.ListModelsResponse:
         """Every published version with parent, gate figures and state (serving / available / refused)."""
-        return self._admin_call("ListModels", admin_pb.ListModelsRequest())
+        return self._call(self._admin.ListModels, admin_pb.ListModelsRequest())
 
     def activate_model(self, version: str, *, force: bool = False) -> admin_pb.ModelChange:
         """Load, warm up and serve `version`, then point CURRENT at it (force: retry a refused version)."""
-        return self._admin_call("ActivateModel", admin_pb.ActivateModelRequest(version=version, force=force))
+        return self._call(self._admin.ActivateModel, admin_pb.ActivateModelRequest(version=version, force=force))
 
     def rollback_model(self) -> admin_pb.ModelChange:
         """Go back to the version that served before the serving one (which is then refused)."""
-        return self._admin_call("Rollback", admin_pb.RollbackRequest())
+        return self._call(self._admin.Rollback, admin_pb.RollbackRequest())
 
     def pin_model(self, version: str = "") -> admin_pb.ModelChange:
         """Serve `version` (default: the serving one) and stop automatic activation until unpin_model()."""
-        return self._admin_call("PinModel", admin_pb.PinModelRequest(version=version))
+        return self._call(self._admin.PinModel, admin_pb.PinModelRequest(version=version))
 
     def unpin_model(self) -> admin_pb.ModelChange:
         """Resume automatic activation (CURRENT is served again)."""
-        return self._admin_call("UnpinModel", admin_pb.UnpinModelRequest())
+        return self._call(self._admin.UnpinModel, admin_pb.UnpinModelRequest())
 
     def transcribe_file(self, path: str | Path, *, realtime: bool = False,
                         interim_results: bool = True, max_alternatives: int = 1) -> FileTranscript:
@@ -471,85 +446,59 @@ class AsyncRecognizerClient:
         finally:
             call.cancel()  # a no-op once the call has finished; stops it when the caller stops early
 
-    async def recognize(self, audio_bytes: bytes, config: pb.RecognitionConfig) -> pb.RecognizeResponse:
+    async def _call(self, rpc, request):
+        """One unary call with the client's timeout and credentials; gRPC errors become VoxloopError."""
         try:
-            return await self._stub.Recognize(pb.RecognizeRequest(config=config, audio_content=audio_bytes),
-                                              timeout=self.timeout, metadata=self._metadata)
+            return await rpc(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _voxloop_error(e, self.target) from None
 
+    async def recognize(self, audio_bytes: bytes, config: pb.RecognitionConfig) -> pb.RecognizeResponse:
+        return await self._call(self._stub.Recognize, pb.RecognizeRequest(config=config, audio_content=audio_bytes))
+
     async def get_model_info(self) -> pb.ModelInfo:
-        try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
-                                                 metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
 
     async def submit_correction(self, utterance_id: str,
                                 corrected_text: str) -> feedback_pb.SubmitCorrectionResponse:
         request = feedback_pb.SubmitCorrectionRequest(utterance_id=utterance_id, corrected_text=corrected_text)
-        try:
-            return await self._feedback.SubmitCorrection(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._feedback.SubmitCorrection, request)
 
     async def accept_transcript(self, utterance_id: str) -> feedback_pb.AcceptTranscriptResponse:
         request = feedback_pb.AcceptTranscriptRequest(utterance_id=utterance_id)
-        try:
-            return await self._feedback.AcceptTranscript(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._feedback.AcceptTranscript, request)
 
     async def reject_transcript(self, utterance_id: str) -> feedback_pb.RejectTranscriptResponse:
         request = feedback_pb.RejectTranscriptRequest(utterance_id=utterance_id)
-        try:
-            return await self._feedback.RejectTranscript(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._feedback.RejectTranscript, request)
 
     async def choose_alternative(self, utterance_id: str, index: int) -> feedback_pb.ChooseAlternativeResponse:
         request = feedback_pb.ChooseAlternativeRequest(utterance_id=utterance_id, alternative_index=index)
-        try:
-            return await self._feedback.ChooseAlternative(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._feedback.ChooseAlternative, request)
 
     async def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
-        try:
-            return await self._feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(tenant=tenant),
-                                                         timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._feedback.GetFeedbackStats, feedback_pb.GetFeedbackStatsRequest(tenant=tenant))
 
     async def delete_user_data(self, user_id: str, tenant: str = "") -> feedback_pb.DeleteUserDataResponse:
         request = feedback_pb.DeleteUserDataRequest(user_id=user_id, tenant=tenant)
-        try:
-            return await self._feedback.DeleteUserData(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
+        return await self._call(self._feedback.DeleteUserData, request)
 
     # --- ModelAdmin (admin tokens only) ---
 
-    async def _admin_call(self, method: str, request):
-        try:
-            return await getattr(self._admin, method)(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise _voxloop_error(e, self.target) from None
-
     async def list_models(self) -> admin_pb.ListModelsResponse:
-        return await self._admin_call("ListModels", admin_pb.ListModelsRequest())
+        return await self._call(self._admin.ListModels, admin_pb.ListModelsRequest())
 
     async def activate_model(self, version: str, *, force: bool = False) -> admin_pb.ModelChange:
-        return await self._admin_call("ActivateModel", admin_pb.ActivateModelRequest(version=version, force=force))
+        return await self._call(self._admin.ActivateModel, admin_pb.ActivateModelRequest(version=version, force=force))
 
     async def rollback_model(self) -> admin_pb.ModelChange:
-        return await self._admin_call("Rollback", admin_pb.RollbackRequest())
+        return await self._call(self._admin.Rollback, admin_pb.RollbackRequest())
 
     async def pin_model(self, version: str = "") -> admin_pb.ModelChange:
-        return await self._admin_call("PinModel", admin_pb.PinModelRequest(version=version))
+        return await self._call(self._admin.PinModel, admin_pb.PinModelRequest(version=version))
 
     async def unpin_model(self) -> admin_pb.ModelChange:
-        return await self._admin_call("UnpinModel", admin_pb.UnpinModelRequest())
+        return await self._call(self._admin.UnpinModel, admin_pb.UnpinModelRequest())
 
     async def transcribe_file(self, path: str | Path, *, realtime: bool = False,
                               interim_results: bool = True, max_alternatives: int = 1) -> FileTranscript:
