@@ -226,3 +226,15 @@ def test_add_reverb_keeps_shape_dtype_and_loudness_but_smears_the_signal():
     assert float(out.pow(2).mean()) == pytest.approx(float(wave.pow(2).mean()), rel=1e-4)
     assert (out[0, 1000:].abs() > 1e-4).sum() > 0.1 * SAMPLE_RATE_HZ  # energy spread over > 100 ms
     assert out[0, :1000].abs().max() < 1e-5  # causal: nothing before the impulse
+
+
+def test_a_subset_plan_keeps_the_full_corpus_sentence_separation(tmp_path):
+    from voxloop.trainer.corpus import CorpusConfig, plan_subset
+
+    config = CorpusConfig(out_dir=tmp_path / "c", num_sentences=400, dev_fraction=0.1, test_fraction=0.05)
+    subset = plan_subset(config, {"train": 30, "dev": 12})
+    full_train = {job.sentence.text for job in plan_subset(config, {"train": 10**6})}
+    assert [job.split for job in subset] == ["train"] * 30 + ["dev"] * 12
+    assert all(job.sentence.text in full_train for job in subset if job.split == "train")
+    assert not any(job.sentence.text in full_train for job in subset if job.split == "dev")
+    assert all(job.wav_path.is_relative_to(tmp_path / "c") for job in subset)

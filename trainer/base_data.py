@@ -10,8 +10,9 @@ Where the corpus comes from: `corpus_dir` when it holds train.jsonl and dev.json
 corpus `voxloop pretrain corpus` builds, ~4.5 min); otherwise a small corpus synthesized once with
 espeak-ng and flite (`fallback_sentences` sentences, seed 0, ~20 s on 2 cores) under
 `<data_dir>/trainer/base-corpus`, so a fresh clone or a deployed server without the corpus still
-gates against a fixed anchor set. The fallback is built with the same synthesizer and text
-normalization as the real corpus, from the same sentence source.
+gates against a fixed anchor set. The fallback is the first utterances of each split of the real
+corpus's own plan (same sentences, voices, speeds), so its dev split, hence the anchor, holds
+sentences the base model never trained on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .tokenizer import encode_targets, make_tokenizer
 log = logging.getLogger(__name__)
 
 FALLBACK_CORPUS_DIR = "base-corpus"
+FALLBACK_DEV_SHARE = 0.2
+"""Share of the fallback corpus's sentences in its dev split (the anchor set draws from it)."""
 ANCHOR_SEED = 0
 REPLAY_SEED = 1
 
@@ -56,7 +59,7 @@ def ensure_corpus(corpus_dir: Path | None, trainer_dir: Path, fallback_sentences
     fallback = trainer_dir / FALLBACK_CORPUS_DIR
     if has_corpus(fallback) and (fallback / "corpus.json").is_file():
         return fallback
-    from .corpus import CorpusConfig, build_corpus  # imports the synthesizers only when needed
+    from .corpus import CorpusConfig, build_corpus, plan_subset  # imports the synthesizers only when needed
 
     log.warning("no corpus at %s: synthesizing a small anchor/replay corpus (%d sentences) in %s",
                 corpus_dir, fallback_sentences, fallback)
@@ -65,8 +68,11 @@ def ensure_corpus(corpus_dir: Path | None, trainer_dir: Path, fallback_sentences
         import shutil
 
         shutil.rmtree(partial)
-    build_corpus(CorpusConfig(out_dir=partial, num_sentences=fallback_sentences, dev_fraction=0.2,
-                              test_fraction=0.02, workers=2, seed=0))
+    # Utterances of the base corpus's own plan (CorpusConfig defaults, as `voxloop pretrain corpus`
+    # builds it): the anchor (dev) then reads sentences the base model never trained on.
+    base = CorpusConfig(out_dir=partial, workers=2, seed=0)
+    n_dev = max(1, round(FALLBACK_DEV_SHARE * fallback_sentences))
+    build_corpus(base, plan_subset(base, {"train": fallback_sentences - n_dev, "dev": n_dev}))
     partial.rename(fallback)  # corpus.json is written last, the rename makes it visible whole
     return fallback
 

@@ -489,8 +489,21 @@ def load_manifest(path: Path) -> list[Utterance]:
     return utterances
 
 
-def build_corpus(config: CorpusConfig) -> Path:
-    """Synthesize the corpus described by `config`; returns the corpus (manifest) directory."""
+def plan_subset(config: CorpusConfig, per_split: dict[str, int]) -> list[_Job]:
+    """The first `per_split[split]` utterances of each split of `config`'s full plan, under config.out_dir.
+
+    A small corpus that keeps the full corpus's sentence separation: its dev and test utterances read
+    sentences the full corpus (and so a model trained on it) never trained on. For build_corpus(jobs=...).
+    """
+    unknown = set(per_split) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}; splits are {SPLITS}")
+    plan = _plan_jobs(config, load_sentences(config))
+    return [job for split, count in per_split.items() for job in [j for j in plan if j.split == split][:count]]
+
+
+def build_corpus(config: CorpusConfig, jobs: list[_Job] | None = None) -> Path:
+    """Synthesize the corpus described by `config` (or only `jobs` of it, see plan_subset); returns its directory."""
     out_dir = config.out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} is not empty; remove it or choose another directory")
@@ -498,7 +511,7 @@ def build_corpus(config: CorpusConfig) -> Path:
 
     # 1. Sentences and the full plan of who reads what.
     sentences = load_sentences(config)
-    jobs = _plan_jobs(config, sentences)
+    jobs = _plan_jobs(config, sentences) if jobs is None else jobs
     logger.info("synthesizing %d utterances of %d sentences with %d workers",
                 len(jobs), len(sentences), config.workers)  # fmt: skip
 
