@@ -14,8 +14,10 @@ from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import child_version_name, is_heldout, lineage_base, run_cycle
 from voxloop.trainer.evaluate import EvalSummary
 from voxloop.trainer.gate import decide
+from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 from voxloop.trainer.ppo import PPOConfig
 from voxloop.trainer.rewards import REJECTED_REWARD, edit_reward, feedback_item
+from voxloop.trainer.update import collect_rollout, path_text
 
 torch.set_num_threads(1)
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
@@ -72,10 +74,27 @@ def test_each_feedback_kind_maps_to_its_reward_and_target(tmp_path):
     rejection = items[FeedbackKind.REJECTION]
     assert rejection.target is None and rejection.reference is None
     assert rejection.reward("wrong words") == REJECTED_REWARD and rejection.reward("other words") == 0.0
+    assert rejection.alternatives == ("wrong words",)
     choice = items[FeedbackKind.CHOICE]
     assert choice.target == "wreck a nice beach"
     assert choice.reward("wreck a nice beach") == 0.0 and choice.reward("recognise speech") < -0.3
     assert choice.alternatives == ("recognise speech", "wreck a nice beach")
+
+
+def test_a_rejected_transcript_joins_its_group_and_is_pushed_below_the_others(tmp_path):
+    # The shown text is the server's beam search output, which sampled CTC paths rarely spell exactly:
+    # without its alignment in the group every candidate scores 0 and the rejection teaches nothing.
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        add_feedback(store, tone("a", seconds=2.0), kind="rejection", hypothesis="the wrong words")
+        item = feedback_item(store.pending_feedback(1)[0])
+    torch.manual_seed(0)
+    policy = VoxloopForCTC(VoxloopCTCConfig(num_layers=2, d_model=64, num_heads=2, ff_multiplier=2, dropout=0.0))
+    rollout = collect_rollout(policy, [item], PPOConfig(samples_per_utterance=4), torch.Generator().manual_seed(0))
+    group = rollout.items[0]
+    texts = [path_text(p, policy.config.vocabulary) for p in group.paths]
+    rejected = texts.index("the wrong words")
+    assert group.rewards[rejected] == REJECTED_REWARD
+    assert group.advantages[rejected] < 0 < group.advantages[0]
 
 
 # --- gate ------------------------------------------------------------------------------------------

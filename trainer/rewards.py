@@ -13,7 +13,10 @@ SubmitCorrection); this module only maps each kind of feedback onto them:
 A choice is a preference: the candidates of its group include the alignment of every alternative
 shown, so the chosen one (reward 0) is pushed up and the others (reward < 0) down, relative to the
 group mean -- hypothesis selection as RL for ASR. A rejection only says "not this": its reward is
--1 for the shown text and 0 for anything else, which no supervised loss can express.
+-1 for the shown text and 0 for anything else, which no supervised loss can express. The shown text
+comes from the server's lexicon + LM beam search, so a sampled CTC path almost never spells it
+exactly: its alignment joins the group too, or every candidate would score 0 and the rejection would
+carry no signal at all.
 Edits are counted in characters (`unit="char"`, spaces included) or words (`unit="word"`).
 """
 
@@ -55,7 +58,8 @@ class FeedbackItem:
     target: str | None
     """Supervised target (normalized), None for a rejection."""
     alternatives: tuple[str, ...] = ()
-    """Texts whose CTC alignments join the candidate group (a choice's n-best), normalized."""
+    """Texts whose CTC alignments join the candidate group (a choice's n-best, a rejection's shown
+    transcript), normalized."""
 
     def reward(self, hypothesis: str, unit: RewardUnit = "char") -> float:
         if self.kind is FeedbackKind.REJECTION:
@@ -83,6 +87,7 @@ def feedback_item(pending: PendingFeedback) -> FeedbackItem:
         target = shown
     elif fb.kind is FeedbackKind.REJECTION:
         target = None
+        alternatives = (shown,) if shown else ()
     elif fb.kind is FeedbackKind.CHOICE:
         alternatives = tuple(normalize_text(a) for a in utterance.alternatives or ())
         if fb.chosen_index is None or not 0 <= fb.chosen_index < len(alternatives):
