@@ -21,13 +21,14 @@ from voxloop.v1 import feedback_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, Identity, RateLimited, Unauthenticated
 from .feedback import FeedbackIntake
+from .status import StatusTable, abort_with
 from .store import FeedbackStats, InvalidFeedback, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 
 FEEDBACK_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Feedback"].full_name
 
-_STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+_STATUS_OF: StatusTable = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidFeedback, grpc.StatusCode.INVALID_ARGUMENT),
@@ -60,13 +61,7 @@ class FeedbackServicer(pb_grpc.FeedbackServicer):
             caller = self._auth.identify(context)
             return await asyncio.get_running_loop().run_in_executor(self._executor, work, caller)
         except Exception as e:
-            for error_type, code in _STATUS_OF:
-                if isinstance(e, error_type):
-                    await context.abort(code, str(e))
-            log.error("internal error in a feedback call", exc_info=e)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error ({type(e).__name__}); the server logged the details")
-            raise  # unreachable: abort raises
+            await abort_with(context, e, _STATUS_OF, "a feedback call")
 
     async def SubmitCorrection(self, request: pb.SubmitCorrectionRequest,
                                context: grpc.aio.ServicerContext) -> pb.SubmitCorrectionResponse:

@@ -21,6 +21,7 @@ from voxloop.v1 import model_admin_pb2_grpc as pb_grpc
 from .auth import Authenticator, Identity, Unauthenticated
 from .registry import Registry, RegistryError, validate_version
 from .servicer import headline_metrics
+from .status import StatusTable, abort_with
 from .watcher import ModelWatcher, NotPossible, UnknownVersion
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class PermissionDenied(Exception):
     """The caller is not an admin (-> PERMISSION_DENIED)."""
 
 
-_STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+_STATUS_OF: StatusTable = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (UnknownVersion, grpc.StatusCode.NOT_FOUND),
@@ -111,13 +112,7 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
                                        "tokens file); pass it with --token or $VOXLOOP_TOKEN")
             return await work(caller)
         except Exception as e:
-            for error_type, code in _STATUS_OF:
-                if isinstance(e, error_type):
-                    await context.abort(code, str(e))
-            log.error("internal error in a model admin call", exc_info=e)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error ({type(e).__name__}); the server logged the details")
-            raise  # unreachable: abort raises
+            await abort_with(context, e, _STATUS_OF, "a model admin call")
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

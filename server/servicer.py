@@ -29,6 +29,7 @@ from .auth import ANONYMOUS_USER, Authenticator, Identity, Unauthenticated
 from .batcher import ModelUnavailable, ServingModel
 from .config import ServerConfig
 from .decoder import WordTiming
+from .status import StatusTable, abort_with
 from .stream import (
     EndOfSingleUtterance,
     ModelLeases,
@@ -61,7 +62,7 @@ class ShuttingDown(Exception):
     """The server is draining for shutdown (-> UNAVAILABLE)."""
 
 
-_STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+_STATUS_OF: StatusTable = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -70,14 +71,6 @@ _STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
-
-
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    for error_type, code in _STATUS_OF:
-        if isinstance(error, error_type):
-            return code, str(error)
-    log.error("internal error", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the server logged the details"
 
 
 class StreamSlots:
@@ -236,8 +229,7 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
         except ClientGone as e:
             log.debug("stream ended by the client: %s", e)
         except Exception as e:  # asyncio.CancelledError (the client cancelled) is not an Exception
-            code, details = status_of(e)
-            await context.abort(code, details)
+            await abort_with(context, e, _STATUS_OF, "a recognition call")
 
     async def _read(self, context: grpc.aio.ServicerContext) -> pb.StreamingRecognizeRequest | None:
         """The next request, None at the client's half-close."""
@@ -315,8 +307,7 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
                 return pb.RecognizeResponse(results=[recognize_result(e) for e in finals],
                                             total_audio_seconds=stream.received_s)
         except Exception as e:
-            code, details = status_of(e)
-            await context.abort(code, details)
+            await abort_with(context, e, _STATUS_OF, "a recognition call")
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:

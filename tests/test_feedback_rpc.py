@@ -182,6 +182,25 @@ def test_correction_for_unknown_utterance_is_not_found(alice):
     assert error_code(lambda: alice.accept_transcript("no-such-utterance")) == "NOT_FOUND"
 
 
+def test_a_bug_in_feedback_intake_is_internal_without_internals_and_the_server_keeps_serving(
+        alice, monkeypatch, caplog):
+    from voxloop.server.feedback import FeedbackIntake
+
+    utterance_id, _ = stream_utterance(alice, seed=7)
+
+    def broken(*args, **kwargs):
+        raise KeyError("store internals")
+
+    monkeypatch.setattr(FeedbackIntake, "submit_correction", broken)
+    with pytest.raises(VoxloopError) as raised:
+        alice.submit_correction(utterance_id, "hello")
+    assert raised.value.code == "INTERNAL"
+    assert "KeyError" in str(raised.value) and "store internals" not in str(raised.value)
+    assert any("internal error in a feedback call" in r.getMessage() and r.exc_info for r in caplog.records)
+    monkeypatch.undo()
+    assert alice.submit_correction(utterance_id, "hello").normalized_text == "hello"
+
+
 def test_correction_for_an_expired_utterance_is_not_found(alice, store):
     utterance_id, _ = stream_utterance(alice, seed=5)
     alice.accept_transcript(utterance_id)  # written by now
