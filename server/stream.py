@@ -109,9 +109,9 @@ class RecognitionResult:
     end_s: float
     """Where it ends (so far) in the stream."""
     endpoint: EndpointRule | None = None
+    """Finals: the rule that ended the utterance; None when the stream ended."""
     alternatives: tuple[Hypothesis, ...] = ()
     """Finals: the n-best, best first (alternatives[0] is `hypothesis`); interims: empty."""
-    """Finals: the rule that ended the utterance; None when the stream ended."""
 
 
 @dataclass(frozen=True)
