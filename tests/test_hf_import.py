@@ -63,3 +63,68 @@ def test_hf_export_matches_torch(tiny_hf_checkpoint, tmp_path):
         expected, _ = wrapper(audio, history)
     actual, _ = session.run(None, {"audio": audio.numpy(), "audio_history": history.numpy()})
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4)
+
+
+# --- the same train path: publish the checkpoint as a version, then fine-tune it online ---------------
+
+
+@pytest.fixture(scope="module")
+def hf_version_dir(tiny_hf_checkpoint, tmp_path_factory) -> Path:
+    from voxloop.clients.cli import main
+
+    out = tmp_path_factory.mktemp("hf-version") / "hf-0001"
+    assert main(["export", "--checkpoint", str(tiny_hf_checkpoint), "--out", str(out), "--version", "hf-0001"]) == 0
+    return out
+
+
+def test_voxloop_export_publishes_an_hf_checkpoint_as_a_complete_version(hf_version_dir, tmp_path):
+    from voxloop.server.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    registry.seed_from(hf_version_dir)
+    card = registry.verify("hf-0001")  # every file's sha256 matches the card
+    assert card["format"] == WINDOWED_FORMAT and card["model"]["architecture"] == "Wav2Vec2ForCTC"
+    assert card["parity"]["max_abs_logprob_diff"] <= 1e-4 and card["parity"]["greedy_transcripts_equal"]
+    assert len(card["parity"]["lengths_s"]) == 2
+    assert is_hf_ctc_checkpoint(hf_version_dir / "policy")  # what the trainer starts from
+    assert "policy/vocab.json" in card["files"]
+
+
+def test_the_online_trainer_fine_tunes_an_hf_checkpoint_and_publishes_a_windowed_version(hf_version_dir, tmp_path):
+    from trainer_support import add_feedback, tone, write_corpus
+    from voxloop.server.model import OnnxModel
+    from voxloop.server.registry import Registry
+    from voxloop.server.store import FeedbackStore
+    from voxloop.trainer.config import TrainerConfig
+    from voxloop.trainer.cycle import run_cycle
+    from voxloop.trainer.hf_import import HfCtcPolicy
+    from voxloop.trainer.ppo import PPOConfig
+    from voxloop.trainer.state import TrainerState
+
+    torch.set_num_threads(1)
+    registry = Registry(tmp_path / "registry")
+    registry.seed_from(hf_version_dir)
+    rows = [(w, tone(w, seconds=1.5, seed=i)) for i, w in enumerate("abcabc")]
+    corpus = write_corpus(tmp_path / "corpus", {"train": rows, "dev": rows[:3]})
+    ppo = PPOConfig(epochs=8, minibatch_size=8, learning_rate=3e-3, replay_per_minibatch=2, samples_per_utterance=4)
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
+                           replay_pool_size=6, max_anchor_regression=1.0, max_total_anchor_regression=1.0, ppo=ppo)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        ids = [add_feedback(store, tone(w, seconds=1.5, seed=10 + i), text=w) for i, w in enumerate("abcabcab")]
+        report = run_cycle(store, registry, config)
+        assert report.outcome == "published", report.gate
+        assert sorted(store.get_cycle(report.cycle_id).feedback_ids) == sorted(ids)
+    assert report.reward_after["sampled"] > report.reward_before["sampled"]
+    child = report.version_out
+    assert registry.current_version() == child == "hf-0001-c0001"
+    card = registry.verify(child)
+    assert card["format"] == WINDOWED_FORMAT and card["parent_version"] == "hf-0001"
+    assert card["parity"]["max_abs_logprob_diff"] <= 1e-4
+    before = Wav2Vec2ForCTC.from_pretrained(hf_version_dir / "policy").state_dict()
+    after = Wav2Vec2ForCTC.from_pretrained(registry.version_dir(child) / "policy").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    resumed = TrainerState.load(config.trainer_dir, registry, config.ppo)  # the trainer's checkpoint
+    assert isinstance(resumed.policy, HfCtcPolicy) and resumed.version == child
+    assert all(torch.equal(after[k], v) for k, v in resumed.policy.model.state_dict().items())
+    served = OnnxModel(registry.version_dir(child) / "model.onnx")  # what the server's watcher loads
+    assert served.version == child and served.spec.vocabulary[6] == "a"

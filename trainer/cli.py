@@ -37,7 +37,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_pretrain_train)
 
     export = subparsers.add_parser("export", help="export a checkpoint to ONNX, check parity, write a model card")
-    export.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN_DIR / "best")
+    export.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN_DIR / "best",
+                        help="a voxloop pretraining checkpoint, or a local Hugging Face CTC checkpoint directory "
+                             "(e.g. Wav2Vec2ForCTC with its vocab.json)")
     export.add_argument("--out", type=Path, required=True, help="version directory to write (e.g. models/base)")
     export.add_argument("--version", required=True)
     export.add_argument("--corpus", type=Path, default=None, help="evaluate the test splits of this corpus")

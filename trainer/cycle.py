@@ -53,12 +53,12 @@ from ..server.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .evaluate import EvalSummary
-from .export import ParityError, check_parity, export_onnx
+from .export import ParityError
 from .gate import AnchorScores, GateDecision, decide, score_onnx
+from .policies import check_policy_parity, export_policy, save_policy
 from .release import POLICY_DIR
 from .rewards import FeedbackItem, feedback_item
 from .state import TrainerState, clear_intent, read_intent, write_intent
-from .tokenizer import make_tokenizer
 from .update import collect_rollout, mean_rewards, ppo_update
 
 log = logging.getLogger(__name__)
@@ -289,10 +289,10 @@ def run_cycle(
         cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
         version = child_version_name(registry, parent, cycle_number)
         # 5. export + parity
-        onnx_path = export_onnx(state.policy, staging / MODEL_FILE, version)
+        onnx_path = export_policy(state.policy, staging / MODEL_FILE, version)
         parity_ok, parity_diff, parity_dict = True, None, None
         try:
-            parity = check_parity(state.policy, onnx_path)
+            parity = check_policy_parity(state.policy, onnx_path)
             parity_diff, parity_dict = parity.max_abs_logprob_diff, parity.as_dict()
         except ParityError as e:
             log.error("candidate %s: %s", version, e)
@@ -349,8 +349,7 @@ def run_cycle(
             _set_metrics(report, decision, parity_diff)
             return report
         # 7. publish (not yet active)
-        state.policy.save_pretrained(staging / POLICY_DIR)
-        make_tokenizer(state.policy.config.vocabulary).save_pretrained(staging / POLICY_DIR)
+        save_policy(state.policy, staging / POLICY_DIR)
         files = {MODEL_FILE: onnx_path}
         files.update({str(p.relative_to(staging)): p for p in sorted((staging / POLICY_DIR).rglob("*")) if p.is_file()})
         files.update(decoder_files)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .export import _onnx_session, greedy_ctc_text
+from .hf_import import WINDOWED_FORMAT
 from .model import VoxloopForCTC
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray],
     session = _onnx_session(onnx_path)
     meta = session.get_modelmeta().custom_metadata_map
     vocabulary = json.loads(meta["voxloop.vocabulary"])
+    if meta.get("voxloop.format") == WINDOWED_FORMAT:
+        return _windowed_log_probs(session, meta), vocabulary
     layers, d = int(meta["voxloop.num_layers"]), int(meta["voxloop.d_model"])
     cache_frames, conv_frames = int(meta["voxloop.cache_frames"]), int(meta["voxloop.conv_cache_frames"])
 
@@ -86,6 +89,26 @@ def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray],
         return log_probs[0]
 
     return forward, vocabulary
+
+
+def _windowed_log_probs(session, meta) -> Callable[[np.ndarray], np.ndarray]:
+    """A windowed-ctc/1 graph attends over its audio history, not the utterance: decode it as the server
+    does, chunk by chunk from an empty history (the last, shorter piece too, if it holds a frame)."""
+    chunk, hop = int(meta["voxloop.chunk_samples"]), int(meta["voxloop.hop_samples"])
+    empty_history = np.zeros((1, int(meta["voxloop.history_samples"])), np.float32)
+
+    def forward(samples: np.ndarray) -> np.ndarray:
+        history, pieces = empty_history, []
+        for start in range(0, len(samples), chunk):
+            piece = samples[None, start : start + chunk].astype(np.float32)
+            if piece.shape[1] < hop:
+                break
+            log_probs, history = session.run(["log_probs", "next_audio_history"],
+                                             {"audio": piece, "audio_history": history})
+            pieces.append(log_probs[0])
+        return np.concatenate(pieces) if pieces else np.zeros((0, len(json.loads(meta["voxloop.vocabulary"]))))
+
+    return forward
 
 
 def onnx_transcriber(onnx_path: Path) -> Transcriber:

@@ -72,9 +72,14 @@ class StreamingExportWrapper(nn.Module):
 
 
 def serving_vocabulary(vocabulary: list[str]) -> list[str]:
-    """The vocabulary as the server prints it: the word delimiter is a space, <unk> prints nothing."""
-    mapping = {WORD_DELIMITER_TOKEN: " ", UNK_TOKEN: ""}
-    return [mapping.get(token, token) for token in vocabulary]
+    """The vocabulary as the server prints it: the word delimiter is a space, <unk> and any other
+    <special> token print nothing; the blank (index 0, never printed) keeps its name."""
+    def printed(token: str) -> str:
+        if token == WORD_DELIMITER_TOKEN:
+            return " "
+        return "" if token == UNK_TOKEN or (len(token) > 2 and token[0] == "<" and token[-1] == ">") else token
+
+    return [vocabulary[0], *(printed(t) for t in vocabulary[1:])]
 
 
 def model_metadata(model: VoxloopForCTC, version: str) -> dict[str, str]:

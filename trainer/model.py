@@ -380,6 +380,10 @@ class VoxloopForCTC(VoxloopPreTrainedModel):
         self.ctc_head = nn.Linear(config.d_model, len(config.vocabulary))
         self.post_init()
 
+    def frames_for(self, num_samples: torch.Tensor | int) -> torch.Tensor | int:
+        """Encoder frames of `num_samples` samples of audio (what the CTC loss and masks count)."""
+        return encoder_frames_for(num_samples, self.config)
+
     def initial_state(self, batch_size: int) -> StreamingState:
         c = self.config
         return StreamingState(

@@ -14,9 +14,16 @@ from pathlib import Path
 from ..server.registry import CARD_FILE, MODEL_FILE, sha256_file
 from .data import read_manifest
 from .evaluate import evaluate, onnx_transcriber
-from .export import check_parity, export_onnx
-from .model import VoxloopForCTC
-from .tokenizer import make_tokenizer
+from .hf_import import HfCtcPolicy
+from .policies import (
+    Policy,
+    check_policy_parity,
+    export_policy,
+    load_policy_dir,
+    policy_card,
+    policy_format,
+    save_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +83,20 @@ def build_release(
 
     Raises ParityError (and writes nothing) if the ONNX graph does not match torch.
     """
-    model = VoxloopForCTC.from_pretrained(checkpoint_dir).eval()
+    model = load_policy_dir(checkpoint_dir).eval()
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp)
-        onnx_path = export_onnx(model, staging / MODEL_FILE, version)
-        parity = check_parity(model, onnx_path)
-        model.save_pretrained(staging / POLICY_DIR)
-        make_tokenizer(model.config.vocabulary).save_pretrained(staging / POLICY_DIR)
+        onnx_path = export_policy(model, staging / MODEL_FILE, version)
+        parity = check_policy_parity(model, onnx_path)
+        save_policy(model, staging / POLICY_DIR)
         card = {
             "version": version,
             "parent_version": parent_version,
-            "format": "streaming-ctc/1",
-            "model": {
-                "architecture": "log-mel (in graph) + 4x frame stacking + chunked causal Conformer + CTC",
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "config": model.config.to_diff_dict(),
-                "streaming_chunk_ms": model.config.chunk_frames * model.config.frame_shift_s * 1000,
-            },
+            "format": policy_format(model),
+            "model": policy_card(model),
             "parity": parity.as_dict(),
-            "rebuild": list(REBUILD_COMMANDS),
+            "rebuild": ([f"voxloop export --checkpoint {checkpoint_dir} --out OUT --version {version}"]
+                        if isinstance(model, HfCtcPolicy) else list(REBUILD_COMMANDS)),
             **(extra_card or {}),
         }
         if (training := training_summary(checkpoint_dir)) is not None:
@@ -115,9 +117,9 @@ def build_release(
     return card
 
 
-def load_policy(version_dir: Path) -> VoxloopForCTC:
+def load_policy(version_dir: Path) -> Policy:
     """The torch policy of a registry version (what PPO fine-tunes and uses as its frozen reference)."""
     policy = version_dir / POLICY_DIR
     if not policy.is_dir():
         raise FileNotFoundError(f"{version_dir} has no {POLICY_DIR}/ (torch weights); re-export it")
-    return VoxloopForCTC.from_pretrained(policy)
+    return load_policy_dir(policy)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..server.registry import Registry, atomic_write_text
-from .model import VoxloopForCTC
+from .policies import Policy, load_policy_dir
 from .ppo import AdaptiveKLController, PPOConfig
 from .release import load_policy
 
@@ -33,14 +33,14 @@ STATE_FILE = "trainer_state.pt"
 INTENT_FILE = "intent.json"
 
 
-def make_optimizer(policy: VoxloopForCTC, config: PPOConfig) -> torch.optim.Optimizer:
+def make_optimizer(policy: Policy, config: PPOConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                              betas=(0.9, 0.98))
 
 
 @dataclass
 class TrainerState:
-    policy: VoxloopForCTC
+    policy: Policy
     optimizer: torch.optim.Optimizer
     kl_controller: AdaptiveKLController
     version: str
@@ -59,7 +59,7 @@ class TrainerState:
         if saved is not None:
             kl.value = float(saved["kl_coef"])
         if saved is not None and saved["version"] == current:
-            policy = VoxloopForCTC.from_pretrained(checkpoint / POLICY_SUBDIR)
+            policy = load_policy_dir(checkpoint / POLICY_SUBDIR)
             optimizer = make_optimizer(policy, config)
             optimizer.load_state_dict(saved["optimizer"])
             log.info("trainer resumed from %s (version %s, kl_coef %.4f)", checkpoint, current, kl.value)

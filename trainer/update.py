@@ -29,7 +29,8 @@ import torch
 
 from .data import IGNORE_INDEX
 from .export import serving_vocabulary
-from .model import VoxloopForCTC, ctc_loss, encoder_frames_for
+from .model import ctc_loss
+from .policies import Policy
 from .ppo import (
     AdaptiveKLController,
     PPOConfig,
@@ -119,12 +120,12 @@ def _batch_audio(samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
 
 
 def forward_log_probs(
-    policy: VoxloopForCTC, samples: Sequence[np.ndarray]
+    policy: Policy, samples: Sequence[np.ndarray]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded batch forward: logits (B, T, V), log-probs (B, T, V), frame lengths (B,)."""
     audio, lengths = _batch_audio(samples)
     logits = policy(audio, input_lengths=lengths).logits
-    return logits, torch.log_softmax(logits.float(), -1), encoder_frames_for(lengths, policy.config)
+    return logits, torch.log_softmax(logits.float(), -1), policy.frames_for(lengths)
 
 
 def _labels(target_ids: Sequence[list[int]]) -> torch.Tensor:
@@ -136,7 +137,7 @@ def _labels(target_ids: Sequence[list[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_rollout(
-    policy: VoxloopForCTC,
+    policy: Policy,
     items: Sequence[FeedbackItem],
     config: PPOConfig,
     generator: torch.Generator,
@@ -202,7 +203,7 @@ def collect_rollout(
 
 
 @torch.no_grad()
-def mean_rewards(policy: VoxloopForCTC, items: Sequence[FeedbackItem], config: PPOConfig,
+def mean_rewards(policy: Policy, items: Sequence[FeedbackItem], config: PPOConfig,
                  generator: torch.Generator) -> tuple[float, float]:
     """(sampled, greedy) mean reward of the policy on `items`: the before/after figure of a cycle."""
     rollout = collect_rollout(policy, items, config, generator)
@@ -237,7 +238,7 @@ ReplaySampler = Callable[[int, random.Random], list[tuple[np.ndarray, list[int]]
 
 
 def ppo_update(
-    policy: VoxloopForCTC,
+    policy: Policy,
     optimizer: torch.optim.Optimizer,
     kl_controller: AdaptiveKLController,
     rollout: Rollout,
