@@ -53,8 +53,9 @@ from voxloop.clients.demo import (
     user_token,
     wait_for_version,
 )
+from voxloop.trainer.corpus import load_manifest
 from voxloop.trainer.evaluate import error_rates
-from voxloop.trainer.scenario import ScenarioConfig, build_scenario, load_scenario
+from voxloop.trainer.scenario import Scenario, ScenarioConfig, build_scenario, load_scenario
 
 OBJECTIVES = ("ppo", "sft", "ppo+sft")
 KINDS = ("correct", "reject", "choice")
@@ -64,6 +65,23 @@ BATCH = 16
 """Feedback items per training cycle (issue #5)."""
 CHOICE_ALTERNATIVES = 4
 SWAP_TIMEOUT_S = 120.0
+WAREHOUSE_TITLE = "warehouse domain, held-out voices"
+VOICE_SPLIT = "test_heldout_flite"
+"""The voice scenario's speech: the base corpus's test sentences read by the flite voice held out of training."""
+VOICE_ANCHOR_FROM = 400
+"""The voice scenario's anchor: base `test` utterances from here on (other sentences than its feedback and test)."""
+
+
+def voice_scenario(corpus: Path, feedback: int, test: int, anchor: int) -> Scenario:
+    """A scenario of a new voice on words the model knows: base-corpus test sentences (their words are
+    mostly in the lexicon, so the n-best often holds the fix) read by the held-out flite voice; feedback
+    and test are other sentences; the anchor is the base `test` split (training voices) on others still."""
+    voice = load_manifest(corpus / f"{VOICE_SPLIT}.jsonl")
+    base = load_manifest(corpus / "test.jsonl")
+    if len(voice) < feedback + test or len(base) < VOICE_ANCHOR_FROM + anchor or feedback + test > VOICE_ANCHOR_FROM:
+        raise ValueError(f"{corpus} is too small for {feedback} feedback + {test} test + {anchor} anchor utterances")
+    return Scenario(corpus, tuple(voice[:feedback]), tuple(voice[feedback : feedback + test]),
+                    tuple(base[VOICE_ANCHOR_FROM : VOICE_ANCHOR_FROM + anchor]), frozenset())
 
 
 @dataclass(frozen=True)
@@ -185,9 +203,14 @@ def run_arm(arm: Arm, scenario, points: tuple[int, ...], home: Path, corpus: Pat
     return result
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def _print_point(arm: Arm, point: Point) -> None:
     print(f"  [{arm.name}] {point.feedback:3d} feedback: domain WER {point.domain.wer:.1%}, target words "
-          f"{point.domain.target_accuracy:.1%}, anchor WER {point.anchor.wer:.1%} ({point.version})", flush=True)
+          f"{_percent(point.domain.target_accuracy)}, anchor WER {point.anchor.wer:.1%} ({point.version})",
+          flush=True)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -197,7 +220,7 @@ def tables(results: list[ArmResult], points: tuple[int, ...]) -> list[str]:
              "|---|" + "---|" * len(points)]
     for result in results:
         by_point = {p.feedback: p for p in result.points}
-        cells = [f"{by_point[p].domain.wer:.1%} / {by_point[p].domain.target_accuracy:.1%} / "
+        cells = [f"{by_point[p].domain.wer:.1%} / {_percent(by_point[p].domain.target_accuracy)} / "
                  f"{by_point[p].anchor.wer:.1%}" if p in by_point else "-" for p in points]
         lines.append(f"| {result.arm} | " + " | ".join(cells) + " |")
     lines += ["", "| arm | domain WER change at the last point | anchor WER change | cycles published/gated | "
@@ -223,7 +246,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def plot(results: list[ArmResult], path: Path) -> None:
+def plot(results: list[ArmResult], path: Path, title: str = WAREHOUSE_TITLE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,14 +256,15 @@ def plot(results: list[ArmResult], path: Path) -> None:
     for result in results:
         xs = [p.feedback for p in result.points]
         axes[0].plot(xs, [100 * p.domain.wer for p in result.points], marker="o", label=result.arm)
-        axes[1].plot(xs, [100 * p.domain.target_accuracy for p in result.points], marker="o", label=result.arm)
+        if all(p.domain.target_accuracy is not None for p in result.points):
+            axes[1].plot(xs, [100 * p.domain.target_accuracy for p in result.points], marker="o", label=result.arm)
         axes[2].plot(xs, [100 * p.anchor.wer for p in result.points], marker="o", label=result.arm)
     for axis, title in zip(axes, ("domain-test WER (%)", "target-word accuracy (%)", "anchor WER (%)"), strict=True):
         axis.set_title(title)
         axis.set_xlabel("feedback items")
         axis.grid(alpha=0.3)
     axes[0].legend()
-    figure.suptitle("voxloop adaptation: warehouse domain, held-out voices (bench/adaptation.py)")
+    figure.suptitle(f"voxloop adaptation: {title} (bench/adaptation.py)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -274,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default=",".join(map(str, DEFAULT_POINTS)),
                         help="feedback counts to measure at (multiples of 16, 0 first)")
     parser.add_argument("--scenario", type=Path, default=Path("runs/scenario"), help="scenario dir (built if missing)")
+    parser.add_argument("--scenario-kind", choices=("warehouse", "voice"), default="warehouse",
+                        help="warehouse: new words (trainer/scenario.py); voice: a held-out voice on the base "
+                             "corpus's own test sentences (needs --corpus)")
     parser.add_argument("--corpus", type=Path, default=Path("corpus"),
                         help="base corpus for the trainer's anchor and replay (missing: it synthesizes a small one)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-adaptation"))
@@ -291,12 +318,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--points must start at 0 and be multiples of {BATCH}")
     logging.basicConfig(level=logging.WARNING)
 
-    scenario_config = ScenarioConfig(out_dir=args.scenario, feedback_utterances=args.feedback_utterances,
-                                     test_utterances=args.test_utterances, anchor_utterances=args.anchor_utterances)
-    scenario = load_scenario(build_scenario(scenario_config))
     corpus = args.corpus if (args.corpus / "train.jsonl").is_file() else None
+    if args.scenario_kind == "voice":
+        if corpus is None:
+            parser.error(f"--scenario-kind voice needs a built corpus at --corpus ({args.corpus})")
+        scenario = voice_scenario(corpus, args.feedback_utterances, args.test_utterances, args.anchor_utterances)
+        title = f"held-out voice ({VOICE_SPLIT}) on known words"
+    else:
+        scenario_config = ScenarioConfig(out_dir=args.scenario, feedback_utterances=args.feedback_utterances,
+                                         test_utterances=args.test_utterances,
+                                         anchor_utterances=args.anchor_utterances)
+        scenario = load_scenario(build_scenario(scenario_config))
+        title = WAREHOUSE_TITLE
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"scenario {args.scenario}: {len(scenario.feedback)} feedback, {len(scenario.test)} test, "
+    print(f"scenario {scenario.directory}: {len(scenario.feedback)} feedback, {len(scenario.test)} test, "
           f"{len(scenario.anchor)} anchor utterances; corpus {corpus or '(trainer fallback)'}; "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
     results = []
@@ -308,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_arm(arm, scenario, points, home, corpus.resolve() if corpus else None))
         print(f"arm {arm.name} done in {time.monotonic() - started:.0f} s", flush=True)
         (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
-        plot(results, args.out / "adaptation.png")
+        plot(results, args.out / "adaptation.png", title)
     print("\nFor docs/benchmarks.md:\n")
     print("\n".join(tables(results, points)))
     print(f"\nplot: {args.out / 'adaptation.png'}; results: {args.out / 'results.json'}")

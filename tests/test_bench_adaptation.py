@@ -56,3 +56,28 @@ def test_results_json_round_trips_for_merging_runs(bench, tmp_path):
     path.write_text(json.dumps([dataclasses.asdict(result)]))
 
     assert bench.load_results(path) == [result]
+
+
+def test_voice_scenario_splits_the_held_out_voice_by_sentence_and_anchors_on_other_sentences(bench, tmp_path):
+    import json
+
+    for split, voice in (("test_heldout_flite", "flite:rms"), ("test", "espeak-ng:en")):
+        with (tmp_path / f"{split}.jsonl").open("w") as f:
+            for i in range(bench.VOICE_ANCHOR_FROM + 10):
+                f.write(json.dumps({"id": f"{split}-{i}", "path": f"{split}/{i}.wav", "text": f"sentence {i}",
+                                    "raw_text": f"Sentence {i}.", "voice": voice, "duration_s": 1.0,
+                                    "split": split}) + "\n")
+    scenario = bench.voice_scenario(tmp_path, feedback=6, test=4, anchor=5)
+    texts = {name: {u.text for u in getattr(scenario, name)} for name in ("feedback", "test", "anchor")}
+    assert [len(t) for t in texts.values()] == [6, 4, 5]
+    assert not texts["feedback"] & texts["test"] and not (texts["feedback"] | texts["test"]) & texts["anchor"]
+    assert {u.voice for u in scenario.feedback + scenario.test} == {"flite:rms"}
+    assert scenario.target_words == frozenset()
+    with pytest.raises(ValueError, match="too small"):
+        bench.voice_scenario(tmp_path, feedback=6, test=4, anchor=50)
+
+
+def test_report_prints_n_a_where_a_scenario_has_no_target_words(bench):
+    point = bench.Point(0, "v", bench.Scores(80, 0.6, None), bench.Scores(60, 0.46, None))
+    lines = bench.tables([bench.ArmResult("choice:ppo", [point], [])], (0,))
+    assert "| choice:ppo | 60.0% / n/a / 46.0% |" in lines

@@ -107,7 +107,8 @@ def test_the_online_trainer_fine_tunes_an_hf_checkpoint_and_publishes_a_windowed
     rows = [(w, tone(w, seconds=1.5, seed=i)) for i, w in enumerate("abcabc")]
     corpus = write_corpus(tmp_path / "corpus", {"train": rows, "dev": rows[:3]})
     ppo = PPOConfig(epochs=8, minibatch_size=8, learning_rate=3e-3, replay_per_minibatch=2, samples_per_utterance=4)
-    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0,
+                           min_heldout_utterances=0, anchor_size=3,
                            replay_pool_size=6, max_anchor_regression=1.0, max_total_anchor_regression=1.0, ppo=ppo)
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
         ids = [add_feedback(store, tone(w, seconds=1.5, seed=10 + i), text=w) for i, w in enumerate("abcabcab")]

@@ -276,7 +276,8 @@ def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
     rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
     corpus = write_corpus(tmp_path / "corpus", {"train": rows, "dev": rows[:3]})
     ppo = PPOConfig(epochs=2, minibatch_size=8, learning_rate=3e-3, replay_per_minibatch=2, samples_per_utterance=4)
-    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0,
+                           min_heldout_utterances=0, anchor_size=3,
                            replay_pool_size=6, max_anchor_regression=1.0, ppo=ppo)
     before = {outcome: sample("voxloop_trainer_cycles_total", outcome=outcome)
               for outcome in ("published", "gated", "failed")}

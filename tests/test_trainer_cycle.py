@@ -37,7 +37,8 @@ def toy_corpus(tmp_path_factory) -> Path:
 def toy_config(data_dir: Path, corpus: Path, **ppo) -> TrainerConfig:
     ppo_config = PPOConfig(**{"epochs": 8, "minibatch_size": 8, "learning_rate": 3e-3, "replay_per_minibatch": 2,
                               "samples_per_utterance": 4, **ppo})
-    return TrainerConfig(data_dir=data_dir, corpus_dir=corpus, heldout_share=0.0, anchor_size=3,
+    return TrainerConfig(data_dir=data_dir, corpus_dir=corpus, heldout_share=0.0,
+                         min_heldout_utterances=0, anchor_size=3,
                          replay_pool_size=6, max_anchor_regression=1.0, max_total_anchor_regression=1.0,
                          ppo=ppo_config)
 
@@ -122,6 +123,22 @@ def test_gate_rules_on_figures():
     no_parity = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=None, anchor_serving=None,
                        max_anchor_regression=0.01, parity_max_abs_diff=0.5, parity_ok=False)
     assert not no_parity.passed and "parity" in no_parity.reasons[0]
+    unmeasured = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.49), anchor_serving=s(0.5),
+                        max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True, min_heldout_utterances=1)
+    assert not unmeasured.passed and "fewer than min_heldout_utterances = 1" in unmeasured.reasons[0]
+
+
+def test_a_batch_of_rejections_alone_is_gated_by_default_for_want_of_a_held_out_reference(
+        tmp_path, tiny_version_dir, toy_corpus):
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    config = dataclasses.replace(toy_config(tmp_path / "data", toy_corpus, epochs=1), heldout_share=0.5,
+                                 min_heldout_utterances=TrainerConfig.min_heldout_utterances)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        ids = [add_feedback(store, tone(w, seed=i), kind="rejection", hypothesis="b c") for i, w in enumerate("abca")]
+        report = run_cycle(store, registry, config)
+        assert report.outcome == "gated" and registry.current_version() == "tiny-0001"
+        assert any("rejections alone have no reference" in reason for reason in report.gate["reasons"])
+        assert sorted(store.get_cycle(report.cycle_id).feedback_ids) == sorted(ids)  # consumed, not retried
 
 
 def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
@@ -132,7 +149,8 @@ def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
                                                 "dev": [(s, speech(s)) for s in sentences]})
     registry = seeded_registry(tmp_path / "registry", BASE_MODEL_DIR)
     parent = registry.current_version()
-    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0, anchor_size=6,
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0,
+                           min_heldout_utterances=0, anchor_size=6,
                            replay_pool_size=2, ppo=PPOConfig(learning_rate=0.05, epochs=3, minibatch_size=2,
                                                              objective="sft", replay_coef=0.0))
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:

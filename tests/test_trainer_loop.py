@@ -38,7 +38,8 @@ def toy_corpus(tmp_path_factory) -> Path:
 def setup(tmp_path, tiny_version_dir, toy_corpus):
     registry = Registry(tmp_path / "data" / "registry")
     registry.seed_from(tiny_version_dir)
-    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=toy_corpus, heldout_share=0.0, anchor_size=3,
+    config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=toy_corpus, heldout_share=0.0,
+                           min_heldout_utterances=0, anchor_size=3,
                            replay_pool_size=4, max_anchor_regression=1.0, max_total_anchor_regression=1.0,
                            ppo=PPOConfig(epochs=2, minibatch_size=4, learning_rate=3e-3, replay_per_minibatch=2))
     store = FeedbackStore.open(config.resolved_store_url)

@@ -60,6 +60,11 @@ class TrainerConfig:
     """Largest anchor WER rise (absolute; 0.01 = 1 point) the gate accepts."""
     max_total_anchor_regression: float = 0.02
     """Largest anchor WER rise over the lineage's base version (the last one not made by this trainer)."""
+    min_heldout_utterances: int = 1
+    """Fewest held-out items with a reference that must score a candidate before it is published. A batch
+    without them (rejections alone: no text) cannot show the candidate got better where users spoke, and
+    rejection-only cycles measurably made that worse (docs/benchmarks.md), so it is gated; 0 publishes
+    on the anchor alone."""
     adapt_lexicon: bool = True
     """Teach the version's lexicon/LM (if it has a decoder) the words of the corrections it trained on."""
     num_threads: int = 1
@@ -84,6 +89,8 @@ class TrainerConfig:
         if self.max_anchor_regression < 0 or self.max_total_anchor_regression < 0:
             raise ValueError("max_anchor_regression and max_total_anchor_regression must be >= 0 "
                              "(absolute WER, 0.01 = 1 point)")
+        if self.min_heldout_utterances < 0:
+            raise ValueError(f"min_heldout_utterances must be >= 0 (got {self.min_heldout_utterances})")
         if self.anchor_size < 0 or self.replay_pool_size < 0 or self.num_threads < 1:
             raise ValueError("anchor_size and replay_pool_size must be >= 0, num_threads >= 1")
 

@@ -325,7 +325,8 @@ def run_cycle(
                           max_anchor_regression=config.max_anchor_regression,
                           parity_max_abs_diff=parity_diff, parity_ok=parity_ok, anchor_base=anchor_base,
                           max_total_anchor_regression=config.max_total_anchor_regression,
-                          decoding="lexicon-lm" if candidate_decoder is not None else "greedy")
+                          decoding="lexicon-lm" if candidate_decoder is not None else "greedy",
+                          min_heldout_utterances=config.min_heldout_utterances)
         report.gate = decision.as_dict()
         t = lap("gate", t)
         log.info("gate %s for %s: held-out WER %s -> %s (%d utts), anchor WER %s -> %s (%d utts; base %s: %s), "

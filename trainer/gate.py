@@ -5,7 +5,9 @@ decoded as the server decodes them: with the version's lexicon + LM beam search 
 "decoder" section (the candidate with its own, possibly adapted, decoder files), greedily otherwise:
 
 - held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
-  a hash of the feedback id); the candidate's WER must not be higher than the serving model's;
+  a hash of the feedback id); the candidate's WER must not be higher than the serving model's, and
+  at least `min_heldout_utterances` of them must have scored it (rejections have no reference text,
+  so a batch of rejections alone is gated by default);
 - anchor: a fixed slice of the base corpus (base_data.py); the candidate's WER may rise by at most
   `max_anchor_regression` (absolute, 0.01 = 1 point) over the serving model's, and by at most
   `max_total_anchor_regression` over the lineage's base version (the last one the online trainer did
@@ -76,13 +78,19 @@ def decide(
     anchor_base: EvalSummary | None = None,
     max_total_anchor_regression: float = float("inf"),
     decoding: str = "greedy",
+    min_heldout_utterances: int = 0,
 ) -> GateDecision:
-    """Apply the three rules; a missing set (no held-out items, no anchor) is reported, not failed."""
+    """Apply the rules; a missing anchor is reported, not failed; fewer than `min_heldout_utterances`
+    held-out items fail."""
     reasons = []
     has_heldout = heldout_candidate is not None and heldout_serving is not None and heldout_candidate.utterances > 0
     has_anchor = anchor_candidate is not None and anchor_serving is not None and anchor_candidate.utterances > 0
     if not parity_ok:
         reasons.append(f"ONNX parity failed (max |dlogp| {parity_max_abs_diff})")
+    heldout_count = heldout_candidate.utterances if has_heldout else 0
+    if heldout_count < min_heldout_utterances:
+        reasons.append(f"{heldout_count} held-out items with a reference scored the candidate, fewer than "
+                       f"min_heldout_utterances = {min_heldout_utterances} (rejections alone have no reference)")
     if has_heldout and heldout_candidate.wer > heldout_serving.wer + 1e-12:
         reasons.append(f"held-out WER rose from {heldout_serving.wer:.4f} to {heldout_candidate.wer:.4f}")
     if has_anchor and anchor_candidate.wer - anchor_serving.wer > max_anchor_regression + 1e-12:
