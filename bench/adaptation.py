@@ -2,12 +2,16 @@
 
     .venv/bin/python bench/adaptation.py [--arms ppo+sft,sft,ppo,reject:ppo,choice:ppo]
         [--points 0,16,32,64,128] [--scenario runs/scenario] [--corpus corpus] [--out runs/bench-adaptation]
+        [--scenario-kind warehouse|voice]
     .venv/bin/python bench/adaptation.py --merge RUN1/results.json RUN2/results.json --out DIR
 
 The scenario is trainer/scenario.py's (built into --scenario on first use): a warehouse domain of
 product and place names no base transcript has, read by voices held out of base training; a feedback
 stream (144 utterances), a held-out domain test (80) and an anchor (60 utterances of the base corpus's
-own test split).
+own test split). `--scenario-kind voice` instead takes a held-out voice on words the model knows:
+the base corpus's test sentences read by the held-out flite voice (feedback and test on different
+sentences, the anchor on others still, in the training voices; no target words), where the n-best
+often holds the fix.
 
 Each arm gets a fresh data dir (registry seeded with the shipped model, empty store) and its own
 `voxloop serve` subprocess on loopback, and is driven only through the public API and CLI:
@@ -259,10 +263,13 @@ def plot(results: list[ArmResult], path: Path, title: str = WAREHOUSE_TITLE) -> 
         if all(p.domain.target_accuracy is not None for p in result.points):
             axes[1].plot(xs, [100 * p.domain.target_accuracy for p in result.points], marker="o", label=result.arm)
         axes[2].plot(xs, [100 * p.anchor.wer for p in result.points], marker="o", label=result.arm)
-    for axis, title in zip(axes, ("domain-test WER (%)", "target-word accuracy (%)", "anchor WER (%)"), strict=True):
-        axis.set_title(title)
+    for axis, panel in zip(axes, ("domain-test WER (%)", "target-word accuracy (%)", "anchor WER (%)"), strict=True):
+        axis.set_title(panel)
         axis.set_xlabel("feedback items")
         axis.grid(alpha=0.3)
+    if not axes[1].lines:
+        axes[1].text(0.5, 0.5, "no target words in this scenario", ha="center", va="center",
+                     transform=axes[1].transAxes)
     axes[0].legend()
     figure.suptitle(f"voxloop adaptation: {title} (bench/adaptation.py)")
     figure.tight_layout()
