@@ -174,7 +174,7 @@ def collect_rollout(
             aligned_texts = []
             if config.include_target_alignment and target_ids:
                 aligned_texts.append(target_ids)
-            for alternative in item.alternatives:  # a choice: every alternative shown joins the group
+            for alternative in item.alternatives:  # a choice's n-best, a rejection's shown text (rewards.py)
                 if alternative and alternative != item.target:
                     try:
                         aligned_texts.append(encode_targets(tokenizer, alternative))
