@@ -74,7 +74,7 @@ def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray],
     meta = session.get_modelmeta().custom_metadata_map
     vocabulary = json.loads(meta["voxloop.vocabulary"])
     if meta.get("voxloop.format") == WINDOWED_FORMAT:
-        return _windowed_log_probs(session, meta), vocabulary
+        return _windowed_log_probs(session, meta, len(vocabulary)), vocabulary
     layers, d = int(meta["voxloop.num_layers"]), int(meta["voxloop.d_model"])
     cache_frames, conv_frames = int(meta["voxloop.cache_frames"]), int(meta["voxloop.conv_cache_frames"])
 
@@ -91,7 +91,7 @@ def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray],
     return forward, vocabulary
 
 
-def _windowed_log_probs(session, meta) -> Callable[[np.ndarray], np.ndarray]:
+def _windowed_log_probs(session, meta, vocab_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """A windowed-ctc/1 graph attends over its audio history, not the utterance: decode it as the server
     does, chunk by chunk from an empty history (the last, shorter piece too, if it holds a frame)."""
     chunk, hop = int(meta["voxloop.chunk_samples"]), int(meta["voxloop.hop_samples"])
@@ -106,7 +106,7 @@ def _windowed_log_probs(session, meta) -> Callable[[np.ndarray], np.ndarray]:
             log_probs, history = session.run(["log_probs", "next_audio_history"],
                                              {"audio": piece, "audio_history": history})
             pieces.append(log_probs[0])
-        return np.concatenate(pieces) if pieces else np.zeros((0, len(json.loads(meta["voxloop.vocabulary"]))))
+        return np.concatenate(pieces) if pieces else np.zeros((0, vocab_size), np.float32)
 
     return forward
 

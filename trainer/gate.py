@@ -107,7 +107,7 @@ def decide(
     return GateDecision(
         passed=not reasons,
         reasons=tuple(reasons),
-        heldout_utterances=heldout_candidate.utterances if has_heldout else 0,
+        heldout_utterances=heldout_count,
         heldout_wer_candidate=heldout_candidate.wer if has_heldout else None,
         heldout_wer_serving=heldout_serving.wer if has_heldout else None,
         anchor_utterances=anchor_candidate.utterances if has_anchor else 0,
