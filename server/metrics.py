@@ -40,6 +40,11 @@ PARTIAL_LAG_SECONDS = Histogram("voxloop_partial_lag_seconds",
 FINAL_LATENCY_SECONDS = Histogram("voxloop_final_latency_seconds",
                                   "From the endpoint (or the end of the audio) to the final result.",
                                   buckets=LATENCY_BUCKETS)
+SECOND_PASS_SECONDS = Histogram("voxloop_second_pass_seconds",
+                                "Wall time of a two-pass (Whisper) version's final decode of one utterance.",
+                                buckets=LATENCY_BUCKETS)
+SECOND_PASS_AUDIO_SECONDS = Counter("voxloop_second_pass_audio_seconds_total",
+                                    "Seconds of utterance audio decoded by a second pass.")
 REAL_TIME_FACTOR = Gauge("voxloop_real_time_factor",
                          "Inference seconds per audio second over the recent calls (below 1 keeps up).")
 UTTERANCES_DROPPED = Counter("voxloop_store_writes_dropped_total",
@@ -108,6 +113,12 @@ def observe_inference(seconds: float, rows: int, audio_s: float) -> None:
     INFERENCE_SECONDS.observe(seconds)
     INFERENCE_BATCH_SIZE.observe(rows)
     _RECENT_RTF.observe(seconds, audio_s)
+
+
+def observe_second_pass(seconds: float, audio_s: float) -> None:
+    """One utterance's final from a second pass (any thread)."""
+    SECOND_PASS_SECONDS.observe(seconds)
+    SECOND_PASS_AUDIO_SECONDS.inc(audio_s)
 
 
 # --- the endpoint ---

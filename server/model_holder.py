@@ -80,7 +80,7 @@ class ModelHolder:
 
     def _close(self, model: ServingModel) -> None:
         del self._retired[id(model)]
-        task = asyncio.get_running_loop().create_task(model.batcher.close(), name=f"close-{model.version}")
+        task = asyncio.get_running_loop().create_task(model.close(), name=f"close-{model.version}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         log.info("model %s released (its last utterance ended)", model.version)
@@ -93,7 +93,7 @@ class ModelHolder:
     async def close(self) -> None:
         """Server stop: close every batcher, current and retired (their streams were drained or cancelled)."""
         for model in [self._current, *self._retired.values()]:
-            await model.batcher.close()
+            await model.close()
         self._retired.clear()
         await self.settle()
 

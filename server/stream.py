@@ -318,11 +318,15 @@ class RecognitionStream:
     async def _end_utterance(self, rule: EndpointRule | None) -> AsyncIterator[StreamEvent]:
         """Close the current utterance at the next chunk start (all its audio is decoded)."""
         utterance, self._utterance = self._utterance, None
-        self._release(utterance)
-        alternatives = utterance.decoder.final_hypotheses(self.options.max_alternatives)  # closes a beam search
-        hypothesis = alternatives[0]
         boundary = self._next_chunk
         start_s = utterance.start_sample / MODEL_SAMPLE_RATE_HZ
+        try:
+            alternatives = await utterance.model.final_hypotheses(
+                utterance.decoder, self._buffer.view(utterance.start_sample, boundary).copy(), start_s,
+                self.options.max_alternatives)
+        finally:
+            self._release(utterance)
+        hypothesis = alternatives[0]
         processed_s = self.audio_processed_s if rule is not None else self.received_s
         # Silence between utterances is not an utterance: no final unless the client must hear of it.
         first_of_stream = rule is None and self.finals_sent == 0

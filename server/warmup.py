@@ -26,6 +26,7 @@ import soundfile as sf
 
 from .decoder import CtcGreedyDecoder
 from .model import MODEL_SAMPLE_RATE_HZ, OnnxModel
+from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,12 @@ def streaming_transcript(model: OnnxModel, audio: np.ndarray) -> tuple[str, int]
     return decoder.hypothesis().finalized().transcript, decoder.frames
 
 
-def warm_up(model: OnnxModel, card: dict, version_dir: Path) -> WarmupReport:
-    """Run the version's probe (or the synthetic one) through `model`; raises WarmupFailed."""
+def warm_up(model: OnnxModel, card: dict, version_dir: Path,
+            second_pass: WhisperSecondPass | None = None) -> WarmupReport:
+    """Run the version's probe (or the synthetic one) through `model`; raises WarmupFailed.
+
+    A two-pass version's probe entry also records the second pass's transcript ("final_transcript"),
+    which its encoder and decoder graphs must reproduce."""
     began = time.perf_counter()
     probe = card.get(PROBE_CARD_KEY)
     if probe:
@@ -127,6 +132,15 @@ def warm_up(model: OnnxModel, card: dict, version_dir: Path) -> WarmupReport:
     if expected is not None and transcript != expected:
         raise WarmupFailed("probe_mismatch", f"the probe decodes to {transcript!r}, the card recorded {expected!r} "
                                              "at export: the graph is not the one that was exported")
+    if second_pass is not None:
+        expected_final = probe.get("final_transcript") if probe else None
+        try:
+            final = second_pass.transcribe(audio)[0].transcript
+        except Exception as e:  # onnxruntime's own error types: graphs that cannot run are refused
+            raise WarmupFailed("warmup", f"the second pass failed on the probe: {type(e).__name__}: {e}") from e
+        if expected_final is not None and final != expected_final:
+            raise WarmupFailed("probe_mismatch", f"the second pass decodes the probe to {final!r}, the card recorded "
+                                                 f"{expected_final!r} at export: its graphs are not the exported ones")
     report = WarmupReport(transcript, expected, frames, time.perf_counter() - began)
     log.info("warm-up of %s: %d frames in %.0f ms, probe transcript %r%s", model.spec.version, frames,
              report.seconds * 1000, transcript, " (matches the card)" if expected is not None else "")

@@ -60,6 +60,9 @@ class RecordingModel:
         self.log_probs.append(log_probs)
         return log_probs, state
 
+    async def final_hypotheses(self, decoder, audio, start_s, max_alternatives):
+        return await self._serving.final_hypotheses(decoder, audio, start_s, max_alternatives)
+
 
 async def _run_streams(registry, config, streams, wrap=lambda serving: serving, open_streams=1):
     """Run [(options, messages)] concurrently through one model's batcher; returns events, sink, model."""

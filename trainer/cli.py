@@ -78,9 +78,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="an exported model.onnx (or its version directory)")
     source.add_argument("--checkpoint", type=Path, help="a torch checkpoint directory (save_pretrained)")
-    evaluate.add_argument("--decoder", choices=("greedy", "lm"), default="greedy",
-                          help="greedy best path, or the version's lexicon + LM beam search (--model only; "
-                               "card['decoder'] of the model's version directory or --decoder-dir)")
+    evaluate.add_argument("--decoder", choices=("auto", "greedy", "lm"), default="auto",
+                          help="auto: what the server's finals use (a Whisper version's second pass, else "
+                               "greedy); greedy: the first pass's best path; lm: the version's lexicon + LM "
+                               "beam search (--model only; card['decoder'] of the model's version directory or "
+                               "--decoder-dir)")
     evaluate.add_argument("--decoder-dir", type=Path, default=None,
                           help="version directory whose card['decoder'] and files to use (default: the model's)")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-utterance results (JSON lines)")
@@ -193,17 +195,18 @@ def _train_online(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import read_manifest
-    from .evaluate import evaluate, lm_transcriber, onnx_transcriber, torch_transcriber
+    from .evaluate import evaluate, lm_transcriber, onnx_transcriber, second_pass_transcriber, torch_transcriber
     from .model import VoxloopForCTC
 
     if args.decoder == "lm" and args.model is None:
         raise SystemExit("voxloop eval: --decoder lm needs --model (an exported version with decoder files)")
     if args.model is not None:
         onnx_path = args.model / "model.onnx" if args.model.is_dir() else args.model
+        second_pass = second_pass_transcriber(onnx_path.parent) if args.decoder == "auto" else None
         if args.decoder == "lm":
             transcribe = lm_transcriber(onnx_path, args.decoder_dir or onnx_path.parent)
         else:
-            transcribe = onnx_transcriber(onnx_path)
+            transcribe = second_pass or onnx_transcriber(onnx_path)
     else:
         transcribe = torch_transcriber(VoxloopForCTC.from_pretrained(args.checkpoint))
     rows = read_manifest(args.manifest)

@@ -139,6 +139,18 @@ def lm_transcriber(onnx_path: Path, decoder_dir: Path, settings: dict | None = N
     return transcribe
 
 
+def second_pass_transcriber(version_dir: Path) -> Transcriber | None:
+    """A two-pass (Whisper) version's finals, exactly as the server decodes them (its second pass on the
+    whole utterance); None for a version without a second pass."""
+    from ..server.whisper_decoder import WhisperSecondPass
+
+    card = json.loads((Path(version_dir) / "card.json").read_text())
+    second_pass = WhisperSecondPass.from_card(card, Path(version_dir))
+    if second_pass is None:
+        return None
+    return lambda samples: second_pass.transcribe(samples)[0].transcript
+
+
 def load_samples(path: Path) -> np.ndarray:
     samples, rate = sf.read(str(path), dtype="float32")
     if rate != 16000:

@@ -1,0 +1,297 @@
+"""The second pass of a Whisper-based version: its finals, decoded by Whisper's own decoder.
+
+The first pass (model.onnx, a `windowed-ctc/1` graph with a CTC head on Whisper's encoder) streams
+interim results and finds endpoints like any CTC model. At an endpoint the utterance's audio goes
+through `encoder.onnx` once (cross-attention keys and values, the padding states spliced in) and
+`decoder.onnx` step by step with a key/value cache: greedy for one transcript, a beam search for an
+n-best. Card section (docs/model-format.md, "whisper-two-pass/1"):
+
+    card["second_pass"] = {"type": "whisper", "encoder": "encoder.onnx", "decoder": "decoder.onnx",
+                           "tokenizer": "tokenizer.json", "prompt": [start-of-transcript, no-timestamps],
+                           "end_of_text": 50256, "suppress_tokens": [...], "begin_suppress_tokens": [...],
+                           "timestamp_begin": 50363, "start_of_previous": 50360,
+                           "vocabulary_prompt": "", "max_tokens_per_s": 12}
+
+Whisper writes cased, punctuated text with digits ("Mr. Dashwood, 10 of clubs."); voxloop's
+transcripts, corrections and rewards are normalized text (server/text.py), so each Whisper word is
+normalized into zero or more voxloop words that share its timing and confidence. Word timings come
+from the cross-attention of Whisper's alignment heads (the frame each token attends most, made
+monotonic); confidence is the mean probability of a word's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .decoder import Hypothesis, WordTiming
+from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError
+from .text import normalize_text
+
+log = logging.getLogger(__name__)
+
+SECOND_PASS_KEY = "second_pass"
+WHISPER_TYPE = "whisper"
+ENCODER_FRAME_S = 0.02
+"""Seconds per encoder frame (and cross-attention position)."""
+SAMPLES_PER_ENCODER_FRAME = 320
+MIN_TOKENS = 8
+"""Decoding may always run this many tokens, however short the utterance."""
+MAX_TOTAL_TOKENS = 224
+"""Whisper's own sample_len: half its 448 positions."""
+
+
+@dataclass(frozen=True)
+class SecondPassSettings:
+    """The card's second_pass section, validated."""
+
+    encoder: str
+    decoder: str
+    tokenizer: str
+    prompt: tuple[int, ...]
+    end_of_text: int
+    suppress_tokens: tuple[int, ...]
+    begin_suppress_tokens: tuple[int, ...]
+    timestamp_begin: int
+    start_of_previous: int
+    vocabulary_prompt: str = ""
+    """Words the version's users corrected into its transcripts (text-side adaptation): given to the
+    decoder as "previous text" (Whisper's <|startofprev|> prompt), which biases it toward them."""
+    max_tokens_per_s: float = 12.0
+    """Tokens a final may have per second of audio (a loop breaker; speech is ~3-5 tokens a second)."""
+    files: tuple[str, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_card(cls, card: dict) -> SecondPassSettings:
+        section = card.get(SECOND_PASS_KEY)
+        if not isinstance(section, dict) or section.get("type") != WHISPER_TYPE:
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] must be a dict with type {WHISPER_TYPE!r}")
+        try:
+            settings = cls(
+                encoder=str(section["encoder"]), decoder=str(section["decoder"]), tokenizer=str(section["tokenizer"]),
+                prompt=tuple(int(t) for t in section["prompt"]), end_of_text=int(section["end_of_text"]),
+                suppress_tokens=tuple(int(t) for t in section.get("suppress_tokens", ())),
+                begin_suppress_tokens=tuple(int(t) for t in section.get("begin_suppress_tokens", ())),
+                timestamp_begin=int(section["timestamp_begin"]), start_of_previous=int(section["start_of_previous"]),
+                vocabulary_prompt=str(section.get("vocabulary_prompt", "")),
+                max_tokens_per_s=float(section.get("max_tokens_per_s", 12.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
+        listed = card.get("files") or {}
+        for name in (settings.encoder, settings.decoder, settings.tokenizer):
+            if name not in listed:
+                raise ModelFormatError(f"the second pass's {name} is not in the card's files (unverified)")
+        return settings
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        raise ModelFormatError(f"{path}: onnxruntime cannot load it: {e}") from e
+
+
+@dataclass
+class _Beam:
+    tokens: list[int]
+    log_prob: float
+    token_log_probs: list[float]
+    row: int
+    """Its row in the decoder's batched cache."""
+
+
+@dataclass(frozen=True)
+class DecodedTokens:
+    """One transcript of the second pass, before normalization."""
+
+    tokens: tuple[int, ...]
+    token_log_probs: tuple[float, ...]
+    log_prob: float
+
+
+class WhisperSecondPass:
+    """encoder.onnx + decoder.onnx + the tokenizer of one version. `transcribe` is thread-safe (ONNX
+    sessions are) and blocking: the server runs it in the version's own executor thread."""
+
+    def __init__(self, version_dir: Path, settings: SecondPassSettings, *, intra_op_threads: int = 1):
+        self.settings = settings
+        self._encoder = _session(version_dir / settings.encoder, intra_op_threads)
+        self._decoder = _session(version_dir / settings.decoder, intra_op_threads)
+        try:
+            self._tokenizer = Tokenizer.from_file(str(version_dir / settings.tokenizer))
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise ModelFormatError(f"{settings.tokenizer} is not a tokenizers JSON file: {e}") from e
+        cache = next(i for i in self._decoder.get_inputs() if i.name == "self_k").shape  # (L, B, heads, P, hd)
+        self._cache_shape = (cache[0], cache[2], cache[4])
+        self._suppress = np.array(sorted({*settings.suppress_tokens}), dtype=np.int64)
+        self._begin_suppress = np.array(sorted({*settings.begin_suppress_tokens}), dtype=np.int64)
+        self._prompt = self._full_prompt(settings.vocabulary_prompt)
+
+    @classmethod
+    def from_card(cls, card: dict, version_dir: Path, *, intra_op_threads: int = 1) -> WhisperSecondPass | None:
+        """The version's second pass, or None when its card has none (a CTC version)."""
+        if SECOND_PASS_KEY not in card:
+            return None
+        return cls(version_dir, SecondPassSettings.from_card(card), intra_op_threads=intra_op_threads)
+
+    def _full_prompt(self, vocabulary_prompt: str) -> tuple[int, ...]:
+        if not vocabulary_prompt.strip():
+            return self.settings.prompt
+        previous = self._tokenizer.encode(" " + vocabulary_prompt.strip(), add_special_tokens=False).ids
+        # Whisper conditions on at most half its context of previous text (openai/whisper decoding.py).
+        previous = previous[-(MAX_TOTAL_TOKENS - 1) :]
+        return (self.settings.start_of_previous, *previous, *self.settings.prompt)
+
+    def encode(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """float32 (S,) 16 kHz -> cross keys and values (L, 1, heads, 1500, hd), and speech frames."""
+        padded = -(-len(audio) // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
+        audio = np.pad(np.asarray(audio, dtype=np.float32), (0, padded - len(audio)))
+        cross_k, cross_v = self._encoder.run(None, {"audio": audio[None]})
+        return cross_k, cross_v, padded // SAMPLES_PER_ENCODER_FRAME
+
+    def _step(self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, cross_k: np.ndarray,
+              cross_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self._decoder.run(None, {"tokens": tokens, "self_k": self_k, "self_v": self_v,
+                                        "cross_k": cross_k, "cross_v": cross_v})
+
+    def _mask(self, log_probs: np.ndarray, first: bool) -> np.ndarray:
+        """Whisper's logit filters: suppressed tokens, timestamps (off), blank/end-of-text at the start."""
+        log_probs = log_probs.copy()
+        log_probs[:, self._suppress] = -np.inf
+        log_probs[:, self.settings.timestamp_begin :] = -np.inf
+        if first:
+            log_probs[:, self._begin_suppress] = -np.inf
+        return log_probs
+
+    def _first_call(self, cross_k: np.ndarray, cross_v: np.ndarray):
+        layers, heads, head_dim = self._cache_shape
+        empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
+        return self._step(np.array([self._prompt], dtype=np.int64), empty, empty, cross_k, cross_v)
+
+    def greedy(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int) -> tuple[DecodedTokens, np.ndarray]:
+        """The best token at every step -> the transcript's tokens and their alignment (N, 1500): row i is the
+        cross-attention of the step that chose token i (as openai/whisper timing.py reads it)."""
+        log_probs, self_k, self_v, alignment = self._first_call(cross_k, cross_v)
+        tokens: list[int] = []
+        token_log_probs: list[float] = []
+        rows = [alignment[0, -1]]
+        while True:
+            scores = self._mask(log_probs, first=not tokens)[0]  # (V,)
+            token = int(scores.argmax())
+            if token == self.settings.end_of_text:
+                break
+            tokens.append(token)
+            token_log_probs.append(float(scores[token]))
+            if len(tokens) == max_tokens:
+                log.warning("second pass hit its token budget (%d); the final is cut there", max_tokens)
+                break
+            log_probs, self_k, self_v, alignment = self._step(np.array([[token]], dtype=np.int64), self_k, self_v,
+                                                              cross_k, cross_v)
+            rows.append(alignment[0, -1])
+        decoded = DecodedTokens(tuple(tokens), tuple(token_log_probs), float(sum(token_log_probs)))
+        return decoded, np.stack(rows[: len(tokens)]) if tokens else np.zeros((0, cross_k.shape[3]), np.float32)
+
+    def beam_search(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int,
+                    beam_size: int) -> list[DecodedTokens]:
+        """Whisper's beam search (patience 1): the beam_size best unfinished continuations are kept each
+        step; it ends when beam_size transcripts have ended. Best first by mean token log-prob."""
+        log_probs, self_k, self_v, _ = self._first_call(cross_k, cross_v)
+        live = [_Beam([], 0.0, [], 0)]
+        finished: list[_Beam] = []
+        cross_k, cross_v = np.repeat(cross_k, beam_size, axis=1), np.repeat(cross_v, beam_size, axis=1)
+        for step in range(max_tokens + 1):
+            scores = self._mask(log_probs, first=step == 0)  # (rows, V)
+            candidates = []
+            for beam in live:
+                row = scores[beam.row]
+                for token in np.argpartition(-row, beam_size)[: beam_size + 1]:
+                    if np.isfinite(row[token]):
+                        candidates.append((beam.log_prob + float(row[token]), beam, int(token), float(row[token])))
+            candidates.sort(key=lambda c: -c[0])
+            next_live: list[_Beam] = []
+            for total, beam, token, token_log_prob in candidates:
+                if token == self.settings.end_of_text:
+                    if len(finished) < beam_size:
+                        finished.append(_Beam(beam.tokens, total, beam.token_log_probs, beam.row))
+                elif len(next_live) < beam_size and step < max_tokens:
+                    next_live.append(_Beam([*beam.tokens, token], total, [*beam.token_log_probs, token_log_prob],
+                                           beam.row))
+            if len(finished) >= beam_size or not next_live:
+                break
+            rows = np.array([beam.row for beam in next_live])
+            for index, beam in enumerate(next_live):
+                beam.row = index
+            tokens = np.array([[beam.tokens[-1]] for beam in next_live], dtype=np.int64)
+            log_probs, self_k, self_v, _ = self._step(tokens, self_k[:, rows], self_v[:, rows],
+                                                      cross_k[:, : len(next_live)], cross_v[:, : len(next_live)])
+            live = next_live
+        finished = finished or live  # the token budget ran out: keep what was decoded
+        finished.sort(key=lambda b: -b.log_prob / max(1, len(b.tokens)))
+        return [DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished]
+
+    def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1) -> tuple[Hypothesis, ...]:
+        """One endpointed utterance, float32 (S,) at 16 kHz starting `start_s` into its stream -> the n-best
+        (at least one hypothesis; distinct transcripts, best first). The first is always the greedy
+        transcript (what an offline decode gives), the alternatives the beam search's others."""
+        cross_k, cross_v, speech_frames = self.encode(audio)
+        budget = min(MAX_TOTAL_TOKENS, max(MIN_TOKENS, int(len(audio) / MODEL_SAMPLE_RATE_HZ
+                                                           * self.settings.max_tokens_per_s)))
+        best, alignment = self.greedy(cross_k, cross_v, budget)
+        hypotheses = [self._hypothesis(best, alignment, speech_frames, start_s)]
+        if max_alternatives > 1:
+            seen = {hypotheses[0].transcript}
+            for decoded in self.beam_search(cross_k, cross_v, budget, max_alternatives):
+                hypothesis = self._hypothesis(decoded, None, speech_frames, start_s)
+                if hypothesis.transcript not in seen and len(hypotheses) < max_alternatives:
+                    seen.add(hypothesis.transcript)
+                    hypotheses.append(hypothesis)
+        return tuple(hypotheses)
+
+    def text(self, tokens: tuple[int, ...]) -> str:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _hypothesis(self, decoded: DecodedTokens, alignment: np.ndarray | None, speech_frames: int,
+                    start_s: float) -> Hypothesis:
+        pieces = [self._tokenizer.decode([t], skip_special_tokens=True) for t in decoded.tokens]
+        # A word starts at a token that begins with a space (Whisper's byte-level BPE convention).
+        groups: list[list[int]] = []
+        for i, piece in enumerate(pieces):
+            if not groups or piece.startswith(" "):
+                groups.append([i])
+            else:
+                groups[-1].append(i)
+        frames = _token_frames(alignment, len(pieces), speech_frames)
+        words: list[WordTiming] = []
+        for g, group in enumerate(groups):
+            raw = self.text(tuple(decoded.tokens[i] for i in group))
+            normalized = normalize_text(raw).split()
+            if not normalized:
+                continue
+            confidence = float(np.mean(np.exp([decoded.token_log_probs[i] for i in group])))
+            begin = frames[group[0]]
+            end = frames[groups[g + 1][0]] if g + 1 < len(groups) else max(frames[group[-1]] + 1, begin + 1)
+            end = max(end, begin + 1)
+            span = (end - begin) / len(normalized)
+            for k, word in enumerate(normalized):
+                words.append(WordTiming(word, round(start_s + (begin + k * span) * ENCODER_FRAME_S, 6),
+                                        round(start_s + (begin + (k + 1) * span) * ENCODER_FRAME_S, 6), confidence))
+        return Hypothesis(tuple(words), None)
+
+
+def _token_frames(alignment: np.ndarray | None, tokens: int, speech_frames: int) -> list[int]:
+    """The encoder frame each token is said at: its alignment row's peak, made non-decreasing and kept
+    inside the speech; without an alignment (an n-best alternative) the tokens are spread evenly."""
+    if alignment is None or len(alignment) < tokens or tokens == 0:
+        return [int(i * speech_frames / max(tokens, 1)) for i in range(tokens)]
+    peaks = alignment[:tokens, :speech_frames].argmax(axis=-1)  # (N,)
+    return [int(f) for f in np.maximum.accumulate(peaks)]

@@ -1,0 +1,336 @@
+"""ONNX export of the Whisper-based policy: three graphs, each checked against torch at two lengths.
+
+- `model.onnx` (`windowed-ctc/1`, docs/model-format.md): the first pass. (audio (B, C), audio_history
+  (B, H)) -> (log_probs (B, C / 320, V) of the CTC head, next_audio_history). The server streams,
+  batches and endpoints it like any windowed CTC graph.
+- `encoder.onnx`: the second pass's encoder. audio (1, S), S a multiple of 320 -> cross_k, cross_v
+  (L, 1, heads, 1500, head_dim): the decoder's cross-attention keys and values of the utterance plus
+  pad_s of silence, then of the constant padding states (precomputed here, so a final costs the
+  encoder over the utterance only; whisper_model.py says why the splice).
+- `decoder.onnx`: one decoder step with a key/value cache. tokens (B, N), self_k/self_v (L, B, heads, P,
+  head_dim) of the P tokens before, cross_k/cross_v -> log_probs (B, V) of the next token after the
+  last, next_self_k/next_self_v (P + N positions), alignment (B, N, 1500): the mean cross-attention of
+  Whisper's alignment heads (word timings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .export import ONNX_OPSET, ParityError, ParityReport, greedy_ctc_text, serving_vocabulary
+from .whisper_model import (
+    ENCODER_STRIDE,
+    SAMPLE_RATE_HZ,
+    SAMPLES_PER_ENCODER_FRAME,
+    WhisperPolicy,
+    run_encoder,
+)
+
+log = logging.getLogger(__name__)
+
+WINDOWED_FORMAT = "windowed-ctc/1"
+FIRST_PASS_FILE = "model.onnx"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+
+class FirstPassWrapper(nn.Module):
+    """(audio (B, C), audio_history (B, H)) -> (log_probs (B, floor(C / 320), V), next_audio_history (B, H))."""
+
+    def __init__(self, policy: WhisperPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, audio: torch.Tensor, audio_history: torch.Tensor):
+        window = torch.cat([audio_history, audio], dim=1)  # (B, H + C)
+        # (B, L + 1, ceil((H + C) / 320), D): every layer's states, which the head mixes.
+        states = run_encoder(self.policy.model, self.policy.log_mel(window), all_layers=True)
+        first = audio_history.shape[1] // SAMPLES_PER_ENCODER_FRAME
+        new_frames = audio.shape[1] // SAMPLES_PER_ENCODER_FRAME
+        log_probs = self.policy.ctc_head(states[:, :, first : first + new_frames])
+        return log_probs, window[:, audio.shape[1] :]
+
+
+class EncoderWrapper(nn.Module):
+    """audio (1, S), S a multiple of 320 -> cross_k, cross_v (L, 1, heads, 1500, head_dim)."""
+
+    def __init__(self, policy: WhisperPolicy):
+        super().__init__()
+        self.policy = policy
+        config = policy.model.config
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+        with torch.no_grad():
+            silence = policy.silence_states()  # (1, 1500, D)
+            silence_k, silence_v = self._cross_kv(silence)
+        self.register_buffer("silence_k", silence_k)
+        self.register_buffer("silence_v", silence_v)
+
+    def _cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> keys and values (L, B, heads, T, head_dim) of every decoder layer's cross-attention."""
+        batch, frames, _ = states.shape
+        keys, values = [], []
+        for layer in self.policy.model.model.decoder.layers:
+            attention = layer.encoder_attn
+            keys.append(attention.k_proj(states).view(batch, frames, self.heads, self.head_dim).transpose(1, 2))
+            values.append(attention.v_proj(states).view(batch, frames, self.heads, self.head_dim).transpose(1, 2))
+        return torch.stack(keys), torch.stack(values)
+
+    def forward(self, audio: torch.Tensor):
+        settings = self.policy.settings
+        # pad_s of silence, and one frame more that the encoder masks (whisper_model.final_encoder_states).
+        padded = F.pad(audio, (0, settings.pad_samples + SAMPLES_PER_ENCODER_FRAME))
+        frames = (audio.shape[1] + settings.pad_samples) // SAMPLES_PER_ENCODER_FRAME
+        valid = torch.full((audio.shape[0],), 1, dtype=torch.long) * frames
+        log_mel = self.policy.log_mel(padded, valid_frames=valid * ENCODER_STRIDE)
+        states = run_encoder(self.policy.model, log_mel, valid_frames=valid)[:, :frames]  # (1, T, D)
+        keys, values = self._cross_kv(states)
+        cross_k = torch.cat([keys, self.silence_k[:, :, :, frames:]], dim=3)
+        cross_v = torch.cat([values, self.silence_v[:, :, :, frames:]], dim=3)
+        return cross_k, cross_v
+
+
+class DecoderStepWrapper(nn.Module):
+    """One decoder call with a self-attention cache, written out from the transformers modules so the graph
+    is plain: (tokens (B, N), self_k, self_v (L, B, heads, P, hd), cross_k, cross_v (L, B, heads, 1500, hd))
+    -> (log_probs (B, V) after the last token, next_self_k, next_self_v (L, B, heads, P + N, hd),
+    alignment (B, N, 1500))."""
+
+    def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]]):
+        super().__init__()
+        self.whisper = policy.model
+        config = policy.model.config
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+        self.alignment_heads = [tuple(h) for h in alignment_heads]
+        # The token embedding is also the output projection (tied). Held once, as (D, V), and used both
+        # ways without a transpose, so the exporter's constant folding cannot make a second 80 MB copy.
+        self.register_buffer("embedding_t", policy.model.model.decoder.embed_tokens.weight.detach().t().contiguous())
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
+
+    def forward(self, tokens, self_k, self_v, cross_k, cross_v):
+        decoder = self.whisper.model.decoder
+        past = self_k.shape[3]
+        length = tokens.shape[1]
+        positions = torch.arange(length) + past
+        batch = tokens.shape[0]
+        embedded = torch.index_select(self.embedding_t, 1, tokens.reshape(-1)).t().reshape(batch, length, -1)
+        x = embedded + decoder.embed_positions.weight[positions]  # (B, N, D)
+        # A token attends to the cache and to itself and earlier new tokens.
+        causal = torch.ones(length, past + length, dtype=torch.bool).tril(diagonal=past)  # (N, P + N)
+        next_k, next_v, alignment_maps = [], [], []
+        scale = self.head_dim**-0.5
+        for index, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            h = layer.self_attn_layer_norm(x)
+            q = self._split(attention.q_proj(h) * scale)
+            k = torch.cat([self_k[index], self._split(attention.k_proj(h))], dim=2)  # (B, heads, P + N, hd)
+            v = torch.cat([self_v[index], self._split(attention.v_proj(h))], dim=2)
+            next_k.append(k)
+            next_v.append(v)
+            scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+            out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
+            x = x + attention.out_proj(out)
+
+            cross = layer.encoder_attn
+            h = layer.encoder_attn_layer_norm(x)
+            q = self._split(cross.q_proj(h) * scale)
+            weights = (q @ cross_k[index].transpose(-1, -2)).softmax(-1)  # (B, heads, N, 1500)
+            for layer_index, head in self.alignment_heads:
+                if layer_index == index:
+                    alignment_maps.append(weights[:, head])
+            out = (weights @ cross_v[index]).transpose(1, 2).reshape(x.shape)
+            x = x + cross.out_proj(out)
+
+            h = layer.final_layer_norm(x)
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+        x = decoder.layer_norm(x[:, -1])  # (B, D)
+        log_probs = torch.log_softmax(x @ self.embedding_t, dim=-1)  # (B, V)
+        alignment = torch.stack(alignment_maps).mean(0)  # (B, N, 1500)
+        return log_probs, torch.stack(next_k), torch.stack(next_v), alignment
+
+
+def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def first_pass_metadata(policy: WhisperPolicy, version: str) -> dict[str, str]:
+    settings = policy.settings
+    return {
+        "voxloop.format": WINDOWED_FORMAT,
+        "voxloop.version": version,
+        "voxloop.vocabulary": json.dumps(serving_vocabulary(list(settings.ctc_vocabulary))),
+        "voxloop.sample_rate_hz": str(SAMPLE_RATE_HZ),
+        "voxloop.hop_samples": str(SAMPLES_PER_ENCODER_FRAME),
+        "voxloop.subsampling": "1",
+        "voxloop.chunk_frames": str(settings.chunk_frames),
+        "voxloop.chunk_samples": str(settings.chunk_samples),
+        "voxloop.lookback_samples": "0",
+        "voxloop.history_samples": str(settings.history_samples),
+    }
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic_axes: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET, dynamo=False)
+
+
+def export_first_pass(policy: WhisperPolicy, path: Path, version: str) -> Path:
+    s = policy.settings
+    _export(FirstPassWrapper(policy), (torch.zeros(1, s.chunk_samples), torch.zeros(1, s.history_samples)), path,
+            ["audio", "audio_history"], ["log_probs", "next_audio_history"],
+            {"audio": {0: "batch", 1: "samples"}, "audio_history": {0: "batch"},
+             "log_probs": {0: "batch", 1: "frames"}, "next_audio_history": {0: "batch"}})
+    _add_metadata(path, first_pass_metadata(policy, version))
+    return path
+
+
+def export_encoder(policy: WhisperPolicy, path: Path) -> Path:
+    _export(EncoderWrapper(policy), (torch.zeros(1, 2 * SAMPLE_RATE_HZ),), path, ["audio"],
+            ["cross_k", "cross_v"], {"audio": {1: "samples"}})
+    return path
+
+
+def export_decoder(policy: WhisperPolicy, path: Path, alignment_heads: list[list[int]]) -> Path:
+    config = policy.model.config
+    layers, heads = config.decoder_layers, config.decoder_attention_heads
+    head_dim = config.d_model // heads
+    positions = config.max_source_positions
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(layers, 1, heads, 3, head_dim),
+            torch.zeros(layers, 1, heads, 3, head_dim), torch.zeros(layers, 1, heads, positions, head_dim),
+            torch.zeros(layers, 1, heads, positions, head_dim))
+    cache_axes = {1: "batch", 3: "past"}
+    _export(DecoderStepWrapper(policy, alignment_heads), args, path,
+            ["tokens", "self_k", "self_v", "cross_k", "cross_v"],
+            ["log_probs", "next_self_k", "next_self_v", "alignment"],
+            {"tokens": {0: "batch", 1: "length"}, "self_k": cache_axes, "self_v": cache_axes,
+             "cross_k": {1: "batch"}, "cross_v": {1: "batch"}, "log_probs": {0: "batch"},
+             "next_self_k": {1: "batch", 3: "total"}, "next_self_v": {1: "batch", 3: "total"},
+             "alignment": {0: "batch", 1: "length"}})
+    return path
+
+
+def export_whisper_graphs(policy: WhisperPolicy, out_dir: Path, version: str) -> dict[str, Path]:
+    """Write the three graphs of a version into `out_dir`; returns {file name: path}."""
+    policy = policy.eval()
+    alignment_heads = [list(h) for h in policy.model.generation_config.alignment_heads]
+    paths = {
+        FIRST_PASS_FILE: export_first_pass(policy, out_dir / FIRST_PASS_FILE, version),
+        ENCODER_FILE: export_encoder(policy, out_dir / ENCODER_FILE),
+        DECODER_FILE: export_decoder(policy, out_dir / DECODER_FILE, alignment_heads),
+    }
+    log.info("exported %s to %s", ", ".join(paths), out_dir)
+    return paths
+
+
+# --- parity ---
+
+
+@dataclass(frozen=True)
+class WhisperParityConfig:
+    """What "the graphs match torch" means for the Whisper kind."""
+
+    max_abs_logprob_diff: float = 2e-3
+    """Largest |log p_torch - log p_onnx| of the CTC head and of the decoder's next-token distribution."""
+    max_abs_kv_diff: float = 2e-3
+    """Largest |k_torch - k_onnx| of the cross-attention keys and values (values reach ~10)."""
+    lengths_s: tuple[float, ...] = (1.3, 4.7)
+    """Audio lengths checked (two, so a length baked into a graph is caught)."""
+    seed: int = 0
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _reference_log_probs(policy: WhisperPolicy, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' own decoder on spliced encoder states: (B, V) log-probs after `tokens` (B, N)."""
+    output = policy.model(encoder_outputs=(states,), decoder_input_ids=tokens)
+    return torch.log_softmax(output.logits[:, -1], dim=-1)
+
+
+def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
+                         config: WhisperParityConfig | None = None) -> ParityReport:
+    """torch vs the three graphs on speech-like noise at two lengths; raises ParityError.
+
+    First pass: the CTC log-probs of a chunk and a shorter tail with random history. Second pass: the
+    encoder's cross keys/values against the torch splice, then the decoder step against transformers'
+    own WhisperForConditionalGeneration (prompt of two tokens, then a cached step of three more)."""
+    config = config or WhisperParityConfig()
+    policy = policy.eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    first = _session(out_dir / FIRST_PASS_FILE)
+    encoder = _session(out_dir / ENCODER_FILE)
+    decoder = _session(out_dir / DECODER_FILE)
+    wrapper = FirstPassWrapper(policy)
+    vocabulary = list(policy.settings.ctc_vocabulary)
+    worst_ctc = worst_kv = worst_decoder = 0.0
+    equal = True
+    s = policy.settings
+    with torch.no_grad():
+        for chunk in (s.chunk_samples, s.chunk_samples // 2 + SAMPLES_PER_ENCODER_FRAME):
+            audio = 0.1 * torch.randn(2, chunk, generator=generator)
+            history = 0.1 * torch.randn(2, s.history_samples, generator=generator)
+            expected, _ = wrapper(audio, history)
+            actual, _ = first.run(None, {"audio": audio.numpy(), "audio_history": history.numpy()})
+            if expected.shape != actual.shape:
+                raise ParityError(f"first pass, {chunk} samples: torch {tuple(expected.shape)}, ONNX {actual.shape}")
+            worst_ctc = max(worst_ctc, float(np.abs(expected.numpy() - actual).max()))
+            equal &= all(greedy_ctc_text(t, vocabulary) == greedy_ctc_text(o, vocabulary)
+                         for t, o in zip(expected.numpy(), actual, strict=True))
+
+        encoder_wrapper = EncoderWrapper(policy)
+        silence = policy.silence_states()
+        for seconds in config.lengths_s:
+            samples = round(seconds * SAMPLE_RATE_HZ) // SAMPLES_PER_ENCODER_FRAME * SAMPLES_PER_ENCODER_FRAME
+            audio = 0.1 * torch.randn(1, samples, generator=generator)
+            states = policy.final_encoder_states(audio, torch.tensor([samples]), silence)  # (1, 1500, D)
+            expected_k, expected_v = encoder_wrapper._cross_kv(states)
+            cross_k, cross_v = encoder.run(None, {"audio": audio.numpy()})
+            worst_kv = max(worst_kv, float(np.abs(expected_k.numpy() - cross_k).max()),
+                           float(np.abs(expected_v.numpy() - cross_v).max()))
+            prompt = torch.tensor([[50257, 50362]])
+            more = torch.randint(0, 50000, (1, 3), generator=generator)
+            empty = np.zeros((*cross_k.shape[:3], 0, cross_k.shape[-1]), dtype=np.float32)
+            log_probs, self_k, self_v, _ = decoder.run(None, {"tokens": prompt.numpy(), "self_k": empty,
+                                                              "self_v": empty, "cross_k": cross_k, "cross_v": cross_v})
+            log_probs_2, _, _, alignment = decoder.run(None, {"tokens": more.numpy(), "self_k": self_k,
+                                                               "self_v": self_v, "cross_k": cross_k,
+                                                               "cross_v": cross_v})
+            if alignment.shape != (1, 3, cross_k.shape[3]):
+                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, {cross_k.shape[3]})")
+            reference_1 = _reference_log_probs(policy, states, prompt)
+            reference_2 = _reference_log_probs(policy, states, torch.cat([prompt, more], dim=1))
+            worst_decoder = max(worst_decoder, float(np.abs(reference_1.numpy() - log_probs).max()),
+                                float(np.abs(reference_2.numpy() - log_probs_2).max()))
+            equal &= int(reference_2.argmax()) == int(log_probs_2.argmax())
+    report = ParityReport(max(worst_ctc, worst_decoder), equal, config.lengths_s)
+    if (worst_ctc > config.max_abs_logprob_diff or worst_decoder > config.max_abs_logprob_diff
+            or worst_kv > config.max_abs_kv_diff or not equal):
+        raise ParityError(f"Whisper export differs from torch: first pass max |dlogp| {worst_ctc:.2e}, cross k/v "
+                          f"{worst_kv:.2e}, decoder max |dlogp| {worst_decoder:.2e} (limits "
+                          f"{config.max_abs_logprob_diff:g} / {config.max_abs_kv_diff:g}); greedy equal: {equal}")
+    log.info("Whisper parity: CTC %.2e, cross k/v %.2e, decoder %.2e", worst_ctc, worst_kv, worst_decoder)
+    return report
