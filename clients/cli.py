@@ -1,6 +1,7 @@
 """The `voxloop` command line: serve, transcribe, models, and the trainer's commands.
 
-    voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
+    voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--web-port P] [--data-dir DIR]
+                  [--model-dir DIR]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
     voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
@@ -48,6 +49,7 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port (0 picks a free one)"),
     ("--metrics-port", "metrics_port", int, "Prometheus metrics port (0 turns metrics off)"),
+    ("--web-port", "web_port", int, "serve the end-user web page on this port (http://HOST:PORT/; 0 turns it off)"),
     ("--data-dir", "data_dir", Path, "data directory: feedback store, registry ($VOXLOOP_HOME)"),
     ("--model-dir", "model_dir", Path, "registry to serve from (CURRENT + versions/; default <data-dir>/registry)"),
 )
