@@ -180,6 +180,7 @@ class VoxloopServer:
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
         log.info("shutting down: %d open recognitions get up to %g s", self.slots.active, grace_s)
+        await self.web.finish_recognitions()  # a page's microphone would stream on: end it as Stop does
         if not await self.slots.drain(grace_s):
             log.warning("shutdown grace over: cancelling %d open recognitions", self.slots.active)
         await self.web.stop()

@@ -298,9 +298,13 @@ class WebSession:
 
     async def _stop(self, message: dict[str, Any]) -> None:
         # Idempotent: a page may press Stop after its recognition already ended (an error, an endpoint).
+        await self.finish_recognition()
+
+    async def finish_recognition(self) -> None:
+        """Half-close the open recognition, if any: the servicer flushes the last final, then the page gets "end"."""
         if self._requests is not None:
             requests, self._requests = self._requests, None
-            await requests.put(None)  # the half-close: the servicer flushes the last final
+            await requests.put(None)
 
     async def _on_audio(self, data: bytes) -> None:
         if self._requests is None:
@@ -402,14 +406,13 @@ class WebBridge:
 
     async def start(self, host: str, port: int) -> int:
         """Serve on host:port (0 picks a free port); returns the bound port. Raises OSError naming the fix."""
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         ssl_context = None
         if self.config.tls:  # the page needs a secure context for the microphone anywhere but localhost
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False)
         try:
             await site.start()
         except OSError as e:
@@ -420,8 +423,13 @@ class WebBridge:
         self.port = runner.addresses[0][1]
         return self.port
 
+    async def finish_recognitions(self) -> None:
+        """Shutdown begins: end every page's recognition as its Stop button would (the last final is still sent)."""
+        for session in list(self._sessions):
+            await session.finish_recognition()
+
     async def stop(self) -> None:
-        """Close every page's socket (their recognitions are cancelled) and stop listening."""
+        """Close every page's socket (recognitions still open are cancelled) and stop listening."""
         for session in list(self._sessions):
             await session.shutdown()
         for task in list(self._notices):
