@@ -325,7 +325,8 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
                          feedback_executor, web), port
 
 
-async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None) -> None:
+async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
+                 on_serving: Callable[[VoxloopServer], None] | None) -> None:
     server, port = create_server(config, utterance_sink=utterance_sink)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -341,6 +342,8 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
                  server.model.version, config.registry_dir, extra={"port": port})
         if server.web_url is not None:
             log.info("web page on %s", server.web_url)
+        if on_serving is not None:
+            await asyncio.to_thread(on_serving, server)  # e.g. open a browser: may block a moment
         await stop.wait()
     finally:
         await server.stop()
@@ -348,15 +351,16 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
             metrics.stop()
 
 
-def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully.
+def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None,
+          on_serving: Callable[[VoxloopServer], None] | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully; `on_serving(server)` once it serves.
 
     Raises what create_server raises (RegistryError, ModelFormatError, OSError) before serving.
     """
     # The event loop's own torch work (resampling a chunk) is tiny: intra-op threads would only fight
     # the onnxruntime thread for the cores (measured: 3x slower resampling under load with 2 threads).
     torch.set_num_threads(1)
-    asyncio.run(_serve(config, utterance_sink))
+    asyncio.run(_serve(config, utterance_sink, on_serving))
 
 
 class BackgroundServer:

@@ -430,3 +430,30 @@ def test_serve_with_web_port_serves_the_page(tiny_registry, tmp_path):
             process.wait()
     assert process.returncode == 0
     assert f"web page on http://127.0.0.1:{web_port}/" in output
+
+
+def test_serve_open_without_a_web_port_is_a_usage_error(capsys):
+    from voxloop.clients.cli import main
+
+    assert main(["serve", "--open", "--no-trainer"]) == 2
+    assert "--open needs the web page: add --web-port" in capsys.readouterr().err
+
+
+def test_serve_open_opens_the_page_once_serving(monkeypatch, tiny_registry, tmp_path):
+    import webbrowser
+    from types import SimpleNamespace
+
+    import voxloop.server.app as app
+    from voxloop.clients.cli import main
+
+    opened, served = [], []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
+
+    def fake_serve(config, on_serving=None):  # stands in for the blocking server: it is serving, then stops
+        served.append(config)
+        on_serving(SimpleNamespace(web_url=f"http://127.0.0.1:{config.web_port}/"))
+
+    monkeypatch.setattr(app, "serve", fake_serve)
+    assert main(["serve", "--no-trainer", "--web-port", "8765", "--open", "--model-dir", str(tiny_registry),
+                 "--data-dir", str(tmp_path / "data"), "--metrics-port", "0"]) == 0
+    assert served[0].web_port == 8765 and opened == ["http://127.0.0.1:8765/"]

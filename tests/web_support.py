@@ -21,7 +21,7 @@ import soundfile as sf
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-WINDOW_SIZE = "1100,1000"
+WINDOW_SIZE = "1100,1500"  # tall enough for a few finals in the screenshot
 SPEECH_RATE_HZ = 16000
 
 

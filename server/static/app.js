@@ -548,6 +548,7 @@
     event.preventDefault();
     sessionStorage.setItem(TOKEN_KEY, ui.token.value.trim());
     showError("");
+    showStatus("Connecting…");
     reconnect().then(() => showStatus("Connected."), (error) => showError(explain(error)));
   });
   ui.token.value = sessionStorage.getItem(TOKEN_KEY) || "";
