@@ -208,6 +208,8 @@ class WebSession:
         """hello succeeded: the page may be told about model changes (GetModelInfo needs the same auth)."""
         self._requests: asyncio.Queue[recognizer_pb2.StreamingRecognizeRequest | None] | None = None
         self._stream: asyncio.Task | None = None
+        self._started_any = False
+        """A recognition was started here: audio with none open is a straggler of the last one, dropped quietly."""
         self._told_no_stream = False
         self._calls: set[asyncio.Task] = set()
         self._send_lock = asyncio.Lock()
@@ -293,7 +295,7 @@ class WebSession:
         config = _parse(message.get("config"), recognizer_pb2.RecognitionConfig, "\"config\"")
         self._requests = asyncio.Queue(maxsize=AUDIO_QUEUE_MESSAGES)
         self._requests.put_nowait(recognizer_pb2.StreamingRecognizeRequest(config=config))
-        self._told_no_stream = False
+        self._started_any = True
         self._stream = asyncio.create_task(self._recognize(self._requests), name="web-recognition")
 
     async def _stop(self, message: dict[str, Any]) -> None:
@@ -308,7 +310,9 @@ class WebSession:
 
     async def _on_audio(self, data: bytes) -> None:
         if self._requests is None:
-            if not self._told_no_stream:  # once: a page streams ~10 frames a second
+            # Frames still in flight when a recognition ended (stop, an error the page was sent) are dropped;
+            # audio before any start is a page bug, told once (a page streams ~10 frames a second).
+            if not self._started_any and not self._told_no_stream:
                 self._told_no_stream = True
                 WEB_MESSAGES_REFUSED.labels(reason="audio_without_stream").inc()
                 await self._error(grpc.StatusCode.INVALID_ARGUMENT,

@@ -83,12 +83,13 @@
           pending.reject(lost);
         }
         session.calls.clear();
-        if (session.recognition) {
-          if (event.code === 1009) {
-            showError("The server refused a message over its size limit and closed the connection.");
-          }
-          endRecognition(lost);
+        if (event.code === 1009) {
+          showError("The server refused a message over its size limit and closed the connection.");
+        } else if (event.code === 1001) {
+          showError("The server went away (" + (event.reason || "restarting") + "). Your transcripts stay here; "
+            + "try again in a moment.");
         }
+        endRecognition(lost);
       });
     });
     session.ready.catch(() => {}); // shown where it is awaited; an unawaited failure is not an error
