@@ -271,7 +271,8 @@ class WebSession:
             await handler(message)
         except BadMessage as e:
             WEB_MESSAGES_REFUSED.labels(reason=e.reason).inc()
-            await self._error(grpc.StatusCode.INVALID_ARGUMENT, str(e), **({"id": call_id} if call_id else {}))
+            await self._error(grpc.StatusCode.INVALID_ARGUMENT, str(e),
+                              **({"id": call_id} if call_id is not None else {}))
 
     async def _hello(self, message: dict[str, Any]) -> None:
         token = message.get("token")
