@@ -222,7 +222,11 @@ def test_with_a_tokens_file_the_page_needs_a_token_and_refuses_another_tenants_u
              timeout_s=30)
     assert by_testid(driver, "start").is_enabled() and not by_testid(driver, "stop").is_enabled()
 
-    # Alice's token: recognition works.
+    # A wrong token is not accepted; Alice's is, and recognition works.
+    token.send_keys("tok-mallory", Keys.ENTER)
+    wait_for(driver, lambda d: "access token was not accepted" in by_testid(d, "error").text, "the refusal",
+             timeout_s=30)
+    token.clear()
     token.send_keys("tok-alice", Keys.ENTER)
     wait_until_connected(driver)
     assert by_testid(driver, "error").text == ""

@@ -42,9 +42,10 @@
   function explain(error) {
     // A gRPC status from the server ({code, message}) as a sentence for the person at the page.
     switch (error.code) {
-      case "UNAUTHENTICATED":
-        return "This server needs an access token: enter yours in the Access token field and press Connect. ("
-          + error.message + ")";
+      case "UNAUTHENTICATED": // the server's details are written for API clients (metadata, flags)
+        return /unknown/.test(error.message)
+          ? "That access token was not accepted: check it, or ask the server's operator for a valid one."
+          : "This server needs an access token: enter yours in the Access token field and press Connect.";
       case "PERMISSION_DENIED":
         return "Refused: " + error.message;
       case "RESOURCE_EXHAUSTED":
