@@ -1,6 +1,7 @@
 """The `voxloop` command line: serve, transcribe, models, and the trainer's commands.
 
-    voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
+    voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--web-port P [--open]]
+                  [--data-dir DIR] [--model-dir DIR]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
     voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
@@ -49,6 +50,7 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port (0 picks a free one)"),
     ("--metrics-port", "metrics_port", int, "Prometheus metrics port (0 turns metrics off)"),
+    ("--web-port", "web_port", int, "serve the end-user web page on this port (http://HOST:PORT/; 0 turns it off)"),
     ("--data-dir", "data_dir", Path, "data directory: feedback store, registry ($VOXLOOP_HOME)"),
     ("--model-dir", "model_dir", Path, "registry to serve from (CURRENT + versions/; default <data-dir>/registry)"),
 )
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, dest=config_field, type=flag_type, default=None, help=help_text)
     serve.add_argument("--no-trainer", action="store_true",
                        help=f"do not run the online trainer in the server process (also: {TRAINER_ENV}=off)")
+    serve.add_argument("--open", action="store_true",
+                       help="open the web page in this machine's browser once serving (needs --web-port)")
     serve.set_defaults(handler=_serve)
 
     transcribe = commands.add_parser("transcribe", parents=[client_options],
@@ -230,6 +234,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.open and not config.web_port:
+        print(f"{PROG}: error: --open needs the web page: add --web-port PORT (e.g. 8080)", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
     config = _with_shipped_model_built(config)
     trainer = None
@@ -237,7 +244,7 @@ def _serve(args: argparse.Namespace) -> int:
         if not args.no_trainer:
             open_registry(config)  # no servable model fails here, before a trainer thread starts
             trainer = _start_trainer(config)
-        serve(config)
+        serve(config, on_serving=_open_page if args.open else None)
     except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback
         raise CliError(str(e)) from e
     finally:
@@ -301,6 +308,13 @@ def _models_import(args: argparse.Namespace) -> int:
     print(f"published {version} in {registry.root}" + (" and made it CURRENT" if activate else
                                                       f" (serve it: voxloop models activate {version})"))
     return EXIT_OK
+
+
+def _open_page(server) -> None:
+    import webbrowser
+
+    if not webbrowser.open(server.web_url):  # no browser here (a server, a container): the URL is logged
+        print(f"{PROG}: no browser to open here; open {server.web_url}", file=sys.stderr)
 
 
 def _start_trainer(config):

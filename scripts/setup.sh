@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Set up voxloop on a fresh Debian machine: system packages (speech synthesis for tests and the
-# corpus; Prometheus and promtool for the metrics tests), a virtual environment in .venv, and the
-# package with every extra. Safe to re-run.
+# corpus; Prometheus and promtool for the metrics tests; chromium and its driver for the web page's
+# browser tests), a virtual environment in .venv, and the package with every extra. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng flite sox fortunes fortunes-min prometheus)
+APT_PACKAGES=(espeak-ng flite sox fortunes fortunes-min prometheus chromium chromium-driver)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -10,11 +10,12 @@ Beside `voxloop.v1.Recognizer` it serves `voxloop.v1.Feedback` (corrections and 
 feedback store, which also receives every final utterance through a bounded queue and a writer
 thread, `utterance_writer.py`), the standard `grpc.health.v1.Health` (SERVING once the model
 is loaded; NOT_SERVING as soon as shutdown begins, so load balancers drain the replica) and server
-reflection, and `voxloop.v1.ModelAdmin` (model_admin.py). The registry watcher (watcher.py) hot-swaps
-the model when the registry's target version changes; each utterance holds the model it began with
-(model_holder.py). Shutdown: NOT_SERVING, refuse new recognitions (UNAVAILABLE), let open ones finish for
-up to shutdown_grace_s, then stop the gRPC server (cancelling what is left), write every queued
-utterance, close the store.
+reflection, `voxloop.v1.ModelAdmin` (model_admin.py), and with web_port the end-user page, whose
+WebSocket bridge calls the same Recognizer and Feedback servicer objects (web.py). The registry
+watcher (watcher.py) hot-swaps the model when the registry's target version changes; each utterance
+holds the model it began with (model_holder.py). Shutdown: NOT_SERVING, refuse new recognitions
+(UNAVAILABLE), let open ones finish for up to shutdown_grace_s, close the pages' sockets, then stop
+the gRPC server (cancelling what is left), write every queued utterance, close the store.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .stream import FinishedUtterance
 from .utterance_writer import UtteranceWriter
 from .warmup import warm_up
 from .watcher import ModelWatcher, load_initial
+from .web import WebBridge
 from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,11 @@ class VoxloopServer:
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
                  watcher: ModelWatcher, slots: StreamSlots, sink_executor: ThreadPoolExecutor | None,
-                 store: FeedbackStore, writer: UtteranceWriter | None, feedback_executor: ThreadPoolExecutor):
+                 store: FeedbackStore, writer: UtteranceWriter | None, feedback_executor: ThreadPoolExecutor,
+                 web: WebBridge):
         self.config = config
+        self.web = web
+        """The end-user page and its WebSocket bridge (web.py); serving once started with a web port."""
         self.watcher = watcher
         self.models = watcher.holder
         self.slots = slots
@@ -156,7 +161,22 @@ class VoxloopServer:
         for service in ("", SERVICE_NAME, FEEDBACK_SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._retention = asyncio.create_task(self._expire_audio_periodically(), name="audio-retention")
+        if self.config.web_port:
+            await self.start_web()
         log.info("serving model %s", self.model.version)
+
+    async def start_web(self, port: int | None = None) -> int:
+        """Serve the end-user page on `port` (default config.web_port; 0 picks a free one); returns the bound port."""
+        return await self.web.start(self.config.host, self.config.web_port if port is None else port)
+
+    @property
+    def web_url(self) -> str | None:
+        """The page's address once it is served, else None."""
+        if self.web.port is None:
+            return None
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "[::]") else self.config.host
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{_listen_address(host, self.web.port)}/"
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new recognitions, let open ones finish (up to grace_s)."""
@@ -166,8 +186,10 @@ class VoxloopServer:
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
         log.info("shutting down: %d open recognitions get up to %g s", self.slots.active, grace_s)
+        await self.web.finish_recognitions()  # a page's microphone would stream on: end it as Stop does
         if not await self.slots.drain(grace_s):
             log.warning("shutdown grace over: cancelling %d open recognitions", self.slots.active)
+        await self.web.stop()
         await self.watcher.stop()
         await self._server.stop(UNARY_DRAIN_S)
         await self.models.close()
@@ -277,13 +299,15 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ])
-    pb_grpc.add_RecognizerServicer_to_server(
-        RecognizerServicer(config, lambda: watcher.holder.current, slots, on_utterance, authenticator,
-                           leases=watcher.holder), server)
+    recognizer = RecognizerServicer(config, lambda: watcher.holder.current, slots, on_utterance, authenticator,
+                                    leases=watcher.holder)
+    pb_grpc.add_RecognizerServicer_to_server(recognizer, server)
     model_admin_pb2_grpc.add_ModelAdminServicer_to_server(ModelAdminServicer(watcher, authenticator), server)
     intake = FeedbackIntake(config, store, writer, RateLimiter(config.feedback_rate_per_s, config.feedback_burst))
-    feedback_pb2_grpc.add_FeedbackServicer_to_server(
-        FeedbackServicer(intake, authenticator, feedback_executor), server)
+    feedback = FeedbackServicer(intake, authenticator, feedback_executor)
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(feedback, server)
+    # The page calls these same servicer objects in-process: one auth, one rate limiter, one set of slots.
+    web = WebBridge(config, recognizer, feedback, watcher.holder, authenticator.allow_anonymous)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -304,10 +328,11 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
         raise OSError(f"cannot listen on {address} (in use, or not an address of this machine); "
                       "pick another with --port (0 picks a free one) or --host")
     return VoxloopServer(config, server, health_servicer, watcher, slots, sink_executor, store, writer,
-                         feedback_executor), port
+                         feedback_executor, web), port
 
 
-async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None) -> None:
+async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
+                 on_serving: Callable[[VoxloopServer], None] | None) -> None:
     server, port = create_server(config, utterance_sink=utterance_sink)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -321,6 +346,10 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
         metrics = start_metrics_server(config.metrics_port, config.host) if config.metrics_port else None
         log.info("voxloop listening on %s (model %s, registry %s)", _listen_address(config.host, port),
                  server.model.version, config.registry_dir, extra={"port": port})
+        if server.web_url is not None:
+            log.info("web page on %s", server.web_url)
+        if on_serving is not None:
+            await asyncio.to_thread(on_serving, server)  # e.g. open a browser: may block a moment
         await stop.wait()
     finally:
         await server.stop()
@@ -328,15 +357,16 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
             metrics.stop()
 
 
-def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully.
+def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None,
+          on_serving: Callable[[VoxloopServer], None] | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully; `on_serving(server)` once it serves.
 
     Raises what create_server raises (RegistryError, ModelFormatError, OSError) before serving.
     """
     # The event loop's own torch work (resampling a chunk) is tiny: intra-op threads would only fight
     # the onnxruntime thread for the cores (measured: 3x slower resampling under load with 2 threads).
     torch.set_num_threads(1)
-    asyncio.run(_serve(config, utterance_sink))
+    asyncio.run(_serve(config, utterance_sink, on_serving))
 
 
 class BackgroundServer:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "VOXLOOP_"
 HOME_ENV = "VOXLOOP_HOME"
@@ -43,6 +44,12 @@ class ServerConfig:
     """gRPC port; 0 picks a free one (create_server returns it)."""
     metrics_port: int = 9400
     """Prometheus metrics port; 0 turns metrics off."""
+    web_port: int = 0
+    """Port of the end-user web page and its WebSocket bridge (http://host:web_port/, https with TLS); 0: off."""
+    web_origins: str = ""
+    """Comma-separated origins (scheme://host[:port]) that may also open the page's WebSocket, e.g. a proxy's
+    https://asr.example.com; without it only the page's own origin may, and only when its host is localhost or an
+    IP address (a DNS name must be listed here: DNS rebinding)."""
     data_dir: Path = DEFAULT_DATA_DIR
     """Where the server keeps its data (registry, feedback store); `$VOXLOOP_HOME` sets it."""
     model_dir: Path | None = None
@@ -125,9 +132,14 @@ class ServerConfig:
             object.__setattr__(self, "store_path", path if "://" in path else str(Path(path).expanduser()))
         if not self.host:
             _invalid("host", "must not be empty (127.0.0.1 for this machine only, 0.0.0.0 for all interfaces)")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "web_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 _invalid(name, f"must be 0..65535 (0 {'picks a free port' if name == 'port' else 'turns it off'})")
+        for origin in self.allowed_web_origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or origin != f"{parts.scheme}://{parts.netloc}":
+                _invalid("web_origins", f"has {origin!r}, which is not an origin: list scheme://host[:port] entries "
+                                        "separated by commas (e.g. https://asr.example.com), without paths")
         positive = ("max_stream_duration_s", "idle_timeout_s", "interim_interval_s", "max_utterance_s",
                     "trailing_silence_before_speech_s", "trailing_silence_after_speech_s", "audio_retention_s",
                     "feedback_rate_per_s", "retention_interval_s", "model_watch_interval_s")
@@ -173,6 +185,11 @@ class ServerConfig:
     def store_url(self) -> Path | str:
         """The feedback store to open (FeedbackStore.open takes a path or a URL)."""
         return self.store_path if self.store_path is not None else self.data_dir / STORE_FILE
+
+    @property
+    def allowed_web_origins(self) -> frozenset[str]:
+        """web_origins as a set, lowercased (browsers send origins lowercase) and without trailing slashes."""
+        return frozenset(o.strip().lower().rstrip("/") for o in self.web_origins.split(",") if o.strip())
 
     @property
     def tls(self) -> bool:

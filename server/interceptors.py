@@ -51,6 +51,41 @@ def _code_name(code) -> str:
     return "UNKNOWN"
 
 
+@contextlib.contextmanager
+def observe_rpc(method: str, call_id: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Count one call of `method` in the RPC metrics and log it; `context.code()` tells how it ended.
+
+    The interceptor wraps every gRPC call in it; the web bridge (web.py) its calls of the same servicers.
+    """
+    token = REQUEST_ID.set(call_id)
+    recognition = method in RECOGNITION_METHODS
+    if recognition:
+        ACTIVE_STREAMS.inc()
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        yield
+        if context.code() is not None:  # set_code without raising
+            code = _code_name(context.code())
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except BaseException:
+        # context.abort raises after setting the code; anything else grpc reports as UNKNOWN.
+        code = _code_name(context.code()) if context.code() is not None else "UNKNOWN"
+        raise
+    finally:
+        if recognition:
+            ACTIVE_STREAMS.dec()
+        RPCS.labels(method=method, code=code).inc()
+        duration_s = time.perf_counter() - started
+        # OK calls (health probes every few seconds) only at DEBUG; failures at INFO.
+        log.log(logging.DEBUG if code == "OK" else logging.INFO, "%s finished %s in %.3f s", method, code,
+                duration_s, extra={"method": method, "code": code, "duration_s": round(duration_s, 6)})
+        with contextlib.suppress(ValueError):  # a generator finalized in another context: nothing to undo
+            REQUEST_ID.reset(token)
+
+
 class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """voxloop_rpcs_total{method, code}, voxloop_active_streams, a request id per call, and a log line per call."""
 
@@ -67,51 +102,20 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _wrap(self, behavior, method: str, call_id: str):
-        observe = self._observe
         if inspect.isasyncgenfunction(behavior):
             async def streaming(request, context):
-                with observe(method, call_id, context):
+                with observe_rpc(method, call_id, context):
                     async for response in behavior(request, context):
                         yield response
             return streaming
 
         async def call(request, context):
-            with observe(method, call_id, context):
+            with observe_rpc(method, call_id, context):
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
         return call
 
-    @contextlib.contextmanager
-    def _observe(self, method: str, call_id: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
-        token = REQUEST_ID.set(call_id)
-        recognition = method in RECOGNITION_METHODS
-        if recognition:
-            ACTIVE_STREAMS.inc()
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            yield
-            if context.code() is not None:  # set_code without raising
-                code = _code_name(context.code())
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            # context.abort raises after setting the code; anything else grpc reports as UNKNOWN.
-            code = _code_name(context.code()) if context.code() is not None else "UNKNOWN"
-            raise
-        finally:
-            if recognition:
-                ACTIVE_STREAMS.dec()
-            RPCS.labels(method=method, code=code).inc()
-            duration_s = time.perf_counter() - started
-            # OK calls (health probes every few seconds) only at DEBUG; failures at INFO.
-            log.log(logging.DEBUG if code == "OK" else logging.INFO, "%s finished %s in %.3f s", method, code,
-                    duration_s, extra={"method": method, "code": code, "duration_s": round(duration_s, 6)})
-            with contextlib.suppress(ValueError):  # a generator finalized in another context: nothing to undo
-                REQUEST_ID.reset(token)
 
-
-__all__ = ["RECOGNITION_METHODS", "REQUEST_ID_METADATA", "RpcMetricsInterceptor", "request_id"]
+__all__ = ["RECOGNITION_METHODS", "REQUEST_ID_METADATA", "RpcMetricsInterceptor", "observe_rpc", "request_id"]

@@ -54,6 +54,16 @@ FEEDBACK_RECEIVED = Counter("voxloop_feedback_received_total",
                             "(correction, acceptance, rejection, choice).",
                             ["kind"])
 
+# --- server: the web page's WebSocket bridge (its calls also count in voxloop_rpcs_total) ---
+
+WEB_CONNECTIONS = Gauge("voxloop_web_connections", "Open WebSockets of the end-user web page.")
+WEB_CONNECTIONS_REFUSED = Counter("voxloop_web_connections_refused_total",
+                                  "WebSocket upgrades refused before any call, by reason (origin).", ["reason"])
+WEB_MESSAGES_REFUSED = Counter("voxloop_web_messages_refused_total",
+                               "Page messages answered INVALID_ARGUMENT or RESOURCE_EXHAUSTED by the bridge itself "
+                               "(bad JSON, unknown type or method, audio with no open recognition, too many calls).",
+                               ["reason"])
+
 # --- server: models and hot-swap ---
 
 MODEL_INFO = Info("voxloop_model", "The model version serving new streams.")

@@ -30,6 +30,7 @@ class ModelHolder:
         self._leases: dict[int, int] = {}  # id(ServingModel) -> utterances decoding with it
         self._retired: dict[int, ServingModel] = {}  # swapped out, still leased
         self._closing: set[asyncio.Task] = set()
+        self._swap_listeners: list[Callable[[ServingModel], None]] = []
 
     @property
     def current(self) -> ServingModel:
@@ -59,11 +60,20 @@ class ModelHolder:
         if id(model) in self._retired:
             self._close(model)
 
+    def on_swap(self, listener: Callable[[ServingModel], None]) -> None:
+        """Call `listener(new_model)` on the event loop after each swap (the web page's "now serving" notice)."""
+        self._swap_listeners.append(listener)
+
     def swap(self, model: ServingModel) -> ServingModel:
         """Make `model` (its batcher started) the current one; returns the model it replaced (retired)."""
         old, self._current = self._current, model
         if old is model:
             return old
+        for listener in self._swap_listeners:
+            try:
+                listener(model)
+            except Exception:  # a listener's bug must not undo or stall the swap
+                log.exception("model swap listener failed")
         self._retired[id(old)] = old
         if self.leases(old) == 0:
             self._close(old)
