@@ -18,6 +18,13 @@ ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"
 
 # Longer digit runs (phone numbers, serials) are read digit by digit rather than as cardinals.
 _MAX_CARDINAL_DIGITS = 12
+# So are runs of five or more digits written without thousands separators, amounts aside: codes and
+# numbers read one digit at a time, as a recognizer writes them ("two nine three four zero" -> 29340);
+# an amount that large is written grouped ("29,340") and stays a cardinal.
+_UNGROUPED_DIGIT_RUN = re.compile(r"(?<![\d,.$])\d{5,}(?![\d,]|\.\d)")
+# Titles a recognizer abbreviates and a speaker says in full.
+_TITLES = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+_TITLE = re.compile(r"\b(" + "|".join(_TITLES) + r")\b")
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u2032": "'"})
@@ -51,6 +58,7 @@ def spell_out(text: str) -> str:
     Used on its own to prepare synthesizer input (punctuation kept, so prosody survives) that
     reads exactly like the normalized transcript: `normalize_text` applies the same step.
     """
+    text = _UNGROUPED_DIGIT_RUN.sub(lambda m: " " + " ".join(_DIGIT_WORDS[int(d)] for d in m.group(0)) + " ", text)
     text = _GROUPED_THOUSANDS.sub("", text)
     text = _DOLLARS.sub(_dollars_words, text)
     text = _PERCENT.sub(" percent ", text)
@@ -78,13 +86,14 @@ def _separates_words(char: str) -> bool:
 def normalize_text(text: str) -> str:
     """The normalized transcript of `text`; "" when nothing in it is speakable.
 
-    Lowercases, strips accents, spells out numbers ("21st" -> "twenty-first" -> "twenty first"),
+    Lowercases, strips accents, spells out numbers ("21st" -> "twenty-first" -> "twenty first"; an
+    ungrouped run of five or more digits digit by digit) and the titles Mr, Mrs and Dr,
     "%" and "&" and "$5", turns punctuation (hyphens and slashes included) into word breaks,
     keeps apostrophes only inside words, drops every other character outside `ALPHABET`, and
     collapses whitespace. Idempotent: normalize_text(normalize_text(t)) == normalize_text(t).
     """
     text = _strip_accents(text).translate(_APOSTROPHES)
-    text = spell_out(text).lower()
+    text = _TITLE.sub(lambda m: _TITLES[m.group(1)], spell_out(text).lower())
     chars = []
     for char in text:
         if char in ALPHABET:

@@ -92,3 +92,20 @@ def test_is_normalized_accepts_only_normalized_transcripts(text, expected):
 
 def test_spell_out_keeps_punctuation_for_the_synthesizer():
     assert spell_out("Wait, 2 minutes!").split() == ["Wait,", "two", "minutes!"]
+
+
+def test_an_ungrouped_run_of_five_or_more_digits_is_read_digit_by_digit_and_a_grouped_one_as_a_number():
+    # Whisper writes digits read one by one as one run ("two nine three four zero" -> "29340").
+    assert normalize_text("29340") == "two nine three four zero"
+    assert normalize_text("room 40215b") == "room four zero two one five b"
+    assert normalize_text("29,340") == "twenty nine thousand three hundred and forty"
+    assert normalize_text("1999") == "one thousand nine hundred and ninety nine"
+    assert normalize_text("$12345") == "twelve thousand three hundred and forty five dollars"
+    assert normalize_text("12345.67") == "twelve thousand three hundred and forty five point six seven"
+
+
+def test_the_titles_a_recognizer_abbreviates_are_spelled_as_spoken():
+    assert normalize_text("Mr. John Dashwood") == "mister john dashwood"
+    assert normalize_text("Mrs Smith and Dr. Who") == "missus smith and doctor who"
+    assert normalize_text("drive the mr") == "drive the mister"
+    assert normalize_text(normalize_text("Dr. Mr. Mrs.")) == normalize_text("Dr. Mr. Mrs.")
