@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from voxloop.clients.audio_files import CHUNK_DURATION_MS, chunk_pcm, float_to_linear16
 from voxloop.clients.client import AsyncRecognizerClient, RecognizerClient, VoxloopError, recognition_config
-from voxloop.server.config import SHIPPED_MODEL_DIR
+from voxloop.server.config import BASE_MODEL_DIR
 from voxloop.server.registry import CARD_FILE, Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
@@ -146,13 +146,13 @@ class VersionPoller(threading.Thread):
 
 def publish_versions(registry: Registry, n: int, gap_s: float, poller: VersionPoller, base: str) -> list[Swap]:
     """Publish n copies of the shipped graph, gap_s apart, each once the previous one serves."""
-    card = json.loads((SHIPPED_MODEL_DIR / CARD_FILE).read_text())
+    card = json.loads((BASE_MODEL_DIR / CARD_FILE).read_text())
     kept = {k: v for k, v in card.items() if k not in ("files", "version", "created_at")}
     swaps = []
     for i in range(1, n + 1):
         version = f"{base}-swap{i}"
         started = time.perf_counter()
-        registry.publish(version, {name: SHIPPED_MODEL_DIR / name for name in card["files"]},
+        registry.publish(version, {name: BASE_MODEL_DIR / name for name in card["files"]},
                          {**kept, "parent_version": swaps[-1].version if swaps else base})
         swaps.append(Swap(version, started, time.perf_counter()))
         deadline = time.perf_counter() + gap_s
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="voxloop-swap-bench-"))
     try:
         registry = Registry(work / "registry")
-        base = registry.seed_from(SHIPPED_MODEL_DIR)
+        base = registry.seed_from(BASE_MODEL_DIR)
         os.environ["VOXLOOP_MODEL_WATCH_INTERVAL_S"] = str(args.watch_interval_s)
         (work / "data").mkdir()
         process, target = spawn_server(registry.root, work / "data", None)

@@ -263,7 +263,7 @@ def _with_shipped_model_built(config):
 
     if Registry(config.registry_dir).current_version() is not None:
         return config
-    if not (config.shipped_model_dir / "import.json").is_file():
+    if not (config.shipped_model_dir / "import.json").is_file() or (config.shipped_model_dir / "card.json").is_file():
         return config
     try:
         from voxloop.trainer.whisper_import import shipped_version_dir

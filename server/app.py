@@ -58,6 +58,7 @@ from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 
+IMPORT_RECIPE_FILE = "import.json"
 UNARY_DRAIN_S = 0.5
 """After the recognitions drained: how long in-flight short calls (health checks, model info) get;
 open health Watch streams would otherwise hold the shutdown for the whole grace period."""
@@ -70,6 +71,12 @@ def open_registry(config: ServerConfig) -> Registry:
     registry = Registry(config.registry_dir)
     if registry.current_version() is None:
         shipped = config.shipped_model_dir
+        if (shipped / IMPORT_RECIPE_FILE).is_file() and not (shipped / CARD_FILE).is_file():
+            raise RegistryError(
+                f"the shipped model {shipped} is an import recipe, built by `voxloop serve` on first start or by "
+                f"`voxloop models import {shipped.name}`; or seed the small CTC model: "
+                f"VOXLOOP_SHIPPED_MODEL_DIR=models/base"
+            )
         if not (shipped / CARD_FILE).is_file():
             raise RegistryError(
                 f"no model to serve: the registry {registry.root} has no CURRENT version and there is no "

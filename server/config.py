@@ -24,8 +24,12 @@ ENV_PREFIX = "VOXLOOP_"
 HOME_ENV = "VOXLOOP_HOME"
 DEFAULT_DATA_DIR = Path("~/.local/share/voxloop")
 REGISTRY_SUBDIR = "registry"
-# The base model shipped in the repository (`models/base/`), seeded into an empty registry.
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# What an empty registry is seeded with: Whisper tiny.en (two-pass), built on first start from its
+# import recipe, since its weights are not in git (`voxloop models import`).
+SHIPPED_MODEL_DIR = MODELS_DIR / "whisper-tiny.en"
+# The small streaming CTC model trained here (a published version in git): the high-concurrency choice.
+BASE_MODEL_DIR = MODELS_DIR / "base"
 MIB = 1 << 20
 MAX_UTTERANCE_LIMIT_S = 300.0  # an utterance's audio is held in memory until its endpoint
 STORE_FILE = "feedback.sqlite3"
@@ -55,7 +59,8 @@ class ServerConfig:
     model_dir: Path | None = None
     """The model registry served from (CURRENT + versions/); None means <data_dir>/registry."""
     shipped_model_dir: Path = SHIPPED_MODEL_DIR
-    """A published version (model.onnx + card.json) copied into an empty registry on first start."""
+    """Seeded into an empty registry on first start: a published version (model.onnx + card.json, e.g.
+    models/base, the small CTC model) or an import recipe (import.json: `voxloop serve` builds it first)."""
     max_concurrent_streams: int = 256
     """Open StreamingRecognize calls past this get RESOURCE_EXHAUSTED."""
     max_stream_duration_s: float = 3600.0

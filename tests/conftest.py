@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 TINY_VERSION = "tiny-0001"
+BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctc_base_model_seeds_empty_registries():
+    """A `voxloop serve` the tests start on an empty registry seeds it with the small CTC model (models/base):
+    building the Whisper default costs a minute, so only the tests of that default (test_whisper_*) build it."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("VOXLOOP_SHIPPED_MODEL_DIR", str(BASE_MODEL_DIR))
+    yield
+    patch.undo()
 
 
 def build_tiny_version(out_dir: Path, version: str, seed: int = 0) -> Path:
@@ -41,3 +52,23 @@ def tiny_registry(tiny_registry_template, tmp_path) -> Path:
     root = tmp_path / "registry"
     shutil.copytree(tiny_registry_template, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def whisper_version_dir(tmp_path_factory) -> Path:
+    """The shipped Whisper default (whisper-tiny.en), built once per session the way `voxloop serve` builds it
+    on first start: from the pinned package, the committed CTC head, export, parity and probe."""
+    from voxloop.server.config import SHIPPED_MODEL_DIR
+    from voxloop.trainer.whisper_import import shipped_version_dir
+
+    return shipped_version_dir(SHIPPED_MODEL_DIR, tmp_path_factory.mktemp("whisper-shipped"), show_progress=False)
+
+
+@pytest.fixture
+def whisper_registry(whisper_version_dir, tmp_path) -> Path:
+    """A fresh registry (CURRENT = the Whisper default) that a test may modify."""
+    from voxloop.server.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    registry.seed_from(whisper_version_dir)
+    return registry.root

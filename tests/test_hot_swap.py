@@ -20,7 +20,7 @@ from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voice_
 from swap_support import publish_copy, wait_for
 from voxloop.clients.client import RecognizerClient, recognition_config
 from voxloop.server.app import BackgroundServer
-from voxloop.server.config import SHIPPED_MODEL_DIR, ServerConfig
+from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
 from voxloop.server.registry import CURRENT_FILE, MODEL_FILE, Registry, atomic_write_text
 from voxloop.server.warmup import PROBE_FILE, probe_card_entry
 
@@ -240,9 +240,9 @@ def test_50_swaps_of_the_shipped_model_leave_rss_within_10_percent(tmp_path):
     """Each swap loads a 13 MB graph: a session leaked per swap would add >0.5 GB over 50 swaps."""
     registry_root = tmp_path / "registry"
     registry = Registry(registry_root)
-    registry.seed_from(SHIPPED_MODEL_DIR)
+    registry.seed_from(BASE_MODEL_DIR)
     base = registry.current_version()
-    only_graph = {MODEL_FILE: SHIPPED_MODEL_DIR / MODEL_FILE}
+    only_graph = {MODEL_FILE: BASE_MODEL_DIR / MODEL_FILE}
     sessions: list[weakref.ref] = []
     with BackgroundServer(config_for(tmp_path, registry_root)) as running, \
             RecognizerClient(running.target, timeout=30) as client:

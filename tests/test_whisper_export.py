@@ -1,0 +1,145 @@
+"""The Whisper kind's three graphs against torch, its second pass against transformers, its card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from voxloop.server.model import OnnxModel
+from voxloop.server.registry import Registry, sha256_file
+from voxloop.server.warmup import WarmupFailed, streaming_transcript, warm_up
+from voxloop.server.whisper_decoder import WhisperSecondPass
+from voxloop.trainer.export import ParityError, greedy_ctc_text, serving_vocabulary
+from voxloop.trainer.whisper_export import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    check_whisper_parity,
+    export_whisper_graphs,
+)
+
+from whisper_support import DATA_DIR, TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    return tiny_whisper_policy(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_registry_with_whisper(tiny_policy, tmp_path_factory):
+    root = tmp_path_factory.mktemp("whisper-registry") / "registry"
+    publish_whisper_version(tiny_policy, root, TINY_WHISPER_VERSION)
+    return Registry(root)
+
+
+def test_the_three_graphs_match_torch_at_two_lengths(tiny_policy, tmp_path):
+    export_whisper_graphs(tiny_policy, tmp_path, "v")
+    report = check_whisper_parity(tiny_policy, tmp_path)
+    assert report.max_abs_logprob_diff < 1e-3 and report.greedy_transcripts_equal
+    assert len(report.lengths_s) == 2 and report.lengths_s[0] != report.lengths_s[1]
+
+
+def test_a_graph_from_other_weights_is_caught_by_the_parity_check(tiny_policy, tmp_path):
+    export_whisper_graphs(tiny_policy, tmp_path / "good", "v")
+    export_whisper_graphs(tiny_whisper_policy(seed=1), tmp_path / "other", "v")
+    for graph in (ENCODER_FILE, DECODER_FILE):
+        broken = tmp_path / f"broken-{graph}"
+        shutil.copytree(tmp_path / "good", broken)
+        shutil.copyfile(tmp_path / "other" / graph, broken / graph)
+        with pytest.raises(ParityError, match="differs from torch"):
+            check_whisper_parity(tiny_policy, broken)
+
+
+def test_the_first_pass_streams_chunk_by_chunk_what_torch_computes(tiny_registry_with_whisper, tiny_policy):
+    audio, _ = sf.read(DATA_DIR / "two.wav", dtype="float32")
+    chunk = tiny_policy.settings.chunk_samples
+    audio = audio[: len(audio) // chunk * chunk]  # whole chunks: torch's windows are then exactly the graph's
+    model = OnnxModel(tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION) / "model.onnx")
+    state, pieces = model.initial_state(1), []
+    for start in range(0, len(audio), chunk):
+        log_probs, state = model.run(audio[None, start : start + chunk], state)
+        pieces.append(log_probs[0])
+    with torch.no_grad():
+        expected = tiny_policy.streaming_ctc_log_probs(torch.from_numpy(audio)).numpy()
+    assert np.concatenate(pieces).shape == expected.shape == (len(audio) // 320, 30)
+    assert np.abs(np.concatenate(pieces) - expected).max() < 1e-3
+    transcript, frames = streaming_transcript(model, audio)
+    assert frames == len(expected)
+    assert transcript == greedy_ctc_text(expected, serving_vocabulary(list(tiny_policy.settings.ctc_vocabulary)))
+
+
+def _transformers_greedy(policy, audio: np.ndarray, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding with transformers' own forward pass (no cache) on the spliced encoder states."""
+    states = policy.final_encoder_states(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
+    tokens = list(prompt)
+    suppress = set(policy.model.generation_config.begin_suppress_tokens)
+    with torch.no_grad():
+        for step in range(max_tokens):
+            logits = policy.model(encoder_outputs=(states,), decoder_input_ids=torch.tensor([tokens])).logits[0, -1]
+            logits[50363:] = -torch.inf
+            if step == 0:
+                logits[list(suppress)] = -torch.inf
+            token = int(logits.argmax())
+            if token == 50256:
+                break
+            tokens.append(token)
+    return tokens[len(prompt) :]
+
+
+def test_the_second_pass_decodes_as_transformers_does(tiny_registry_with_whisper, tiny_policy):
+    version_dir = tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION)
+    card = json.loads((version_dir / "card.json").read_text())
+    second_pass = WhisperSecondPass.from_card(card, version_dir)
+    audio, _ = sf.read(DATA_DIR / "one.wav", dtype="float32")
+    audio = audio[:16000]
+    cross_k, cross_v, _ = second_pass.encode(audio)
+    decoded, alignment = second_pass.greedy(cross_k, cross_v, max_tokens=12)
+    assert list(decoded.tokens) == _transformers_greedy(tiny_policy, audio, [50257, 50362], 12)
+    assert alignment.shape == (len(decoded.tokens), 1500)
+    assert np.allclose(alignment.sum(-1), 1.0, atol=1e-4)  # attention rows are distributions
+
+
+def test_n_best_finals_are_distinct_with_the_greedy_transcript_first(tiny_registry_with_whisper):
+    version_dir = tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION)
+    second_pass = WhisperSecondPass.from_card(json.loads((version_dir / "card.json").read_text()), version_dir)
+    audio, _ = sf.read(DATA_DIR / "three.wav", dtype="float32")
+    one = second_pass.transcribe(audio[:12000], start_s=3.0)
+    three = second_pass.transcribe(audio[:12000], start_s=3.0, max_alternatives=3)
+    assert three[0].transcript == one[0].transcript
+    assert len({h.transcript for h in three}) == len(three) >= 2
+    for word in one[0].words:  # timings are in the stream's time, inside the utterance
+        assert 3.0 <= word.start_s < word.end_s <= 3.0 + 12000 / 16000 + 0.5
+        assert 0.0 < word.confidence <= 1.0
+
+
+def test_a_whisper_version_has_a_complete_card_and_every_file_verifies(tiny_registry_with_whisper):
+    registry = tiny_registry_with_whisper
+    card = registry.verify(TINY_WHISPER_VERSION)
+    assert card["format"] == "whisper-two-pass/1"
+    assert {"model.onnx", ENCODER_FILE, DECODER_FILE, "tokenizer.json", "probe.wav", "policy/config.json",
+            "policy/model.safetensors", "policy/ctc_head.safetensors", "policy/voxloop_whisper.json"} <= set(card["files"])
+    assert card["second_pass"]["type"] == "whisper" and card["second_pass"]["prompt"] == [50257, 50362]
+    assert set(card["probe"]) == {"file", "transcript", "final_transcript"}
+    assert card["parity"]["greedy_transcripts_equal"] is True
+    assert card["model"]["streaming"]["chunk_s"] == 0.4
+    for name, digest in card["files"].items():
+        assert sha256_file(registry.version_dir(TINY_WHISPER_VERSION) / name) == digest
+
+
+def test_a_version_whose_decoder_is_another_models_fails_warm_up_on_its_probe(tiny_registry_with_whisper, tmp_path):
+    other = Registry(tmp_path / "other")
+    publish_whisper_version(tiny_whisper_policy(seed=1), other.root, "other-0001")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION), broken)
+    shutil.copyfile(other.version_dir("other-0001") / DECODER_FILE, broken / DECODER_FILE)
+    card = json.loads((broken / "card.json").read_text())
+    second_pass = WhisperSecondPass.from_card(card, broken)
+    with pytest.raises(WarmupFailed) as failure:
+        warm_up(OnnxModel(broken / "model.onnx"), card, broken, second_pass)
+    assert failure.value.reason == "probe_mismatch" and "second pass" in str(failure.value)
