@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from transformers import WhisperFeatureExtractor
 from voxloop.trainer.whisper_ct2 import Ct2FormatError, Ct2WhisperFiles, convert_ct2_whisper, read_ct2_variables
 from voxloop.trainer.whisper_import import ImportRecipe, pinned_ct2_files
 from voxloop.trainer.whisper_model import WhisperLogMel, run_encoder
-
 from whisper_support import DATA_DIR
 
 pytestmark = pytest.mark.slow

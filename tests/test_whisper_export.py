@@ -20,7 +20,6 @@ from voxloop.trainer.whisper_export import (
     check_whisper_parity,
     export_whisper_graphs,
 )
-
 from whisper_support import DATA_DIR, TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy
 
 pytestmark = pytest.mark.slow
@@ -123,7 +122,8 @@ def test_a_whisper_version_has_a_complete_card_and_every_file_verifies(tiny_regi
     card = registry.verify(TINY_WHISPER_VERSION)
     assert card["format"] == "whisper-two-pass/1"
     assert {"model.onnx", ENCODER_FILE, DECODER_FILE, "tokenizer.json", "probe.wav", "policy/config.json",
-            "policy/model.safetensors", "policy/ctc_head.safetensors", "policy/voxloop_whisper.json"} <= set(card["files"])
+            "policy/model.safetensors", "policy/ctc_head.safetensors",
+            "policy/voxloop_whisper.json"} <= set(card["files"])
     assert card["second_pass"]["type"] == "whisper" and card["second_pass"]["prompt"] == [50257, 50362]
     assert set(card["probe"]) == {"file", "transcript", "final_transcript"}
     assert card["parity"]["greedy_transcripts_equal"] is True
