@@ -220,6 +220,10 @@ class ServingModel:
         the version has one, else the first pass decoder's."""
         if self.second_pass is None:
             return decoder.final_hypotheses(max_alternatives)  # closes a beam search
+        if not decoder.has_output:
+            # The first pass heard no speech: no second pass, whose decoder would make up words for
+            # silence (Whisper's "you" on an empty recording), so silence stays without a final.
+            return (Hypothesis(),)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:

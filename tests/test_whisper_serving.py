@@ -1,0 +1,153 @@
+"""The Whisper default through a real server: finals equal the offline decode, swaps to and from CTC
+versions with streams open, `voxloop serve` on an empty registry serves it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+from server_support import chunked, pcm16, silence
+from swap_support import publish_copy, wait_for
+from voxloop.clients.client import RecognizerClient, recognition_config
+from voxloop.server.app import BackgroundServer
+from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
+from voxloop.server.registry import Registry
+from voxloop.server.whisper_decoder import WhisperSecondPass
+from whisper_support import DATA_DIR
+
+pytestmark = pytest.mark.slow
+
+CHUNK_100MS = 3200
+WHISPER_VERSION = "whisper-tiny.en-v1"
+
+
+def speech(*names: str, pause_s: float = 1.5) -> np.ndarray:
+    """The test sentences (espeak-ng, 16 kHz) one after another, each followed by `pause_s` of silence."""
+    return np.concatenate([np.concatenate([sf.read(DATA_DIR / n, dtype="float32")[0], silence(pause_s)])
+                           for n in names])
+
+
+def finals(client: RecognizerClient, audio: np.ndarray, **config) -> list:
+    config = recognition_config(16000, interim_results=True, **config)
+    return [r for response in client.streaming_recognize(chunked(pcm16(audio), CHUNK_100MS), config, timeout=120)
+            for r in response.results if r.is_final]
+
+
+def test_streaming_finals_are_the_offline_decode_of_each_stored_utterance(whisper_registry, tmp_path):
+    config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry)
+    with BackgroundServer(config) as running, RecognizerClient(running.target, timeout=120) as client:
+        results = finals(client, speech("one.wav", "two.wav"))
+        info = client.get_model_info()
+    assert info.version == WHISPER_VERSION
+    transcripts = [r.alternatives[0].transcript for r in results]
+    assert transcripts == ["the meeting starts at nine in the morning", "please turn off the lights in the kitchen"]
+    version_dir = Registry(whisper_registry).version_dir(WHISPER_VERSION)
+    second_pass = WhisperSecondPass.from_card(json.loads((version_dir / "card.json").read_text()), version_dir)
+    with sqlite3.connect(tmp_path / "data" / "feedback.sqlite3") as db:
+        for result in results:
+            (audio_bytes, hypothesis), = db.execute("SELECT audio, hypothesis FROM utterances WHERE id = ?",
+                                                    (result.utterance_id,))
+            stored = np.frombuffer(audio_bytes, dtype="<i2").astype(np.float32) / 32768
+            assert hypothesis == result.alternatives[0].transcript
+            assert second_pass.transcribe(stored)[0].transcript == hypothesis
+    for result in results:
+        words = result.alternatives[0].words
+        assert result.model_version == WHISPER_VERSION and 0 < result.alternatives[0].confidence <= 1
+        starts = [w.start_offset.ToTimedelta().total_seconds() for w in words]
+        assert starts == sorted(starts) and len(words) == len(result.alternatives[0].transcript.split())
+
+
+def test_interim_results_stream_from_the_first_pass_before_the_final(whisper_registry, tmp_path):
+    config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry)
+    with BackgroundServer(config) as running, RecognizerClient(running.target, timeout=120) as client:
+        responses = list(client.streaming_recognize(chunked(pcm16(speech("three.wav")), CHUNK_100MS),
+                                                    recognition_config(16000, interim_results=True), timeout=120))
+    results = [r for response in responses for r in response.results]
+    interims = [r for r in results if not r.is_final]
+    assert len(interims) >= 5 and any(r.alternatives[0].transcript for r in interims)
+    assert all(0.0 <= r.stability <= 1.0 for r in interims)
+    assert results[-1].is_final and results[-1].alternatives[0].transcript == "the train leaves the station at noon"
+
+
+def test_max_alternatives_gives_whisper_n_best_with_the_greedy_final_first(whisper_registry, tmp_path):
+    config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry)
+    with BackgroundServer(config) as running, RecognizerClient(running.target, timeout=120) as client:
+        (result,) = finals(client, speech("two.wav"), max_alternatives=3)
+    transcripts = [a.transcript for a in result.alternatives]
+    assert transcripts[0] == "please turn off the lights in the kitchen"
+    assert 1 <= len(transcripts) <= 3 and len(set(transcripts)) == len(transcripts)
+
+
+def _finals_across_a_swap(config: ServerConfig, registry: Registry, before: str, after: str,
+                          streams: int = 3) -> list[list[tuple[str, str]]]:
+    """Open `streams` streams on `before`, swap to `after` while each is mid-utterance, then let each finish
+    that utterance and speak one more; returns every stream's (model_version, transcript) finals."""
+    sentence = sf.read(DATA_DIR / "one.wav", dtype="float32")[0]
+    pcm = pcm16(np.concatenate([sentence, silence(2.0)]))
+    swapped, seen, errors = threading.Event(), [], []
+
+    def audio():
+        yield from chunked(pcm[: len(pcm) // 3], CHUNK_100MS)  # mid-utterance ...
+        swapped.wait(60)  # ... across the swap
+        yield from chunked(pcm[len(pcm) // 3 :], CHUNK_100MS)
+        yield from chunked(pcm, CHUNK_100MS)  # a second utterance after it
+
+    def stream(target: str) -> None:
+        try:
+            with RecognizerClient(target, timeout=120) as client:
+                seen.append([(r.model_version, r.alternatives[0].transcript) for response in
+                             client.streaming_recognize(audio(), recognition_config(16000), timeout=120)
+                             for r in response.results if r.is_final])
+        except BaseException as e:  # noqa: BLE001 (the test reports it)
+            errors.append(e)
+
+    registry.activate(before)
+    with BackgroundServer(config) as running:
+        wait_for(lambda: running.server.model.version == before, timeout_s=60, what=f"serving {before}")
+        threads = [threading.Thread(target=stream, args=(running.target,)) for _ in range(streams)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: running.server.active_streams == streams, timeout_s=30, what="open streams")
+        registry.activate(after)
+        wait_for(lambda: running.server.model.version == after, timeout_s=120, what=f"swap to {after}")
+        swapped.set()
+        for thread in threads:
+            thread.join(120)
+    assert not errors, errors
+    return seen
+
+
+def test_hot_swap_between_a_ctc_and_a_whisper_version_with_streams_open(whisper_registry, tmp_path):
+    """Streams opened on one kind finish their utterance on it; their next utterance gets the other kind."""
+    registry = Registry(whisper_registry)
+    base_version = json.loads((BASE_MODEL_DIR / "card.json").read_text())["version"]
+    publish_copy(whisper_registry, BASE_MODEL_DIR, base_version, activate=False)
+    config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry,
+                          model_watch_interval_s=0.05)
+    for before, after in ((WHISPER_VERSION, base_version), (base_version, WHISPER_VERSION)):
+        seen = _finals_across_a_swap(config, registry, before, after)
+        assert len(seen) == 3
+        for versions in seen:
+            assert [v for v, _ in versions] == [before, after], versions
+            assert dict(versions)[WHISPER_VERSION] == "the meeting starts at nine in the morning"
+
+
+def test_voxloop_serve_on_an_empty_registry_serves_the_whisper_default(whisper_version_dir, tmp_path, monkeypatch):
+    """The README's first command: no model flags; the shipped recipe's version (built under <data_dir>/shipped,
+    here the session's build copied there) seeds the registry."""
+    from voxloop.clients.demo import ServerProcess, user_token
+
+    monkeypatch.delenv("VOXLOOP_SHIPPED_MODEL_DIR")
+    data_dir = tmp_path / "home"
+    shutil.copytree(whisper_version_dir, data_dir / "shipped" / WHISPER_VERSION)
+    with ServerProcess(data_dir, in_process_trainer=False) as server:
+        assert server.wait_ready(timeout_s=300) == WHISPER_VERSION
+        with RecognizerClient(server.target, token=user_token(0), timeout=120) as client:
+            (result,) = finals(client, speech("two.wav"))
+    assert result.alternatives[0].transcript == "please turn off the lights in the kitchen"
+    assert (data_dir / "registry" / "CURRENT").read_text().strip() == WHISPER_VERSION
