@@ -33,6 +33,8 @@ from .whisper_model import (
     SAMPLE_RATE_HZ,
     SAMPLES_PER_ENCODER_FRAME,
     WhisperPolicy,
+    cross_key_values,
+    decoder_states,
     run_encoder,
 )
 
@@ -67,24 +69,10 @@ class EncoderWrapper(nn.Module):
     def __init__(self, policy: WhisperPolicy):
         super().__init__()
         self.policy = policy
-        config = policy.model.config
-        self.heads = config.decoder_attention_heads
-        self.head_dim = config.d_model // self.heads
         with torch.no_grad():
-            silence = policy.silence_states()  # (1, 1500, D)
-            silence_k, silence_v = self._cross_kv(silence)
+            silence_k, silence_v = cross_key_values(policy.model, policy.silence_states())  # of (1, 1500, D)
         self.register_buffer("silence_k", silence_k)
         self.register_buffer("silence_v", silence_v)
-
-    def _cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> keys and values (L, B, heads, T, head_dim) of every decoder layer's cross-attention."""
-        batch, frames, _ = states.shape
-        keys, values = [], []
-        for layer in self.policy.model.model.decoder.layers:
-            attention = layer.encoder_attn
-            keys.append(attention.k_proj(states).view(batch, frames, self.heads, self.head_dim).transpose(1, 2))
-            values.append(attention.v_proj(states).view(batch, frames, self.heads, self.head_dim).transpose(1, 2))
-        return torch.stack(keys), torch.stack(values)
 
     def forward(self, audio: torch.Tensor):
         settings = self.policy.settings
@@ -94,73 +82,32 @@ class EncoderWrapper(nn.Module):
         valid = torch.full((audio.shape[0],), 1, dtype=torch.long) * frames
         log_mel = self.policy.log_mel(padded, valid_frames=valid * ENCODER_STRIDE)
         states = run_encoder(self.policy.model, log_mel, valid_frames=valid)[:, :frames]  # (1, T, D)
-        keys, values = self._cross_kv(states)
+        keys, values = cross_key_values(self.policy.model, states)
         cross_k = torch.cat([keys, self.silence_k[:, :, :, frames:]], dim=3)
         cross_v = torch.cat([values, self.silence_v[:, :, :, frames:]], dim=3)
         return cross_k, cross_v
 
 
 class DecoderStepWrapper(nn.Module):
-    """One decoder call with a self-attention cache, written out from the transformers modules so the graph
-    is plain: (tokens (B, N), self_k, self_v (L, B, heads, P, hd), cross_k, cross_v (L, B, heads, 1500, hd))
-    -> (log_probs (B, V) after the last token, next_self_k, next_self_v (L, B, heads, P + N, hd),
-    alignment (B, N, 1500))."""
+    """One decoder call with a self-attention cache (whisper_model.decoder_states): (tokens (B, N), self_k,
+    self_v (L, B, heads, P, hd), cross_k, cross_v (L, B, heads, 1500, hd)) -> (log_probs (B, V) after the
+    last token, next_self_k, next_self_v (L, B, heads, P + N, hd), alignment (B, N, 1500))."""
 
     def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]]):
         super().__init__()
         self.whisper = policy.model
-        config = policy.model.config
-        self.heads = config.decoder_attention_heads
-        self.head_dim = config.d_model // self.heads
-        self.alignment_heads = [tuple(h) for h in alignment_heads]
+        self.alignment_heads = tuple(tuple(h) for h in alignment_heads)
         # The token embedding is also the output projection (tied). Held once, as (D, V), and used both
         # ways without a transpose, so the exporter's constant folding cannot make a second 80 MB copy.
         self.register_buffer("embedding_t", policy.model.model.decoder.embed_tokens.weight.detach().t().contiguous())
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
-
     def forward(self, tokens, self_k, self_v, cross_k, cross_v):
-        decoder = self.whisper.model.decoder
-        past = self_k.shape[3]
-        length = tokens.shape[1]
-        positions = torch.arange(length) + past
-        batch = tokens.shape[0]
+        batch, length = tokens.shape
         embedded = torch.index_select(self.embedding_t, 1, tokens.reshape(-1)).t().reshape(batch, length, -1)
-        x = embedded + decoder.embed_positions.weight[positions]  # (B, N, D)
-        # A token attends to the cache and to itself and earlier new tokens.
-        causal = torch.ones(length, past + length, dtype=torch.bool).tril(diagonal=past)  # (N, P + N)
-        next_k, next_v, alignment_maps = [], [], []
-        scale = self.head_dim**-0.5
-        for index, layer in enumerate(decoder.layers):
-            attention = layer.self_attn
-            h = layer.self_attn_layer_norm(x)
-            q = self._split(attention.q_proj(h) * scale)
-            k = torch.cat([self_k[index], self._split(attention.k_proj(h))], dim=2)  # (B, heads, P + N, hd)
-            v = torch.cat([self_v[index], self._split(attention.v_proj(h))], dim=2)
-            next_k.append(k)
-            next_v.append(v)
-            scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
-            out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
-            x = x + attention.out_proj(out)
-
-            cross = layer.encoder_attn
-            h = layer.encoder_attn_layer_norm(x)
-            q = self._split(cross.q_proj(h) * scale)
-            weights = (q @ cross_k[index].transpose(-1, -2)).softmax(-1)  # (B, heads, N, 1500)
-            for layer_index, head in self.alignment_heads:
-                if layer_index == index:
-                    alignment_maps.append(weights[:, head])
-            out = (weights @ cross_v[index]).transpose(1, 2).reshape(x.shape)
-            x = x + cross.out_proj(out)
-
-            h = layer.final_layer_norm(x)
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
-        x = decoder.layer_norm(x[:, -1])  # (B, D)
-        log_probs = torch.log_softmax(x @ self.embedding_t, dim=-1)  # (B, V)
-        alignment = torch.stack(alignment_maps).mean(0)  # (B, N, 1500)
-        return log_probs, torch.stack(next_k), torch.stack(next_v), alignment
+        states, next_k, next_v, alignment = decoder_states(self.whisper, embedded, self_k, self_v, cross_k, cross_v,
+                                                           self.alignment_heads)
+        log_probs = torch.log_softmax(states[:, -1] @ self.embedding_t, dim=-1)  # (B, V)
+        return log_probs, next_k, next_v, alignment
 
 
 def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -301,13 +248,12 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
             equal &= all(greedy_ctc_text(t, vocabulary) == greedy_ctc_text(o, vocabulary)
                          for t, o in zip(expected.numpy(), actual, strict=True))
 
-        encoder_wrapper = EncoderWrapper(policy)
         silence = policy.silence_states()
         for seconds in config.lengths_s:
             samples = round(seconds * SAMPLE_RATE_HZ) // SAMPLES_PER_ENCODER_FRAME * SAMPLES_PER_ENCODER_FRAME
             audio = 0.1 * torch.randn(1, samples, generator=generator)
             states = policy.final_encoder_states(audio, torch.tensor([samples]), silence)  # (1, 1500, D)
-            expected_k, expected_v = encoder_wrapper._cross_kv(states)
+            expected_k, expected_v = cross_key_values(policy.model, states)
             cross_k, cross_v = encoder.run(None, {"audio": audio.numpy()})
             worst_kv = max(worst_kv, float(np.abs(expected_k.numpy() - cross_k).max()),
                            float(np.abs(expected_v.numpy() - cross_v).max()))

@@ -165,6 +165,64 @@ def run_encoder(model: WhisperForConditionalGeneration, log_mel: torch.Tensor,
     return torch.stack([*hidden, x], dim=1) if all_layers else x
 
 
+def cross_key_values(model: WhisperForConditionalGeneration, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder states (B, T, D) -> every decoder layer's cross-attention keys and values, (L, B, heads, T, hd)."""
+    batch, frames, d_model = states.shape
+    heads = model.config.decoder_attention_heads
+    keys, values = [], []
+    for layer in model.model.decoder.layers:
+        attention = layer.encoder_attn
+        keys.append(attention.k_proj(states).view(batch, frames, heads, d_model // heads).transpose(1, 2))
+        values.append(attention.v_proj(states).view(batch, frames, heads, d_model // heads).transpose(1, 2))
+    return torch.stack(keys), torch.stack(values)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, d_model = x.shape
+    return x.view(batch, length, heads, d_model // heads).transpose(1, 2)  # (B, heads, N, hd)
+
+
+def decoder_states(model: WhisperForConditionalGeneration, embedded: torch.Tensor, self_k: torch.Tensor,
+                   self_v: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor,
+                   alignment_heads: tuple[tuple[int, int], ...] = ()):
+    """Whisper's decoder written out from transformers' modules, over cached keys and values.
+
+    embedded (B, N, D): the new tokens' embeddings; self_k/self_v (L, B, heads, P, hd): the P tokens
+    before them; cross_k/cross_v (L, B, heads, F, hd) -> (normalized states (B, N, D), next_self_k,
+    next_self_v (P + N positions), alignment (B, N, F): the mean cross-attention of `alignment_heads`,
+    or None). One function for the exported decoder step and for training (teacher forcing is a
+    call with P = 0 and every token at once), so the two cannot drift apart."""
+    decoder = model.model.decoder
+    heads = model.config.decoder_attention_heads
+    past, length = self_k.shape[3], embedded.shape[1]
+    x = embedded + decoder.embed_positions.weight[torch.arange(length) + past]  # (B, N, D)
+    causal = torch.ones(length, past + length, dtype=torch.bool).tril(diagonal=past)  # (N, P + N)
+    scale = (model.config.d_model // heads) ** -0.5
+    next_k, next_v, maps = [], [], []
+    for index, layer in enumerate(decoder.layers):
+        attention = layer.self_attn
+        h = layer.self_attn_layer_norm(x)
+        q = _split_heads(attention.q_proj(h) * scale, heads)
+        k = torch.cat([self_k[index], _split_heads(attention.k_proj(h), heads)], dim=2)  # (B, heads, P + N, hd)
+        v = torch.cat([self_v[index], _split_heads(attention.v_proj(h), heads)], dim=2)
+        next_k.append(k)
+        next_v.append(v)
+        weights = (q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + attention.out_proj((weights @ v).transpose(1, 2).reshape(x.shape))
+
+        cross = layer.encoder_attn
+        h = layer.encoder_attn_layer_norm(x)
+        q = _split_heads(cross.q_proj(h) * scale, heads)
+        weights = (q @ cross_k[index].transpose(-1, -2)).softmax(-1)  # (B, heads, N, F)
+        maps += [weights[:, head] for layer_index, head in alignment_heads if layer_index == index]
+        x = x + cross.out_proj((weights @ cross_v[index]).transpose(1, 2).reshape(x.shape))
+
+        h = layer.final_layer_norm(x)
+        x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+    alignment = torch.stack(maps).mean(0) if maps else None
+    return decoder.layer_norm(x), torch.stack(next_k), torch.stack(next_v), alignment
+
+
 class CtcHead(nn.Module):
     """Every encoder layer's states (B, L + 1, T, D) -> CTC log-probs (B, T, V) of the first pass's characters.
 
