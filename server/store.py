@@ -649,6 +649,7 @@ class FeedbackStore:
                 conn.execute(
                     sa.select(feedback.c.id, feedback.c.consumed_by_cycle)
                     .where(feedback.c.id.in_(ids))
+                    .order_by(feedback.c.id)  # rows locked in one order: racing trainers cannot deadlock
                     .with_for_update()
                 ).all()
             )

@@ -41,3 +41,21 @@ def tiny_registry(tiny_registry_template, tmp_path) -> Path:
     root = tmp_path / "registry"
     shutil.copytree(tiny_registry_template, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (tests/postgres_support.py); fails if none can start."""
+    from postgres_support import PostgresServer
+
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty feedback store on each engine: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data" / "feedback.sqlite")
+    return request.getfixturevalue("postgres_server").create_database()
