@@ -12,9 +12,9 @@ thread, `utterance_writer.py`), the standard `grpc.health.v1.Health` (SERVING on
 is loaded; NOT_SERVING as soon as shutdown begins, so load balancers drain the replica) and server
 reflection, and `voxloop.v1.ModelAdmin` (model_admin.py). The registry watcher (watcher.py) hot-swaps
 the model when the registry's target version changes; each utterance holds the model it began with
-(model_holder.py). Shutdown: NOT_SERVING, refuse new recognitions (UNAVAILABLE), let open ones finish for
-up to shutdown_grace_s, then stop the gRPC server (cancelling what is left), write every queued
-utterance, close the store.
+(model_holder.py). Shutdown: NOT_SERVING, close the listening socket (new connections are refused, so
+every proxy routes around the replica), let open recognitions finish for up to shutdown_grace_s, then
+cancel what is left, write every queued utterance, close the store.
 """
 
 from __future__ import annotations
@@ -153,17 +153,30 @@ class VoxloopServer:
         log.info("serving model %s", self.model.version)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new recognitions, let open ones finish (up to grace_s)."""
+        """Graceful shutdown: NOT_SERVING, stop listening, let open recognitions finish (up to grace_s).
+
+        gRPC's own shutdown closes the listening socket at once and sends GOAWAY on open connections,
+        while the calls already running go on: a proxy that only checks TCP sees the replica gone
+        (connection refused) and sends new streams elsewhere, as one that watches the health service
+        does after NOT_SERVING. Recognitions that slip in on an open connection before its GOAWAY get
+        UNAVAILABLE, which clients retry.
+        """
         if self._stopped:
             return
         self._stopped = True
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
-        log.info("shutting down: %d open recognitions get up to %g s", self.slots.active, grace_s)
+        self.slots.draining = True
+        log.info("shutting down: stopped listening; %d open recognitions get up to %g s", self.slots.active,
+                 grace_s)
+        closing = asyncio.create_task(self._server.stop(grace_s), name="grpc-shutdown")
         if not await self.slots.drain(grace_s):
             log.warning("shutdown grace over: cancelling %d open recognitions", self.slots.active)
         await self.watcher.stop()
+        # The recognitions are done; other calls (open health Watch streams) get UNARY_DRAIN_S, then
+        # are cancelled, rather than holding the shutdown for the whole grace period.
         await self._server.stop(UNARY_DRAIN_S)
+        await closing
         await self.models.close()
         if self._sink_executor is not None:  # the last finals' utterances reach the sink before we return
             await asyncio.to_thread(self._sink_executor.shutdown, wait=True)
