@@ -63,6 +63,10 @@ class NotFound(StoreError, LookupError):
     """Unknown utterance (or cycle), or an utterance whose audio retention expired. -> NOT_FOUND."""
 
 
+class UnknownUtterance(NotFound):
+    """No utterance has this id (yet: with several replicas, another may still be writing it)."""
+
+
 class PermissionDenied(StoreError):
     """The utterance belongs to another tenant. -> PERMISSION_DENIED."""
 
@@ -804,7 +808,7 @@ def _pending_conditions(include_flagged: bool) -> list[sa.ColumnElement]:
 
 def _check_access(row: sa.Row | None, utterance_id: str, tenant: str) -> None:
     if row is None:
-        raise NotFound(f"no utterance {utterance_id!r}")
+        raise UnknownUtterance(f"no utterance {utterance_id!r}")
     if row.tenant != tenant:
         raise PermissionDenied(f"utterance {utterance_id!r} belongs to another tenant")
     if row.expired:
