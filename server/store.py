@@ -344,8 +344,15 @@ MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migrate_v1,)
 """Schema history: MIGRATIONS[i] takes a database from version i to i + 1 (append, never edit)."""
 
 
+MIGRATION_LOCK_KEY = 0x766F786C6F6F70  # "voxloop": the PostgreSQL advisory lock migrations hold
+"""Replicas starting at once against a new database must not create the same tables twice: on PostgreSQL
+each takes this transaction-scoped advisory lock first (SQLite's BEGIN IMMEDIATE serializes them already)."""
+
+
 def _apply_migrations(conn: Connection) -> int:
     migrations = MIGRATIONS  # read at call time (tests extend it)
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
     metadata.create_all(conn, tables=[schema_version])
     current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     if current > len(migrations):

@@ -533,6 +533,32 @@ def test_a_failing_migration_leaves_the_database_as_it_was(store_url, monkeypatc
             assert "language" not in {c["name"] for c in sa.inspect(conn).get_columns("utterances")}
 
 
+def test_replicas_opening_a_new_database_at_once_migrate_it_once(store_url):
+    opened, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            opened.append(FeedbackStore.open(store_url))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [] and len(opened) == 4
+        with opened[0]._engine.connect() as conn:
+            versions = conn.execute(sa.select(store_module.schema_version.c.version)).scalars().all()
+        assert versions == list(range(1, len(store_module.MIGRATIONS) + 1))
+    finally:
+        for store in opened:
+            store.close()
+
+
 def test_a_database_from_a_newer_voxloop_is_refused(store_url, monkeypatch):
     FeedbackStore.open(store_url).close()
     monkeypatch.setattr(store_module, "MIGRATIONS", ())
