@@ -128,13 +128,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def trainer_config_from_args(args: argparse.Namespace, environ=None):
-    """TrainerConfig from `voxloop train` flags (None = the config's default); data dir as for serve."""
+    """TrainerConfig from `voxloop train` flags, over `VOXLOOP_TRAINER_*` variables (as for the in-process
+    trainer), over the defaults; data dir as for serve."""
     import os
 
-    from .config import TrainerConfig
+    from .config import ENV_PREFIX, TrainerConfig, overrides_from_env
 
     environ = os.environ if environ is None else environ
-    overrides: dict = {}
+    overrides: dict = overrides_from_env(environ)
     data_dir = args.data_dir or (Path(environ["VOXLOOP_HOME"]) if environ.get("VOXLOOP_HOME") else None)
     for field, value in (("data_dir", data_dir), ("store_url", args.store), ("registry_dir", args.registry),
                          ("corpus_dir", args.corpus), ("min_feedback", args.min_feedback),
@@ -144,7 +145,8 @@ def trainer_config_from_args(args: argparse.Namespace, environ=None):
     if args.no_adapt_lexicon:
         overrides["adapt_lexicon"] = False
     config = TrainerConfig(**overrides)
-    return config.with_objective(args.objective) if args.objective else config
+    objective = args.objective or environ.get(ENV_PREFIX + "OBJECTIVE", "").strip()
+    return config.with_objective(objective) if objective else config
 
 
 def _train_online(args: argparse.Namespace) -> int:
