@@ -1,6 +1,7 @@
 """The `voxloop` command line: serve, transcribe, models, and the trainer's commands.
 
     voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
+                  [--workers N] [--no-trainer]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
     voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -50,6 +52,8 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--metrics-port", "metrics_port", int, "Prometheus metrics port (0 turns metrics off)"),
     ("--data-dir", "data_dir", Path, "data directory: feedback store, registry ($VOXLOOP_HOME)"),
     ("--model-dir", "model_dir", Path, "registry to serve from (CURRENT + versions/; default <data-dir>/registry)"),
+    ("--workers", "workers", int, "server processes sharing the port (SO_REUSEPORT, Linux); worker i serves "
+                                  "metrics on metrics-port + i; the in-process trainer runs in worker 0"),
 )
 
 
@@ -210,7 +214,7 @@ def _package_version() -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from voxloop.server.app import open_registry, serve
+        from voxloop.server.app import open_registry
         from voxloop.server.config import load_config
         from voxloop.server.logging_setup import configure_logging
         from voxloop.server.registry import RegistryError
@@ -223,20 +227,39 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
-    trainer = None
     try:
-        if not args.no_trainer:
-            open_registry(config)  # no servable model fails here, before a trainer thread starts
-            trainer = _start_trainer(config)
-        serve(config)
+        # Seeds an empty registry once, before any worker or trainer starts; no servable model fails here.
+        open_registry(config)
+        if config.workers > 1:
+            from voxloop.server.workers import serve_workers
+
+            return serve_workers(config, functools.partial(_serve_worker, with_trainer=not args.no_trainer))
+        _serve_one(config, with_trainer=not args.no_trainer)
     except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback
         raise CliError(str(e)) from e
+    return EXIT_OK
+
+
+def _serve_one(config, *, with_trainer: bool, reuse_port: bool = False) -> None:
+    """One server process (with the in-process trainer beside it unless turned off) until SIGTERM/SIGINT."""
+    from voxloop.server.app import serve
+
+    trainer = _start_trainer(config) if with_trainer else None
+    try:
+        serve(config, reuse_port=reuse_port)
     finally:
         if trainer is not None:  # serve() returned on SIGTERM/SIGINT: stop the trainer, recording nothing half-done
             loop, thread = trainer
             loop.stop()
             thread.join(TRAINER_STOP_TIMEOUT_S)
-    return EXIT_OK
+
+
+def _serve_worker(config, index: int, *, with_trainer: bool) -> None:
+    """Worker `index` of `voxloop serve --workers N` (in its own process): only worker 0 runs the trainer."""
+    from voxloop.server.logging_setup import configure_logging
+
+    configure_logging(config.log_level, config.log_format)
+    _serve_one(config, with_trainer=with_trainer and index == 0, reuse_port=True)
 
 
 def _start_trainer(config):

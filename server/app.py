@@ -236,7 +236,8 @@ def _sink_runner(sink: Callable[[FinishedUtterance], None] | None, executor: Thr
 
 
 def create_server(
-    config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None
+    config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None,
+    reuse_port: bool = False,
 ) -> tuple[VoxloopServer, int]:
     """Load the current model, build and bind the gRPC server; returns it (not started) and its port.
 
@@ -244,7 +245,8 @@ def create_server(
     `await server.stop()` (e.g. in `finally`). Every final utterance is queued for the feedback store
     (config.store_url) unless store_utterances is off; `utterance_sink`, when given, also gets each one
     (its audio, transcript and model version) before the client gets the final; it runs in a thread
-    of its own, so it may block.
+    of its own, so it may block. `reuse_port` binds with SO_REUSEPORT, for the worker processes of
+    `voxloop serve --workers N` (workers.py); otherwise a second server on a taken port fails.
     Raises RegistryError / ModelFormatError when there is no servable model, ValueError for a bad
     tokens file, OSError when the port cannot be bound.
     """
@@ -266,7 +268,7 @@ def create_server(
     feedback_executor = ThreadPoolExecutor(FEEDBACK_THREADS, thread_name_prefix="feedback")
     try:
         return _create_grpc_server(config, utterance_sink, authenticator, slots, watcher, store, writer,
-                                   feedback_executor)
+                                   feedback_executor, reuse_port)
     except BaseException:
         _close_feedback(writer, feedback_executor, store)
         raise
@@ -274,15 +276,15 @@ def create_server(
 
 def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
                         authenticator: Authenticator, slots: StreamSlots, watcher: ModelWatcher, store: FeedbackStore,
-                        writer: UtteranceWriter | None,
-                        feedback_executor: ThreadPoolExecutor) -> tuple[VoxloopServer, int]:
+                        writer: UtteranceWriter | None, feedback_executor: ThreadPoolExecutor,
+                        reuse_port: bool) -> tuple[VoxloopServer, int]:
     sink_executor = ThreadPoolExecutor(1, thread_name_prefix="utterance-sink") if utterance_sink else None
     on_utterance = _sink_runner(utterance_sink, sink_executor, writer)
 
     server = grpc.aio.server(interceptors=[RpcMetricsInterceptor()], options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ("grpc.so_reuseport", int(reuse_port)),  # unless asked, a second server on the same port must fail
     ])
     pb_grpc.add_RecognizerServicer_to_server(
         RecognizerServicer(config, lambda: watcher.holder.current, slots, on_utterance, authenticator,
@@ -314,8 +316,9 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
                          feedback_executor), port
 
 
-async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None) -> None:
-    server, port = create_server(config, utterance_sink=utterance_sink)
+async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
+                 reuse_port: bool) -> None:
+    server, port = create_server(config, utterance_sink=utterance_sink, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -335,15 +338,16 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
             metrics.stop()
 
 
-def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully.
+def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None,
+          reuse_port: bool = False) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully (one process; workers.py runs several).
 
     Raises what create_server raises (RegistryError, ModelFormatError, OSError) before serving.
     """
     # The event loop's own torch work (resampling a chunk) is tiny: intra-op threads would only fight
     # the onnxruntime thread for the cores (measured: 3x slower resampling under load with 2 threads).
     torch.set_num_threads(1)
-    asyncio.run(_serve(config, utterance_sink))
+    asyncio.run(_serve(config, utterance_sink, reuse_port))
 
 
 class BackgroundServer:
