@@ -13,6 +13,7 @@
     voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
     voxloop train [--once] [--objective ppo|sft|ppo+sft] [--data-dir DIR] [--store URL] [--registry DIR]
+    torchrun --nproc_per_node N -m voxloop.clients.cli train --once ...   (data-parallel, trainer/distributed.py)
     voxloop demo [--home DIR] [--feedback N] [--test N] [--trainer inprocess|once]   (clients/demo.py)
 
 The composition root: it imports server and trainer code only inside the commands that need them,
