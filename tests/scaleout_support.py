@@ -65,7 +65,7 @@ class Replica:
     """One `voxloop serve` process (no in-process trainer) on a fixed loopback port."""
 
     def __init__(self, name: str, registry: Path, data_dir: Path, store_url: str, *,
-                 env: dict[str, str] | None = None, workers: int = 1):
+                 env: dict[str, str] | None = None):
         self.name = name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -75,8 +75,6 @@ class Replica:
         self._command = [sys.executable, "-m", "voxloop.clients.cli", "serve", "--no-trainer", "--host", "127.0.0.1",
                          "--port", str(self.port), "--metrics-port", "0", "--model-dir", str(registry),
                          "--data-dir", str(data_dir)]
-        if workers != 1:
-            self._command += ["--workers", str(workers)]
         self._env = {**os.environ, "VOXLOOP_STORE_PATH": store_url, "VOXLOOP_MODEL_WATCH_INTERVAL_S": "0.25",
                      "VOXLOOP_ONNX_INTRA_OP_THREADS": "1", "VOXLOOP_SHUTDOWN_GRACE_S": "20",
                      **(env or {})}

@@ -219,9 +219,10 @@ def test_the_scaled_out_compose_shape_puts_two_replicas_on_one_store_and_registr
     config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
     assert set(re.findall(r"\$\{(\w+)\}", config)) == set(proxy["environment"])  # every variable it reads is set
     # HAProxy itself accepts the shipped config with compose's values.
-    result = subprocess.run([shutil.which("haproxy") or "/usr/sbin/haproxy", "-c", "-f",
-                             str(DEPLOY / "haproxy" / "haproxy.cfg")], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, **proxy["environment"]})
+    from scaleout_support import haproxy_binary
+
+    result = subprocess.run([haproxy_binary(), "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, **proxy["environment"]})
     assert result.returncode == 0 and "Configuration file is valid" in result.stdout + result.stderr, result.stderr
 
 
