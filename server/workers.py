@@ -91,11 +91,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return reserved
 
 
-def _worker_entry(run_worker: WorkerMain, config: ServerConfig, index: int) -> None:
+def _worker_entry(run_worker: WorkerMain, config: ServerConfig, index: int, supervisor_pid: int) -> None:
     """The worker process's main: die with the supervisor, then run the server."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    if os.getppid() != supervisor_pid:  # the supervisor died before prctl took effect (it may be PID 1 itself)
         return
     run_worker(config, index)
 
@@ -125,7 +125,8 @@ class _Supervisor:
 
     def start_worker(self, index: int) -> _Worker:
         process = self._context.Process(target=_worker_entry, name=f"voxloop-worker-{index}",
-                                        args=(self.run_worker, worker_config(self.config, index, self.port), index))
+                                        args=(self.run_worker, worker_config(self.config, index, self.port), index,
+                                              os.getpid()))
         process.start()
         log.info("worker %d started (pid %d)", index, process.pid)
         return _Worker(index, process, time.monotonic())
