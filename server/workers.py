@@ -8,8 +8,8 @@ bottleneck (docs/benchmarks.md). Why SO_REUSEPORT: every worker binds the same p
 Linux kernel spreads new connections over their listening sockets (by a hash of the connection's
 addresses), with no process or hop added to the data path. The usual alternative, a parent that
 listens and hands the socket to forked children, is not open to us: gRPC Python cannot serve on a
-listening socket it did not create. Balance is per connection: a client multiplexing many streams
-over one channel keeps them on one worker.
+listening socket it did not create. Balance is per connection: a client (or a proxy) multiplexing many
+streams over one connection keeps them on one worker; behind a proxy, run a server per port instead.
 
 The supervisor (this process, which serves nothing itself):
 - reserves the port: it refuses to start when something already accepts connections on it (even a
