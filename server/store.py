@@ -8,7 +8,8 @@ the connection setup is dialect-specific (SQLite pragmas and BEGIN IMMEDIATE, on
 Guarantees (design.md invariants 1, 5, 7):
 - Durable before acked: a write method returns only after its transaction committed. On SQLite
   the database runs in WAL mode with `synchronous=FULL`, so each commit is fsynced to the WAL and
-  survives a process crash or a power loss.
+  survives a process crash or a power loss; on PostgreSQL a commit is as durable as the server makes
+  it (`synchronous_commit = on`, its default). tests/test_store.py runs on both engines.
 - Exactly-once consumption: `record_cycle` marks exactly the feedback ids a training cycle used,
   in the transaction that records the cycle, and refuses ids already consumed. Feedback rows are
   never edited after insert (a re-submission supersedes a row, see `submit_feedback`), so the ids
