@@ -7,7 +7,7 @@ Against a running server (start it in another terminal; its pid gives the server
 
 Or let the bench start `voxloop serve` on a free loopback port, and stop it afterwards:
 
-    .venv/bin/python bench/streaming.py --spawn-server [--model-dir DIR] [--server-config limits.toml]
+    .venv/bin/python bench/streaming.py --spawn-server [--model-dir DIR] [--server-config limits.toml] [--workers N]
 
 Each stream sends `--duration-s` of audio (speech-like audio synthesized here, or `--audio FILE`,
 looped) in 100 ms LINEAR16 chunks at real-time pace on its own connection, with interim results on;
@@ -232,11 +232,33 @@ def _p50_p95_ms(values_s: list[float]) -> tuple[float, float] | None:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) and of its waited-for children, from /proc."""
+    """utime + stime of a process (all its threads), of its waited-for children and of its live descendants
+    (the workers of `voxloop serve --workers N`), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": the name may hold spaces
     utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
-    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+    total = (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+    for child in _children(pid):
+        try:
+            total += process_cpu_seconds(child)
+        except FileNotFoundError:  # exited meanwhile: its time moves to our cutime once reaped
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return children
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return children
 
 
 async def run_streams(config: BenchConfig, n: int, pcm: bytes, sample_rate_hz: int) -> RunSummary:
@@ -308,15 +330,17 @@ def _free_loopback_port() -> int:
 
 
 def spawn_server(model_dir: Path | None, data_dir: Path, server_config: Path | None,
-                 token: str | None = None) -> tuple[subprocess.Popen, str]:
+                 token: str | None = None, workers: int = 1) -> tuple[subprocess.Popen, str]:
     """Start `voxloop serve` on a free loopback port; returns once it answers GetModelInfo.
 
     model_dir None serves the shipped base model (seeded into data_dir's registry); `token` is what the
-    readiness probe sends to a server with a tokens_file.
+    readiness probe sends to a server with a tokens_file; `workers` > 1 runs that many server processes
+    on the port (their metrics off: consecutive free ports are not guaranteed here).
     """
     port = _free_loopback_port()
+    metrics_port = _free_loopback_port() if workers == 1 else 0
     command = [sys.executable, "-m", "voxloop.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--metrics-port", str(_free_loopback_port()), "--data-dir", str(data_dir)]
+               "--metrics-port", str(metrics_port), "--data-dir", str(data_dir), "--workers", str(workers)]
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
     if server_config is not None:
@@ -334,7 +358,10 @@ def spawn_server(model_dir: Path | None, data_dir: Path, server_config: Path | N
                 raise RuntimeError(f"the server exited with status {process.returncode}:\n{tail}")
             try:
                 client.get_model_info()
-                return process, target
+                # One worker answering is not all of them: wait until each has said it listens.
+                if log_path.read_text(errors="replace").count(f"listening on {target}") >= workers:
+                    return process, target
+                time.sleep(0.2)
             except VoxloopError:
                 if time.monotonic() > deadline:
                     stop_server(process)
@@ -390,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
                         help="with --spawn-server: the registry to serve (default: the shipped base model)")
     parser.add_argument("--server-config", type=Path, default=None,
                         help="with --spawn-server: a TOML config (e.g. raising the concurrent-stream limit)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --spawn-server: `voxloop serve --workers N` (server CPU counts every worker)")
     args = parser.parse_args(argv)
     try:
         config = BenchConfig(streams=args.streams, duration_s=args.duration_s, server=args.server,
@@ -405,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="voxloop-bench-") as tmp:
         try:
             if args.spawn_server:
-                process, target = spawn_server(args.model_dir, Path(tmp), args.server_config, config.token)
+                process, target = spawn_server(args.model_dir, Path(tmp), args.server_config, config.token,
+                                               args.workers)
                 config = dataclasses.replace(config, server=target, server_pid=process.pid)
             summaries = asyncio.run(run_sweep(config))
         except (VoxloopError, RuntimeError, ValueError) as e:

@@ -1,7 +1,7 @@
 """The `voxloop` command line: serve, transcribe, models, and the trainer's commands.
 
     voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--web-port P [--open]]
-                  [--data-dir DIR] [--model-dir DIR]
+                  [--data-dir DIR] [--model-dir DIR] [--workers N] [--no-trainer]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
     voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
@@ -13,6 +13,7 @@
     voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
     voxloop train [--once] [--objective ppo|sft|ppo+sft] [--data-dir DIR] [--store URL] [--registry DIR]
+    torchrun --nproc_per_node N -m voxloop.clients.cli train --once ...   (data-parallel, trainer/distributed.py)
     voxloop demo [--home DIR] [--feedback N] [--test N] [--trainer inprocess|once]   (clients/demo.py)
 
 The composition root: it imports server and trainer code only inside the commands that need them,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -53,6 +55,8 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--web-port", "web_port", int, "serve the end-user web page on this port (http://HOST:PORT/; 0 turns it off)"),
     ("--data-dir", "data_dir", Path, "data directory: feedback store, registry ($VOXLOOP_HOME)"),
     ("--model-dir", "model_dir", Path, "registry to serve from (CURRENT + versions/; default <data-dir>/registry)"),
+    ("--workers", "workers", int, "server processes sharing the port (SO_REUSEPORT, Linux); worker i serves "
+                                  "metrics on metrics-port + i; the in-process trainer runs in worker 0"),
 )
 
 
@@ -222,7 +226,7 @@ def _package_version() -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from voxloop.server.app import open_registry, serve
+        from voxloop.server.app import open_registry
         from voxloop.server.config import load_config
         from voxloop.server.logging_setup import configure_logging
         from voxloop.server.registry import RegistryError
@@ -239,20 +243,44 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
     config = _with_shipped_model_built(config)
-    trainer = None
     try:
-        if not args.no_trainer:
-            open_registry(config)  # no servable model fails here, before a trainer thread starts
-            trainer = _start_trainer(config)
-        serve(config, on_serving=_open_page if args.open else None)
+        # Seeds an empty registry once, before any worker or trainer starts; no servable model fails here.
+        open_registry(config)
+        on_serving = _open_page if args.open else None
+        if config.workers > 1:
+            from voxloop.server.workers import serve_workers
+
+            return serve_workers(config, functools.partial(_serve_worker, with_trainer=not args.no_trainer,
+                                                           on_serving=on_serving))
+        _serve_one(config, with_trainer=not args.no_trainer, on_serving=on_serving)
     except RegistryError as e:  # no servable model: the fix is in the message, not in a traceback
         raise CliError(str(e)) from e
+    return EXIT_OK
+
+
+def _serve_one(config, *, with_trainer: bool, reuse_port: bool = False, on_serving=None) -> None:
+    """One server process (with the in-process trainer beside it unless turned off) until SIGTERM/SIGINT."""
+    from voxloop.server.app import serve
+
+    trainer = _start_trainer(config) if with_trainer else None
+    try:
+        serve(config, reuse_port=reuse_port, on_serving=on_serving)
     finally:
         if trainer is not None:  # serve() returned on SIGTERM/SIGINT: stop the trainer, recording nothing half-done
             loop, thread = trainer
             loop.stop()
             thread.join(TRAINER_STOP_TIMEOUT_S)
-    return EXIT_OK
+
+
+def _serve_worker(config, index: int, *, with_trainer: bool, on_serving=None) -> None:
+    """Worker `index` of `voxloop serve --workers N` (in its own process): only worker 0 runs the trainer and
+    the web page."""
+    from voxloop.server.logging_setup import configure_logging
+
+    configure_logging(config.log_level, config.log_format)
+    if index > 0:
+        config, on_serving = dataclasses.replace(config, web_port=0), None
+    _serve_one(config, with_trainer=with_trainer and index == 0, reuse_port=True, on_serving=on_serving)
 
 
 def _with_shipped_model_built(config):

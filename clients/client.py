@@ -13,11 +13,17 @@ The raw calls (`streaming_recognize`, `recognize`, `get_model_info`, and the Fee
 service's `list_models`, `activate_model`, `rollback_model`, `pin_model`, `unpin_model`) return the `voxloop.v1`
 messages unchanged; `transcribe_file` returns a typed `FileTranscript` with the latencies a user feels.
 Every gRPC failure surfaces as `VoxloopError` with the status code's name and details.
+
+Calls that are safe to repeat are retried by gRPC itself on UNAVAILABLE (a replica shutting down or
+killed, a proxy with no backend for a moment): `RETRY_SERVICE_CONFIG`, passed as the channel's service
+config. Feedback calls are idempotent per (utterance, user) on the server, so a retried correction is
+stored once; Rollback is not retried (twice would go back two versions).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -40,6 +46,39 @@ log = logging.getLogger(__name__)
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
 """Deadline of unary calls; a streaming call of a file gets this plus the file's duration."""
+
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+"""gRPC retry policy (https://github.com/grpc/proposal/blob/master/A6-client-retries.md): up to 4 retries,
+100 ms doubling to at most 2 s (jittered by gRPC), on UNAVAILABLE only."""
+_RETRIED_METHODS = (
+    ("voxloop.v1.Recognizer", ("Recognize", "GetModelInfo")),
+    ("voxloop.v1.Feedback", ("SubmitCorrection", "AcceptTranscript", "RejectTranscript", "ChooseAlternative",
+                             "GetFeedbackStats", "DeleteUserData")),
+    ("voxloop.v1.ModelAdmin", ("ListModels", "ActivateModel", "PinModel", "UnpinModel")),
+)
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": service, "method": method} for service, methods in _RETRIED_METHODS for method in methods],
+    "retryPolicy": RETRY_POLICY,
+}]})
+"""The channel's default service config: which unary calls gRPC retries (not StreamingRecognize, not Rollback)."""
+
+
+def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The caller's channel arguments, plus the retry service config unless the caller set their own."""
+    merged = list(options)
+    given = {name for name, _ in merged}
+    if "grpc.service_config" not in given:
+        merged.append(("grpc.service_config", RETRY_SERVICE_CONFIG))
+    if "grpc.enable_retries" not in given:
+        merged.append(("grpc.enable_retries", 1))
+    return merged
+
 
 RecognitionConfig = pb.RecognitionConfig
 StreamingRecognizeResponse = pb.StreamingRecognizeResponse
@@ -263,8 +302,10 @@ class RecognizerClient:
     """Blocking client of `voxloop.v1.Recognizer` and `voxloop.v1.Feedback`.
 
     target: "host:port". token: sent as `authorization: Bearer <token>`. tls: True for the system's
-    root certificates, or a `grpc.ChannelCredentials`. timeout: deadline of unary calls in seconds.
-    options: gRPC channel arguments, e.g. `[("grpc.keepalive_time_ms", 30000)]`.
+    root certificates, or a `grpc.ChannelCredentials`. timeout: deadline of unary calls in seconds (retries
+    included). options: gRPC channel arguments, e.g. `[("grpc.keepalive_time_ms", 30000)]`; a
+    `grpc.service_config` of your own replaces RETRY_SERVICE_CONFIG, `("grpc.enable_retries", 0)` turns
+    retries off.
     """
 
     def __init__(self, target: str = DEFAULT_SERVER, *, token: str | None = None,
@@ -274,6 +315,7 @@ class RecognizerClient:
         self.target = target
         self.timeout = timeout
         self._metadata = _metadata(token)
+        options = _channel_options(options)
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.RecognizerStub(self._channel)
@@ -404,6 +446,7 @@ class AsyncRecognizerClient:
         self.target = target
         self.timeout = timeout
         self._metadata = _metadata(token)
+        options = _channel_options(options)
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials is not None
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.RecognizerStub(self._channel)

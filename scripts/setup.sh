@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up voxloop on a fresh Debian machine: system packages (speech synthesis for tests and the
-# corpus; Prometheus and promtool for the metrics tests; chromium and its driver for the web page's
-# browser tests), a virtual environment in .venv, and the package with every extra. Safe to re-run.
+# corpus; Prometheus and promtool for the metrics tests; PostgreSQL and HAProxy for the store and
+# scale-out tests, which start throwaway servers of their own; chromium and its driver for the web
+# page's browser tests), a virtual environment in .venv, and the package with every extra. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng flite sox fortunes fortunes-min prometheus chromium chromium-driver)
+APT_PACKAGES=(espeak-ng flite sox fortunes fortunes-min prometheus postgresql haproxy chromium chromium-driver)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

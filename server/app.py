@@ -13,9 +13,10 @@ is loaded; NOT_SERVING as soon as shutdown begins, so load balancers drain the r
 reflection, `voxloop.v1.ModelAdmin` (model_admin.py), and with web_port the end-user page, whose
 WebSocket bridge calls the same Recognizer and Feedback servicer objects (web.py). The registry
 watcher (watcher.py) hot-swaps the model when the registry's target version changes; each utterance
-holds the model it began with (model_holder.py). Shutdown: NOT_SERVING, refuse new recognitions
-(UNAVAILABLE), let open ones finish for up to shutdown_grace_s, close the pages' sockets, then stop
-the gRPC server (cancelling what is left), write every queued utterance, close the store.
+holds the model it began with (model_holder.py). Shutdown: NOT_SERVING, close the listening socket
+(new connections are refused, so every proxy routes around the replica), end the pages' microphone
+recognitions as their Stop button would, let open recognitions finish for up to shutdown_grace_s,
+close the pages' sockets, then cancel what is left, write every queued utterance, close the store.
 """
 
 from __future__ import annotations
@@ -186,19 +187,32 @@ class VoxloopServer:
         return f"{scheme}://{_listen_address(host, self.web.port)}/"
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new recognitions, let open ones finish (up to grace_s)."""
+        """Graceful shutdown: NOT_SERVING, stop listening, let open recognitions finish (up to grace_s).
+
+        gRPC's own shutdown closes the listening socket at once and sends GOAWAY on open connections,
+        while the calls already running go on: a proxy that only checks TCP sees the replica gone
+        (connection refused) and sends new streams elsewhere, as one that watches the health service
+        does after NOT_SERVING. Recognitions that slip in on an open connection before its GOAWAY get
+        UNAVAILABLE, which clients retry.
+        """
         if self._stopped:
             return
         self._stopped = True
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
-        log.info("shutting down: %d open recognitions get up to %g s", self.slots.active, grace_s)
+        self.slots.draining = True
+        log.info("shutting down: stopped listening; %d open recognitions get up to %g s", self.slots.active,
+                 grace_s)
+        closing = asyncio.create_task(self._server.stop(grace_s), name="grpc-shutdown")
         await self.web.finish_recognitions()  # a page's microphone would stream on: end it as Stop does
         if not await self.slots.drain(grace_s):
             log.warning("shutdown grace over: cancelling %d open recognitions", self.slots.active)
         await self.web.stop()
         await self.watcher.stop()
+        # The recognitions are done; other calls (open health Watch streams) get UNARY_DRAIN_S, then
+        # are cancelled, rather than holding the shutdown for the whole grace period.
         await self._server.stop(UNARY_DRAIN_S)
+        await closing
         await self.models.close()
         if self._sink_executor is not None:  # the last finals' utterances reach the sink before we return
             await asyncio.to_thread(self._sink_executor.shutdown, wait=True)
@@ -258,7 +272,8 @@ def _sink_runner(sink: Callable[[FinishedUtterance], None] | None, executor: Thr
 
 
 def create_server(
-    config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None
+    config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None,
+    reuse_port: bool = False,
 ) -> tuple[VoxloopServer, int]:
     """Load the current model, build and bind the gRPC server; returns it (not started) and its port.
 
@@ -266,7 +281,8 @@ def create_server(
     `await server.stop()` (e.g. in `finally`). Every final utterance is queued for the feedback store
     (config.store_url) unless store_utterances is off; `utterance_sink`, when given, also gets each one
     (its audio, transcript and model version) before the client gets the final; it runs in a thread
-    of its own, so it may block.
+    of its own, so it may block. `reuse_port` binds with SO_REUSEPORT, for the worker processes of
+    `voxloop serve --workers N` (workers.py); otherwise a second server on a taken port fails.
     Raises RegistryError / ModelFormatError when there is no servable model, ValueError for a bad
     tokens file, OSError when the port cannot be bound.
     """
@@ -288,7 +304,7 @@ def create_server(
     feedback_executor = ThreadPoolExecutor(FEEDBACK_THREADS, thread_name_prefix="feedback")
     try:
         return _create_grpc_server(config, utterance_sink, authenticator, slots, watcher, store, writer,
-                                   feedback_executor)
+                                   feedback_executor, reuse_port)
     except BaseException:
         _close_feedback(writer, feedback_executor, store)
         raise
@@ -296,15 +312,15 @@ def create_server(
 
 def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
                         authenticator: Authenticator, slots: StreamSlots, watcher: ModelWatcher, store: FeedbackStore,
-                        writer: UtteranceWriter | None,
-                        feedback_executor: ThreadPoolExecutor) -> tuple[VoxloopServer, int]:
+                        writer: UtteranceWriter | None, feedback_executor: ThreadPoolExecutor,
+                        reuse_port: bool) -> tuple[VoxloopServer, int]:
     sink_executor = ThreadPoolExecutor(1, thread_name_prefix="utterance-sink") if utterance_sink else None
     on_utterance = _sink_runner(utterance_sink, sink_executor, writer)
 
     server = grpc.aio.server(interceptors=[RpcMetricsInterceptor()], options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ("grpc.so_reuseport", int(reuse_port)),  # unless asked, a second server on the same port must fail
     ])
     recognizer = RecognizerServicer(config, lambda: watcher.holder.current, slots, on_utterance, authenticator,
                                     leases=watcher.holder)
@@ -339,8 +355,8 @@ def _create_grpc_server(config: ServerConfig, utterance_sink: Callable[[Finished
 
 
 async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtterance], None] | None,
-                 on_serving: Callable[[VoxloopServer], None] | None) -> None:
-    server, port = create_server(config, utterance_sink=utterance_sink)
+                 reuse_port: bool, on_serving: Callable[[VoxloopServer], None] | None) -> None:
+    server, port = create_server(config, utterance_sink=utterance_sink, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -365,15 +381,16 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
 
 
 def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None,
-          on_serving: Callable[[VoxloopServer], None] | None = None) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully; `on_serving(server)` once it serves.
+          reuse_port: bool = False, on_serving: Callable[[VoxloopServer], None] | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully (one process; workers.py runs several);
+    `on_serving(server)` once it serves.
 
     Raises what create_server raises (RegistryError, ModelFormatError, OSError) before serving.
     """
     # The event loop's own torch work (resampling a chunk) is tiny: intra-op threads would only fight
     # the onnxruntime thread for the cores (measured: 3x slower resampling under load with 2 threads).
     torch.set_num_threads(1)
-    asyncio.run(_serve(config, utterance_sink, on_serving))
+    asyncio.run(_serve(config, utterance_sink, reuse_port, on_serving))
 
 
 class BackgroundServer:

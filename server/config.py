@@ -47,7 +47,9 @@ class ServerConfig:
     port: int = 50051
     """gRPC port; 0 picks a free one (create_server returns it)."""
     metrics_port: int = 9400
-    """Prometheus metrics port; 0 turns metrics off."""
+    """Prometheus metrics port; 0 turns metrics off (with workers > 1, worker i serves on metrics_port + i)."""
+    workers: int = 1
+    """Server processes sharing the gRPC port (SO_REUSEPORT, Linux); the in-process trainer runs in the first."""
     web_port: int = 0
     """Port of the end-user web page and its WebSocket bridge (http://host:web_port/, https with TLS); 0: off."""
     web_origins: str = ""
@@ -159,7 +161,7 @@ class ServerConfig:
             _invalid("max_utterance_s", f"must be at most {MAX_UTTERANCE_LIMIT_S:g} s (each open utterance's "
                                         "audio is kept in memory for the feedback store)")
         for name in ("max_concurrent_streams", "batch_max_size", "utterance_queue_size", "utterance_batch_size",
-                     "max_correction_chars", "feedback_burst"):
+                     "max_correction_chars", "feedback_burst", "workers"):
             if getattr(self, name) < 1:
                 _invalid(name, "must be >= 1")
         if not 4096 <= self.max_message_bytes <= 64 * MIB:

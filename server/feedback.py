@@ -4,11 +4,20 @@
 store). Errors are the store's (NotFound, PermissionDenied, InvalidFeedback) plus RateLimited; the
 servicer maps them to statuses. A method returns only after `submit_feedback` committed, so what
 the RPC acknowledges is durable (invariant 1).
+
+Feedback may name an utterance whose row is not in the store yet: still in this server's writer queue
+(waited for on the queue), or written by another replica or worker sharing the store, whose final
+reached the client before its row was committed. An unknown id is looked up again with a doubling
+delay until store_flush_wait_s has passed, then it is NOT_FOUND. Polling, because SQLite (shared by
+`voxloop serve --workers N`) has no change notification; each retry is one primary-key lookup.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
+import time
 from dataclasses import dataclass
 
 from .auth import Identity, RateLimiter
@@ -23,6 +32,7 @@ from .store import (
     InvalidFeedback,
     NotFound,
     PermissionDenied,
+    UnknownUtterance,
 )
 from .text import ALPHABET, normalize_text
 from .utterance_writer import UtteranceWriter
@@ -31,6 +41,15 @@ log = logging.getLogger(__name__)
 
 ACCEPTANCE_REWARD = 0.0
 """An accepted transcript is its own reference: zero edits, the best reward the formula gives."""
+STORE_RETRY_FIRST_S = 0.02
+"""First wait before looking an unknown utterance id up again (then doubling, up to STORE_RETRY_MAX_S)."""
+STORE_RETRY_MAX_S = 0.4
+SERVER_UTTERANCE_ID = re.compile(r"[0-9a-f]{32}")
+"""The ids servers give utterances (uuid4().hex, stream.py): only such an id may be on its way from another
+replica; any other unknown id is NOT_FOUND at once."""
+MAX_STORE_WAITERS = 2
+"""Calls that may wait for an unknown utterance at once; past this, NOT_FOUND at once, so a burst of
+made-up ids cannot hold every feedback thread for store_flush_wait_s."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +90,39 @@ class FeedbackIntake:
         self._store = store
         self._writer = writer
         self._rate_limiter = rate_limiter
+        self._store_waiters = threading.BoundedSemaphore(MAX_STORE_WAITERS)
 
     def _utterance(self, caller: Identity, utterance_id: str):
         if not utterance_id:
             raise InvalidFeedback("utterance_id is empty; pass the utterance_id of a final result")
+        deadline = time.monotonic() + self._config.store_flush_wait_s
         # The final may have reached the client before its row reached the store (the writer is off
         # the streaming path): wait for a queued id rather than answer NOT_FOUND.
         if self._writer is not None and not self._writer.wait_written(utterance_id, self._config.store_flush_wait_s):
             log.warning("utterance %s still queued after %.1f s", utterance_id, self._config.store_flush_wait_s)
-        return self._store.get_utterance(utterance_id, tenant=caller.tenant, with_audio=False)
+        try:
+            return self._store.get_utterance(utterance_id, tenant=caller.tenant, with_audio=False)
+        except UnknownUtterance:
+            if not SERVER_UTTERANCE_ID.fullmatch(utterance_id) or not self._store_waiters.acquire(blocking=False):
+                raise
+        try:  # perhaps another replica's: wait for its writer (module docstring)
+            return self._wait_for_utterance(caller, utterance_id, deadline)
+        finally:
+            self._store_waiters.release()
+
+    def _wait_for_utterance(self, caller: Identity, utterance_id: str, deadline: float):
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UnknownUtterance(f"no utterance {utterance_id!r} (waited {self._config.store_flush_wait_s:g} s "
+                                       "for it to be stored)")
+            time.sleep(min(delay, remaining))
+            delay = min(2 * delay, STORE_RETRY_MAX_S)
+            try:
+                return self._store.get_utterance(utterance_id, tenant=caller.tenant, with_audio=False)
+            except UnknownUtterance:
+                continue
 
     def submit_correction(self, caller: Identity, utterance_id: str, corrected_text: str) -> FeedbackReceipt:
         """Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied."""

@@ -8,7 +8,8 @@ the connection setup is dialect-specific (SQLite pragmas and BEGIN IMMEDIATE, on
 Guarantees (design.md invariants 1, 5, 7):
 - Durable before acked: a write method returns only after its transaction committed. On SQLite
   the database runs in WAL mode with `synchronous=FULL`, so each commit is fsynced to the WAL and
-  survives a process crash or a power loss.
+  survives a process crash or a power loss; on PostgreSQL a commit is as durable as the server makes
+  it (`synchronous_commit = on`, its default). tests/test_store.py runs on both engines.
 - Exactly-once consumption: `record_cycle` marks exactly the feedback ids a training cycle used,
   in the transaction that records the cycle, and refuses ids already consumed. Feedback rows are
   never edited after insert (a re-submission supersedes a row, see `submit_feedback`), so the ids
@@ -61,6 +62,10 @@ class StoreError(RuntimeError):
 
 class NotFound(StoreError, LookupError):
     """Unknown utterance (or cycle), or an utterance whose audio retention expired. -> NOT_FOUND."""
+
+
+class UnknownUtterance(NotFound):
+    """No utterance has this id (yet: with several replicas, another may still be writing it)."""
 
 
 class PermissionDenied(StoreError):
@@ -340,8 +345,15 @@ MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migrate_v1,)
 """Schema history: MIGRATIONS[i] takes a database from version i to i + 1 (append, never edit)."""
 
 
+MIGRATION_LOCK_KEY = 0x766F786C6F6F70  # "voxloop": the PostgreSQL advisory lock migrations hold
+"""Replicas starting at once against a new database must not create the same tables twice: on PostgreSQL
+each takes this transaction-scoped advisory lock first (SQLite's BEGIN IMMEDIATE serializes them already)."""
+
+
 def _apply_migrations(conn: Connection) -> int:
     migrations = MIGRATIONS  # read at call time (tests extend it)
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
     metadata.create_all(conn, tables=[schema_version])
     current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     if current > len(migrations):
@@ -649,6 +661,7 @@ class FeedbackStore:
                 conn.execute(
                     sa.select(feedback.c.id, feedback.c.consumed_by_cycle)
                     .where(feedback.c.id.in_(ids))
+                    .order_by(feedback.c.id)  # rows locked in one order: racing trainers cannot deadlock
                     .with_for_update()
                 ).all()
             )
@@ -803,7 +816,7 @@ def _pending_conditions(include_flagged: bool) -> list[sa.ColumnElement]:
 
 def _check_access(row: sa.Row | None, utterance_id: str, tenant: str) -> None:
     if row is None:
-        raise NotFound(f"no utterance {utterance_id!r}")
+        raise UnknownUtterance(f"no utterance {utterance_id!r}")
     if row.tenant != tenant:
         raise PermissionDenied(f"utterance {utterance_id!r} belongs to another tenant")
     if row.expired:

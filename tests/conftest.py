@@ -72,3 +72,21 @@ def whisper_registry(whisper_version_dir, tmp_path) -> Path:
     registry = Registry(tmp_path / "registry")
     registry.seed_from(whisper_version_dir)
     return registry.root
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (tests/postgres_support.py); fails if none can start."""
+    from postgres_support import PostgresServer
+
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty feedback store on each engine: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data" / "feedback.sqlite")
+    return request.getfixturevalue("postgres_server").create_database()

@@ -45,6 +45,24 @@ def test_server_cpu_is_read_from_proc(bench):
     assert bench.process_cpu_seconds(os.getpid()) - before >= 0.1
 
 
+def test_server_cpu_counts_live_child_processes_too(bench):
+    import subprocess
+
+    busy = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                                                     f"{busy!r}])"])
+    try:
+        deadline = time.monotonic() + 20
+        while bench.process_cpu_seconds(parent.pid) < 0.4:  # the busy grandchild's seconds, while it lives
+            assert time.monotonic() < deadline, "the child's CPU time was not counted"
+            time.sleep(0.05)
+    finally:
+        for child in bench._children(parent.pid):
+            os.kill(child, 9)
+        parent.kill()
+        parent.wait()
+
+
 def test_load_goes_only_to_loopback(bench):
     with pytest.raises(ValueError, match="not a loopback address"):
         bench.BenchConfig(server="192.0.2.1:50051")

@@ -23,6 +23,7 @@ from voxloop.clients.client import (
     VoxloopError,
     recognition_config,
 )
+from voxloop.v1 import feedback_pb2, feedback_pb2_grpc, model_admin_pb2, model_admin_pb2_grpc
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
@@ -189,6 +190,69 @@ def test_async_streaming_recognize_takes_an_async_iterable_of_chunks(scripted):
     responses = asyncio.run(stream())
     assert [r.results[0].is_final for r in responses] == [False, False, False, True]
     assert responses[-1].results[0].audio_processed == pytest.approx(0.3)
+
+
+class FlakyReplicas(feedback_pb2_grpc.FeedbackServicer, model_admin_pb2_grpc.ModelAdminServicer):
+    """Answers UNAVAILABLE (a replica going away) the first `failures` times of each method, then succeeds."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.attempts: dict[str, int] = {}
+
+    def _attempt(self, method: str, context) -> None:
+        self.attempts[method] = self.attempts.get(method, 0) + 1
+        if self.attempts[method] <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry (on another replica)")
+
+    def SubmitCorrection(self, request, context):
+        self._attempt("SubmitCorrection", context)
+        return feedback_pb2.SubmitCorrectionResponse(feedback_id=7, normalized_text=request.corrected_text)
+
+    def Rollback(self, request, context):
+        self._attempt("Rollback", context)
+        return model_admin_pb2.ModelChange(serving_version="v1")
+
+
+@pytest.fixture
+def flaky():
+    servicer = FlakyReplicas(failures=2)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(servicer, server)
+    model_admin_pb2_grpc.add_ModelAdminServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_an_idempotent_call_is_retried_on_unavailable_until_it_succeeds(flaky):
+    servicer, target = flaky
+    with RecognizerClient(target, timeout=10) as client:
+        response = client.submit_correction("u-1", "turn on the lights")
+    assert (response.feedback_id, servicer.attempts["SubmitCorrection"]) == (7, 3)
+
+
+def test_the_async_client_retries_too(flaky):
+    servicer, target = flaky
+
+    async def correct():
+        async with AsyncRecognizerClient(target, timeout=10) as client:
+            return await client.submit_correction("u-1", "turn on the lights")
+
+    assert asyncio.run(correct()).feedback_id == 7 and servicer.attempts["SubmitCorrection"] == 3
+
+
+def test_rollback_is_not_retried_and_retries_can_be_turned_off(flaky):
+    servicer, target = flaky
+    with RecognizerClient(target, timeout=10) as client, pytest.raises(VoxloopError) as caught:
+        client.rollback_model()  # twice would go back two versions
+    assert caught.value.code == "UNAVAILABLE" and servicer.attempts["Rollback"] == 1
+    with RecognizerClient(target, timeout=10, options=[("grpc.enable_retries", 0)]) as client, \
+            pytest.raises(VoxloopError):
+        client.submit_correction("u-2", "lights")
+    assert servicer.attempts["SubmitCorrection"] == 1
 
 
 @pytest.mark.parametrize("module", ["voxloop.clients.client", "voxloop.clients.cli"])

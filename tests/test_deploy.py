@@ -11,6 +11,7 @@ metric names against server/metrics.py, the docs against the code. A missing too
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -162,7 +163,8 @@ def test_compose_file_follows_the_compose_specification():
     document = compose_spec.PyCompose.from_json(json.dumps(compose()))
     document.validate()
     spec = document.to_spec()
-    assert set(spec.services) == {"server", "trainer", "prometheus", "grafana"}
+    assert set(spec.services) == {"server", "trainer", "prometheus", "grafana",
+                                  "postgres", "replica-1", "replica-2", "proxy", "scaleout-trainer"}
     with pytest.raises(ValueError):  # the validator does reject what the spec forbids
         compose_spec.PyCompose.from_json(json.dumps({"services": {"a": {"image": "x", "restart": "sometimes"}}}))
 
@@ -185,12 +187,43 @@ def test_compose_services_reference_what_exists_and_run_real_commands():
             assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
     assert services["trainer"]["volumes"] == services["server"]["volumes"]  # registry and store are shared
     parser = build_parser()
-    for name in ("server", "trainer"):
+    for name in ("server", "trainer", "replica-1", "replica-2", "scaleout-trainer"):
         parser.parse_args(services[name]["command"])  # exits (fails the test) on an unknown flag
     prometheus = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert targets == {"server:9400", "trainer:9401"}
-    assert "--metrics-port" in services["trainer"]["command"] and "9401" in services["trainer"]["command"]
+    scraped = {(name, c["port"]) for job in prometheus["scrape_configs"] for c in job["dns_sd_configs"]
+               for name in c["names"]}
+    assert scraped == {("server", 9400), ("replica-1", 9400), ("replica-2", 9400), ("trainer", 9401),
+                       ("scaleout-trainer", 9401), ("proxy", 8404)}
+    for name, port in scraped:
+        command = services[name].get("command", [])
+        if name != "proxy":
+            assert command[command.index("--metrics-port") + 1] == str(port), name
+    assert services["proxy"]["environment"]["VOXLOOP_PROXY_STATS_BIND"] == ":8404"
+
+
+def test_the_scaled_out_compose_shape_puts_two_replicas_on_one_store_and_registry_behind_the_proxy():
+    services = compose()["services"]
+    replicas = [services["replica-1"], services["replica-2"]]
+    store_url = replicas[0]["environment"]["VOXLOOP_STORE_PATH"]
+    assert store_url.startswith("postgresql+psycopg://") and "@postgres:5432/" in store_url  # the image's driver
+    assert all(r["environment"]["VOXLOOP_STORE_PATH"] == store_url for r in replicas)
+    trainer = services["scaleout-trainer"]["command"]
+    assert trainer[trainer.index("--store") + 1] == store_url
+    assert replicas[0]["volumes"] == replicas[1]["volumes"] == services["scaleout-trainer"]["volumes"]
+    assert all("--no-trainer" in r["command"] for r in replicas)  # the standalone trainer is the only one
+    assert services["replica-2"]["depends_on"]["replica-1"]["condition"] == "service_healthy"  # one seeds
+    proxy = services["proxy"]
+    assert proxy["volumes"] == ["./haproxy:/usr/local/etc/haproxy:ro"]
+    replica_env = {proxy["environment"][f"VOXLOOP_REPLICA_{i}"] for i in (1, 2)}
+    assert replica_env == {"replica-1:50051", "replica-2:50051"}
+    config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", config)) == set(proxy["environment"])  # every variable it reads is set
+    # HAProxy itself accepts the shipped config with compose's values.
+    from scaleout_support import haproxy_binary
+
+    result = subprocess.run([haproxy_binary(), "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, **proxy["environment"]})
+    assert result.returncode == 0 and "Configuration file is valid" in result.stdout + result.stderr, result.stderr
 
 
 # --- Kubernetes ---
@@ -287,6 +320,21 @@ def test_the_config_map_is_a_valid_server_config(tmp_path):
     config = load_config(tmp_path / "voxloop.toml", {})
     assert config.host == "0.0.0.0" and config.metrics_port == 9400 and config.log_format == "json"
     assert config.tls and config.tokens_file is not None
+
+
+def test_the_scaled_out_store_url_names_the_driver_the_image_installs():
+    import tomllib
+
+    store_url = by_kind("Secret")["voxloop-secrets"]["stringData"]["store-url"]
+    assert store_url.startswith("postgresql+psycopg://")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(requirement.startswith("psycopg[binary]") for requirement in extras["postgres"])
+    assert "voxloop[train,postgres]" in extras["dev"]
+    install = re.search(r'^RUN /opt/voxloop/bin/pip install "\.\[([\w,]+)\]"', (DEPLOY / "Dockerfile").read_text(),
+                        re.M)
+    assert install and {"train", "postgres"} <= set(install.group(1).split(","))
+    container = by_kind("Deployment")["voxloop-server"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"  # endpoints go before the port
 
 
 # --- the image ---

@@ -165,3 +165,51 @@ def test_empty_unspeakable_or_too_long_corrections_are_invalid(text):
 
 def test_corrections_are_normalized_like_training_transcripts():
     assert normalized_correction("It's 5 O'Clock!", max_chars=100) == "it's five o'clock"
+
+
+# --- feedback on another replica's utterance ------------------------------------------------------
+
+def _intake(store_url: str, flush_wait_s: float):
+    from voxloop.server.config import ServerConfig
+    from voxloop.server.feedback import FeedbackIntake
+    from voxloop.server.store import FeedbackStore
+
+    store = FeedbackStore.open(store_url)
+    config = ServerConfig(store_flush_wait_s=flush_wait_s)
+    return store, FeedbackIntake(config, store, None, RateLimiter(100.0, 100))
+
+
+def test_a_correction_for_an_utterance_another_replica_is_still_writing_waits_for_its_row(store_url):
+    from voxloop.server.store import FeedbackStore
+    from voxloop.server.utterance_writer import utterance_record
+
+    utterance_id = "0f" * 16  # as servers name utterances (uuid4().hex)
+    store, intake = _intake(store_url, flush_wait_s=5.0)
+    caller = Identity("acme", "alice", Role.USER)
+    with store, FeedbackStore.open(store_url) as other_replica:
+        writes = threading.Timer(0.4, other_replica.add_utterance, [utterance_record(finished(utterance_id))])
+        started = time.monotonic()
+        writes.start()
+        receipt = intake.submit_correction(caller, utterance_id, "hello there")
+        waited = time.monotonic() - started
+        writes.join()
+        assert receipt.normalized_text == "hello there"
+        assert 0.35 < waited < 3.0
+        [pending] = store.pending_feedback(10)
+        assert (pending.feedback.id, pending.utterance.id) == (receipt.feedback_id, utterance_id)
+
+
+def test_an_utterance_no_replica_wrote_is_not_found_after_store_flush_wait_s(store_url):
+    from voxloop.server.store import NotFound
+
+    store, intake = _intake(store_url, flush_wait_s=0.5)
+    caller = Identity("acme", "alice", Role.USER)
+    with store:
+        started = time.monotonic()
+        with pytest.raises(NotFound, match="waited 0.5 s"):
+            intake.accept_transcript(caller, "1a" * 16)
+        assert 0.5 <= time.monotonic() - started < 2.0
+        started = time.monotonic()
+        with pytest.raises(NotFound):  # no server names utterances like this: no wait
+            intake.accept_transcript(caller, "no-such-utterance")
+        assert time.monotonic() - started < 0.3

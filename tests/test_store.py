@@ -1,4 +1,9 @@
-"""The feedback store on real SQLite files, and the reward / poisoning-guard functions it stores."""
+"""The feedback store on both engines it runs on, and the reward / poisoning-guard functions it stores.
+
+Every store test runs twice (the `store_url` fixture, tests/conftest.py): on a real SQLite file and on a
+fresh database of a throwaway PostgreSQL server (tests/postgres_support.py). Tests of one engine's own
+setup say so in their names.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import jiwer
 import numpy as np
@@ -80,13 +85,8 @@ def correct(store: FeedbackStore, utterance_id: str, text: str = CORRECTION, *, 
 
 
 @pytest.fixture
-def db_path(tmp_path) -> Path:
-    return tmp_path / "data" / "feedback.sqlite"
-
-
-@pytest.fixture
-def store(db_path):
-    with FeedbackStore.sqlite(db_path) as opened:
+def store(store_url):
+    with FeedbackStore.open(store_url) as opened:
         yield opened
 
 
@@ -247,7 +247,7 @@ def test_feedback_ids_are_not_reused_after_a_deletion(store):
 _WRITER = """
 import os, signal, sys
 from voxloop.server.store import FeedbackStore
-store = FeedbackStore.sqlite(sys.argv[1])
+store = FeedbackStore.open(sys.argv[1])
 user, n = sys.argv[2], int(sys.argv[3])
 for i in range(n):
     record = store.submit_feedback(f"u{i}", tenant="acme", user=user, kind="acceptance", reward=0.0)
@@ -256,13 +256,13 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close, no atexit, no flush of anythin
 """
 
 
-def test_acked_feedback_survives_the_writing_processes_being_killed(db_path):
+def test_acked_feedback_survives_the_writing_processes_being_killed(store_url):
     n = 15
-    with FeedbackStore.sqlite(db_path) as setup:
+    with FeedbackStore.open(store_url) as setup:
         setup.add_utterances([make_utterance(f"u{i}") for i in range(n)])
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(_WRITER), str(db_path), user, str(n)],
+            [sys.executable, "-c", textwrap.dedent(_WRITER), store_url, user, str(n)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -274,10 +274,93 @@ def test_acked_feedback_survives_the_writing_processes_being_killed(db_path):
         assert writer.returncode == -signal.SIGKILL
         acked |= {int(line) for line in out.split()}
 
-    with FeedbackStore.sqlite(db_path) as reopened:
+    with FeedbackStore.open(store_url) as reopened:
         pending = reopened.pending_feedback(100)
     assert len(acked) == 2 * n
     assert {p.feedback.id for p in pending} == acked
+
+
+@pytest.mark.slow
+def test_postgresql_keeps_acked_feedback_when_the_database_server_is_killed_mid_burst():
+    from postgres_support import PostgresServer
+
+    n = 400
+    with PostgresServer.start() as server:
+        url = server.create_database()
+        with FeedbackStore.open(url) as setup:
+            setup.add_utterances([make_utterance(f"u{i}") for i in range(n)])
+        acked: list[int] = []
+        failure: list[BaseException] = []
+        writer_store = FeedbackStore.open(url)
+
+        def write() -> None:
+            try:
+                for i in range(n):
+                    acked.append(correct(writer_store, f"u{i}").id)  # appended only once submit returned
+            except Exception as e:  # noqa: BLE001 - the server's death, expected
+                failure.append(e)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 25 and writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.kill()  # SIGKILL: no checkpoint, no clean shutdown, mid-transaction
+        writer.join(60)
+        writer_store.close()
+        assert failure and 25 <= len(acked) < n, (len(acked), failure)
+
+        server.start_again()  # crash recovery replays the WAL
+        with FeedbackStore.open(url) as reopened:
+            stored = {p.feedback.id for p in reopened.pending_feedback(n)}
+    assert set(acked) <= stored
+    assert len(stored) - len(acked) <= 1  # at most the one in flight: committed, not yet acked
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_racing_trainers_consume_each_feedback_item_exactly_once(store_url, overlap):
+    n, trainers = 12, 4
+    with FeedbackStore.open(store_url) as setup:
+        setup.add_utterances([make_utterance(f"u{i}") for i in range(n)])
+        ids = [correct(setup, f"u{i}").id for i in range(n)]
+    # Without overlap every trainer read the same whole batch; with it, windows that share items.
+    batches = [ids if not overlap else ids[3 * t : 3 * t + 6] for t in range(trainers)]
+    stores = [FeedbackStore.open(store_url) for _ in range(trainers)]  # separate engines, as separate processes
+    barrier = threading.Barrier(trainers)
+    recorded: dict[int, int] = {}
+    refused: list[int] = []
+    errors = []
+
+    def train(t: int) -> None:
+        barrier.wait()
+        try:
+            recorded[t] = stores[t].record_cycle(batches[t], "published", f"v{t}")
+        except AlreadyConsumed:
+            refused.append(t)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(t,)) for t in range(trainers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for opened in stores:
+        opened.close()
+
+    assert errors == [] and len(recorded) + len(refused) == trainers and recorded
+    with FeedbackStore.open(store_url) as check:
+        consumed_by = {}
+        for t, cycle_id in recorded.items():
+            cycle = check.get_cycle(cycle_id)
+            assert cycle.feedback_ids == tuple(sorted(batches[t]))  # all it asked for, or (refused) nothing
+            for i in cycle.feedback_ids:
+                assert i not in consumed_by, f"feedback {i} consumed by two cycles"
+                consumed_by[i] = cycle_id
+        assert check.stats().cycles == len(recorded)  # a refused trainer recorded no cycle row
+        assert check.pending_count() == n - len(consumed_by)
+    if not overlap:
+        assert len(recorded) == 1
 
 
 def test_concurrent_writers_from_threads_lose_no_rows(store):
@@ -330,8 +413,8 @@ def test_racing_resubmissions_by_one_user_leave_one_current_feedback(store):
     assert current.feedback.corrected_text in texts and store.stats().feedback == 1
 
 
-def test_sqlite_commits_are_durable_wal_full_sync_with_foreign_keys(store):
-    with store._engine.connect() as conn:
+def test_sqlite_commits_are_durable_wal_full_sync_with_foreign_keys(tmp_path):
+    with FeedbackStore.sqlite(tmp_path / "feedback.sqlite") as store, store._engine.connect() as conn:
         pragma = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar() for name in ("journal_mode", "synchronous")}
         pragma["foreign_keys"] = conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
     assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1}  # 2 = FULL
@@ -414,14 +497,14 @@ def _add_language_column(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE utterances ADD COLUMN language VARCHAR(16)"))
 
 
-def test_opening_an_older_schema_version_migrates_it_and_keeps_its_rows(db_path, monkeypatch):
-    with FeedbackStore.sqlite(db_path) as old:
+def test_opening_an_older_schema_version_migrates_it_and_keeps_its_rows(store_url, monkeypatch):
+    with FeedbackStore.open(store_url) as old:
         old.add_utterance(make_utterance("u1"))
         submitted = correct(old, "u1")
         old_version = old.schema_version
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, _add_language_column))
 
-    with FeedbackStore.sqlite(db_path) as new:
+    with FeedbackStore.open(store_url) as new:
         assert new.schema_version == old_version + 1
         assert new.pending_feedback(10)[0].feedback == submitted
         with new._engine.connect() as conn:
@@ -431,8 +514,8 @@ def test_opening_an_older_schema_version_migrates_it_and_keeps_its_rows(db_path,
     assert versions == list(range(1, old_version + 2))
 
 
-def test_a_failing_migration_leaves_the_database_as_it_was(db_path, monkeypatch):
-    with FeedbackStore.sqlite(db_path) as old:
+def test_a_failing_migration_leaves_the_database_as_it_was(store_url, monkeypatch):
+    with FeedbackStore.open(store_url) as old:
         old.add_utterance(make_utterance("u1"))
 
     def broken(conn: sa.Connection) -> None:
@@ -441,23 +524,49 @@ def test_a_failing_migration_leaves_the_database_as_it_was(db_path, monkeypatch)
 
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, broken))
     with pytest.raises(RuntimeError, match="migration bug"):
-        FeedbackStore.sqlite(db_path)
+        FeedbackStore.open(store_url)
     monkeypatch.undo()
 
-    with FeedbackStore.sqlite(db_path) as reopened:
+    with FeedbackStore.open(store_url) as reopened:
         assert reopened.get_utterance("u1", tenant=TENANT).hypothesis == HYPOTHESIS
         with reopened._engine.connect() as conn:
             assert "language" not in {c["name"] for c in sa.inspect(conn).get_columns("utterances")}
 
 
-def test_a_database_from_a_newer_voxloop_is_refused(db_path, monkeypatch):
-    FeedbackStore.sqlite(db_path).close()
+def test_replicas_opening_a_new_database_at_once_migrate_it_once(store_url):
+    opened, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            opened.append(FeedbackStore.open(store_url))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [] and len(opened) == 4
+        with opened[0]._engine.connect() as conn:
+            versions = conn.execute(sa.select(store_module.schema_version.c.version)).scalars().all()
+        assert versions == list(range(1, len(store_module.MIGRATIONS) + 1))
+    finally:
+        for store in opened:
+            store.close()
+
+
+def test_a_database_from_a_newer_voxloop_is_refused(store_url, monkeypatch):
+    FeedbackStore.open(store_url).close()
     monkeypatch.setattr(store_module, "MIGRATIONS", ())
     with pytest.raises(SchemaTooNew, match="upgrade"):
-        FeedbackStore.sqlite(db_path)
+        FeedbackStore.open(store_url)
 
 
-def test_open_accepts_a_path_or_a_sqlite_url(tmp_path):
+def test_open_accepts_a_sqlite_path_or_a_sqlite_url(tmp_path):
     for target in (tmp_path / "a" / "feedback.sqlite", f"sqlite:///{tmp_path / 'b.sqlite'}"):
         with FeedbackStore.open(target) as opened:
             opened.add_utterance(make_utterance("u1"))

@@ -35,3 +35,16 @@ def test_bad_trainer_variable_is_a_one_line_error_naming_it(variable, value, tmp
     assert status == 1
     assert err.startswith("voxloop: error:") and (variable in err or "objective" in err)
     assert len(err.strip().splitlines()) == 1
+
+
+def test_standalone_train_reads_the_same_variables_and_its_flags_win(tmp_path):
+    from voxloop.clients.cli import build_parser
+    from voxloop.trainer.cli import trainer_config_from_args
+
+    env = {"VOXLOOP_TRAINER_HELDOUT_SHARE": "0", "VOXLOOP_TRAINER_MIN_FEEDBACK": "16",
+           "VOXLOOP_TRAINER_OBJECTIVE": "sft"}
+    args = build_parser().parse_args(["train", "--once", "--data-dir", str(tmp_path), "--min-feedback", "8"])
+    config = trainer_config_from_args(args, env)
+    assert (config.heldout_share, config.min_feedback, config.ppo.objective) == (0.0, 8, "sft")
+    args = build_parser().parse_args(["train", "--objective", "ppo"])
+    assert trainer_config_from_args(args, env).ppo.objective == "ppo"

@@ -66,6 +66,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               help="torch intra-op threads (default 1, as inside `voxloop serve`)")
     train_online.add_argument("--no-adapt-lexicon", action="store_true",
                               help="do not teach the decoder's lexicon/LM the corrections' words")
+    train_online.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
+                              help="minibatches per optimizer step (default 1; under torchrun with P processes a "
+                                   "step takes P times N, so one process with P x N makes the same update)")
     train_online.add_argument("--json", action="store_true", help="with --once: print the cycle report as JSON")
     train_online.add_argument("--metrics-port", type=int, default=9401,
                               help="Prometheus metrics port of the running trainer (0 turns it off; default 9401)")
@@ -130,13 +133,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def trainer_config_from_args(args: argparse.Namespace, environ=None):
-    """TrainerConfig from `voxloop train` flags (None = the config's default); data dir as for serve."""
+    """TrainerConfig from `voxloop train` flags, over `VOXLOOP_TRAINER_*` variables (as for the in-process
+    trainer), over the defaults; data dir as for serve."""
+    import dataclasses
     import os
 
-    from .config import TrainerConfig
+    from .config import ENV_PREFIX, TrainerConfig, overrides_from_env
 
     environ = os.environ if environ is None else environ
-    overrides: dict = {}
+    overrides: dict = overrides_from_env(environ)
     data_dir = args.data_dir or (Path(environ["VOXLOOP_HOME"]) if environ.get("VOXLOOP_HOME") else None)
     for field, value in (("data_dir", data_dir), ("store_url", args.store), ("registry_dir", args.registry),
                          ("corpus_dir", args.corpus), ("min_feedback", args.min_feedback),
@@ -146,25 +151,38 @@ def trainer_config_from_args(args: argparse.Namespace, environ=None):
     if args.no_adapt_lexicon:
         overrides["adapt_lexicon"] = False
     config = TrainerConfig(**overrides)
-    return config.with_objective(args.objective) if args.objective else config
+    if args.gradient_accumulation_steps is not None:
+        config = dataclasses.replace(config, ppo=dataclasses.replace(
+            config.ppo, gradient_accumulation_steps=args.gradient_accumulation_steps))
+    objective = args.objective or environ.get(ENV_PREFIX + "OBJECTIVE", "").strip()
+    return config.with_objective(objective) if objective else config
 
 
 def _train_online(args: argparse.Namespace) -> int:
     import threading
 
+    from .distributed import close, data_parallel_from_env
     from .loop import TrainerLoop
 
     _setup_logging()
     try:
         config = trainer_config_from_args(args)
+        group = data_parallel_from_env()  # torchrun's processes join one group here
     except ValueError as e:
         print(f"voxloop train: error: {e}", file=sys.stderr)
+        return 2
+    if group.enabled and not args.once:
+        print("voxloop train: error: data-parallel training (torchrun) runs one cycle per launch: add --once "
+              "(e.g. from a CronJob), or run the trainer loop without torchrun", file=sys.stderr)
+        close(group)
         return 2
     loop = TrainerLoop(config)
     metrics = None
     try:
         if args.once:
-            report = loop.run_once()
+            report = loop.run_once(data_parallel=group)
+            if not group.is_main:  # its share of the update is in the main process's report
+                return 0
             if args.json:
                 print(json.dumps(report.as_dict(), indent=2, default=str))
             else:
@@ -189,6 +207,7 @@ def _train_online(args: argparse.Namespace) -> int:
         return 0
     finally:
         loop.close()
+        close(group)
         if metrics is not None:
             metrics.stop()
 

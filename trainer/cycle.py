@@ -26,6 +26,10 @@ Stages (each logged with its figures):
 
 Exceptions other than a gate refusal (I/O, bugs, shutdown via UpdateAborted) propagate with nothing
 recorded: the batch stays pending.
+
+Data-parallel (`torchrun ... train --once`, trainer/distributed.py): the main process does stages 1-3
+and 5-8 alone and hands the batch to the others; every process runs stage 4 on the same batch, each
+computing its share of every step's minibatches. The others then return a "trained" report.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from ..server.store import FeedbackKind, FeedbackStore
 from ..server.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
+from .distributed import SINGLE, DataParallel
 from .evaluate import EvalSummary
 from .export import ParityError
 from .gate import AnchorScores, GateDecision, decide, score_onnx
@@ -69,7 +74,8 @@ HELDOUT_BUCKETS = 10_000
 
 @dataclass
 class CycleReport:
-    """What a cycle did; `outcome` is published, gated, skipped (nothing trainable) or idle (no feedback)."""
+    """What a cycle did; `outcome` is published, gated, skipped (nothing trainable) or idle (no feedback); in a
+    data-parallel process other than the main one, "trained" (its share of the update, nothing recorded)."""
 
     outcome: str
     cycle_id: int | None = None
@@ -203,6 +209,39 @@ def _set_metrics(report: CycleReport, decision: GateDecision | None, parity: flo
         metrics.TRAINER_EXPORT_PARITY_ERROR.set(parity)
 
 
+def _load_base_data(config: TrainerConfig, state: TrainerState, data_parallel: DataParallel) -> BaseData:
+    """The anchor set and replay pool; the main process synthesizes a missing corpus before the others look."""
+    if data_parallel.is_main:
+        corpus = ensure_corpus(config.corpus_dir, config.trainer_dir, config.fallback_sentences)
+    data_parallel.barrier()
+    if not data_parallel.is_main:
+        corpus = ensure_corpus(config.corpus_dir, config.trainer_dir, config.fallback_sentences)
+    return BaseData(corpus, state.policy.config.vocabulary, config.anchor_size, config.replay_pool_size)
+
+
+def _update(state: TrainerState, train: list[FeedbackItem], base_data: BaseData, config: TrainerConfig,
+            should_stop, data_parallel: DataParallel):
+    """Stage 4 in every process: the same starting weights, the same rollout, a share of each step."""
+    data_parallel.broadcast_module(state.policy)
+    generator = torch.Generator().manual_seed(config.ppo.seed + state.cycles)
+    rollout = collect_rollout(state.policy, train, config.ppo, generator)
+    replay = base_data.replay if config.ppo.replay_coef > 0 else None
+    update = ppo_update(state.policy, state.optimizer, state.kl_controller, rollout, config.ppo, replay=replay,
+                        should_stop=should_stop, data_parallel=data_parallel)
+    return generator, rollout, update
+
+
+def _update_share(state: TrainerState, train: list[FeedbackItem], base_data: BaseData | None, config: TrainerConfig,
+                  data_parallel: DataParallel) -> CycleReport:
+    """A process other than the main one: its share of stage 4, then a "trained" report (nothing recorded)."""
+    if not train:
+        return CycleReport("idle", version_in=state.version)
+    base_data = base_data or _load_base_data(config, state, data_parallel)
+    _, _, update = _update(state, train, base_data, config, lambda: False, data_parallel)
+    return CycleReport("trained", version_in=state.version, trained_ids=[i.feedback_id for i in train],
+                       objective=config.ppo.objective, steps=update.steps, last_step=update.last)
+
+
 def run_cycle(
     store: FeedbackStore,
     registry: Registry,
@@ -212,11 +251,13 @@ def run_cycle(
     base_data: BaseData | None = None,
     anchor_scores: AnchorScores | None = None,
     should_stop=lambda: False,
+    data_parallel: DataParallel = SINGLE,
 ) -> CycleReport:
     """Run one cycle on the pending feedback (see the module docstring); returns its report.
 
     `state`, `base_data` and `anchor_scores` let a long-running loop keep them between cycles; left
-    out, they are loaded (checkpoint or CURRENT; corpus) for this call.
+    out, they are loaded (checkpoint or CURRENT; corpus) for this call. Under data parallelism every
+    process calls this at once (`should_stop` must then answer alike in all of them).
     """
     started, started_at = time.monotonic(), datetime.now(UTC)
     seconds: dict[str, float] = {}
@@ -228,16 +269,18 @@ def run_cycle(
 
     trainer_dir = config.trainer_dir
     trainer_dir.mkdir(parents=True, exist_ok=True)
+    main = data_parallel.is_main
     # 1. recover
-    recover_activation(store, registry, trainer_dir)
+    if main:
+        recover_activation(store, registry, trainer_dir)
+    data_parallel.barrier()  # every process loads the state after the recovery
     if state is None or state.version != registry.current_version():
         state = TrainerState.load(trainer_dir, registry, config.ppo)
     parent = state.version
-    # 2. read
-    pending = store.pending_feedback(config.max_batch, max_share_per_user=config.max_share_per_user)
-    if not pending:
-        return CycleReport("idle", version_in=parent)
-    items, unusable = [], []
+    # 2. read (the main process; the others get the items to train on from it)
+    pending, items, unusable = [], [], []
+    if main:
+        pending = store.pending_feedback(config.max_batch, max_share_per_user=config.max_share_per_user)
     for p in pending:
         try:
             item = feedback_item(p)
@@ -251,6 +294,11 @@ def run_cycle(
         items.append(item)
     # 3. split
     train, heldout = _split(items, config.heldout_share)
+    train = data_parallel.broadcast(train)
+    if not main:
+        return _update_share(state, train, base_data, config, data_parallel)
+    if not pending:
+        return CycleReport("idle", version_in=parent)
     report = CycleReport("skipped", version_in=parent, feedback_ids=[p.feedback.id for p in pending],
                          trained_ids=[i.feedback_id for i in train], heldout_ids=[i.feedback_id for i in heldout],
                          unusable_ids=unusable, objective=config.ppo.objective)
@@ -267,16 +315,10 @@ def run_cycle(
         return report
 
     # 4. update
-    if base_data is None:
-        corpus = ensure_corpus(config.corpus_dir, trainer_dir, config.fallback_sentences)
-        base_data = BaseData(corpus, state.policy.config.vocabulary, config.anchor_size, config.replay_pool_size)
-    generator = torch.Generator().manual_seed(config.ppo.seed + state.cycles)
+    base_data = base_data or _load_base_data(config, state, data_parallel)
     snapshot = state.snapshot()
-    rollout = collect_rollout(state.policy, train, config.ppo, generator)
+    generator, rollout, update = _update(state, train, base_data, config, should_stop, data_parallel)
     report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
-    replay = base_data.replay if config.ppo.replay_coef > 0 else None
-    update = ppo_update(state.policy, state.optimizer, state.kl_controller, rollout, config.ppo, replay=replay,
-                        should_stop=should_stop)
     report.steps, report.last_step = update.steps, update.last
     sampled_after, greedy_after = mean_rewards(state.policy, train, config.ppo, generator)
     report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}

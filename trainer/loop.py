@@ -30,6 +30,7 @@ from ..server.store import FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .cycle import CycleReport, recover_activation, run_cycle
+from .distributed import SINGLE, DataParallel
 from .gate import AnchorScores
 from .state import TrainerState
 from .update import UpdateAborted
@@ -75,21 +76,27 @@ class TrainerLoop:
         if self._own_store:
             self.store.close()
 
-    def run_once(self, should_stop=lambda: False) -> CycleReport:
-        """One cycle on what is pending now (returns an "idle" report when nothing is)."""
+    def run_once(self, should_stop=lambda: False, data_parallel: DataParallel = SINGLE) -> CycleReport:
+        """One cycle on what is pending now (returns an "idle" report when nothing is).
+
+        Under torchrun every process calls this once (trainer/distributed.py); run_cycle orders them.
+        """
         torch.set_num_threads(self.config.num_threads)
         self.config.trainer_dir.mkdir(parents=True, exist_ok=True)
-        recover_activation(self.store, self.registry, self.config.trainer_dir)
+        if data_parallel.is_main:
+            recover_activation(self.store, self.registry, self.config.trainer_dir)
         kept = self._kept
         if kept.state is None or kept.state.version != self.registry.current_version():
             kept.state = TrainerState.load(self.config.trainer_dir, self.registry, self.config.ppo)
-        if kept.base_data is None and self.store.pending_count() > 0:
+        # Data-parallel processes load the base data inside the cycle, in order (the main one may synthesize it).
+        if not data_parallel.enabled and kept.base_data is None and self.store.pending_count() > 0:
             corpus = ensure_corpus(self.config.corpus_dir, self.config.trainer_dir, self.config.fallback_sentences)
             kept.base_data = BaseData(corpus, kept.state.policy.config.vocabulary, self.config.anchor_size,
                                       self.config.replay_pool_size)
         try:
             return run_cycle(self.store, self.registry, self.config, state=kept.state, base_data=kept.base_data,
-                             anchor_scores=self._anchor_scores, should_stop=should_stop)
+                             anchor_scores=self._anchor_scores, should_stop=should_stop,
+                             data_parallel=data_parallel)
         except BaseException:
             kept.state = None  # its weights may be mid-update: reload from the checkpoint next time
             raise

@@ -73,7 +73,11 @@ class PPOConfig:
     epochs: int = 2
     """Passes over the rollouts (with 4 the shipped model broke the 1-point anchor margin; bench/trainer_cycle.py)."""
     minibatch_size: int = 16
-    """Feedback utterances per gradient step."""
+    """Feedback utterances per minibatch (per gradient step, without accumulation)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches one optimizer step sums the gradients of (their mean loss). Under torchrun with N processes a
+    step takes N times as many, one share per process: N processes update exactly as one process with N times
+    the accumulation (trainer/distributed.py)."""
     learning_rate: float = 1e-4
     """AdamW learning rate (constant within and across cycles; 3e-4 regressed the anchor set by 1.4-1.7 points)."""
     weight_decay: float = 0.0
@@ -96,8 +100,8 @@ class PPOConfig:
             raise ValueError("target_kl must be > 0 nats/frame, or None for a fixed KL coefficient")
         if self.init_kl_coef < 0 or self.entropy_coef < 0 or self.sft_coef < 0 or self.replay_coef < 0:
             raise ValueError("init_kl_coef, entropy_coef, sft_coef and replay_coef must be >= 0")
-        if self.epochs < 1 or self.minibatch_size < 1 or self.kl_horizon < 1:
-            raise ValueError("epochs, minibatch_size and kl_horizon must be >= 1")
+        if self.epochs < 1 or self.minibatch_size < 1 or self.kl_horizon < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("epochs, minibatch_size, gradient_accumulation_steps and kl_horizon must be >= 1")
         if self.learning_rate <= 0 or self.grad_clip_norm <= 0:
             raise ValueError("learning_rate and grad_clip_norm must be > 0")
 

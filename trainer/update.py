@@ -3,14 +3,15 @@
     rollout = collect_rollout(policy, items, ppo_config, generator)     # pi_old == pi_ref here
     report = ppo_update(policy, optimizer, kl_controller, rollout, replay, ppo_config)
 
-Stages of `ppo_update` per minibatch (numbered in the code):
+Stages of `ppo_update` per minibatch (numbered in the code; stage 4 once per step, after its minibatches):
  1. forward the minibatch's feedback audio through pi_theta (eval mode: no dropout, no SpecAugment,
     so the ratio pi_theta / pi_old is exactly 1 before the first step);
  2. PPO terms (objective ppo, ppo+sft): clipped surrogate over the candidates' per-frame log-probs,
     exact per-frame KL to the reference with the adaptive coefficient, entropy bonus;
  3. supervised terms: CTC on the feedback targets (objective sft, ppo+sft) and CTC on replayed base
     data (replay_coef > 0, every objective) -- InstructGPT's ptx;
- 4. one AdamW step with global gradient clipping; the KL controller sees the step's exact KL.
+ 4. one AdamW step with global gradient clipping on the step's minibatches' summed gradients (summed across
+    processes too under torchrun); the KL controller sees the step's exact KL.
 
 The cycle starts from the serving version's weights, and that version is the frozen reference: the
 rollout's per-frame distributions are the reference's, so no second model is kept in memory.
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .data import IGNORE_INDEX
+from .distributed import SINGLE, DataParallel
 from .export import serving_vocabulary
 from .model import ctc_loss
 from .policies import Policy
@@ -237,6 +239,50 @@ ReplaySampler = Callable[[int, random.Random], list[tuple[np.ndarray, list[int]]
 """(count, rng) -> `count` base-corpus utterances as (float32 samples, target ids)."""
 
 
+_STEP_STATISTICS = ("kl", "entropy", "ptx_loss", "loss", "policy_loss", "clip_fraction", "approx_kl", "sft_loss",
+                    "replay_loss")
+"""Per-minibatch figures a step reports as their mean over the step's minibatches (those that have them)."""
+
+
+def _minibatch_loss(policy: Policy, batch: Sequence[ItemRollout], drawn: list | None, kl_coef: float,
+                    config: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stages 1-3 for one minibatch: its loss (a scalar tensor with its graph) and its figures."""
+    # 1. forward
+    logits, log_probs, frame_lengths = forward_log_probs(policy, [r.item.samples for r in batch])
+    frames = log_probs.shape[1]
+    frame_mask = torch.arange(frames)[None, :] < frame_lengths[:, None]  # (B, T)
+    loss = torch.zeros(())
+    stats: dict[str, float] = {}
+    # 2. PPO terms
+    ref = _ref_log_probs(batch, frames, log_probs.shape[-1])
+    kl = masked_mean(kl_to_reference(log_probs, ref), frame_mask)
+    ent = masked_mean(entropy(log_probs), frame_mask)
+    if config.uses_rewards:
+        paths, old, mask, advantages = _pad_candidates(batch, frames)
+        new = path_log_probs(log_probs, paths)
+        policy_loss = clipped_policy_loss(new, old, advantages, mask, config.clip_range)
+        loss = loss + policy_loss.loss + kl_coef * kl - config.entropy_coef * ent
+        stats.update(policy_loss=float(policy_loss.loss.detach()),
+                     clip_fraction=float(policy_loss.clip_fraction), approx_kl=float(policy_loss.approx_kl))
+    # 3. supervised (ptx) terms
+    ptx = torch.zeros(())
+    with_target = [i for i, r in enumerate(batch) if r.target_ids]
+    if config.uses_targets and with_target:
+        sft = ctc_loss(logits[with_target], frame_lengths[with_target],
+                       _labels([batch[i].target_ids for i in with_target]))
+        ptx = ptx + config.sft_coef * sft
+        stats["sft_loss"] = float(sft.detach())
+    if drawn:
+        replay_logits, _, replay_frames = forward_log_probs(policy, [s for s, _ in drawn])
+        replay_loss = ctc_loss(replay_logits, replay_frames, _labels([ids for _, ids in drawn]))
+        ptx = ptx + config.replay_coef * replay_loss
+        stats["replay_loss"] = float(replay_loss.detach())
+    loss = loss + ptx
+    stats.update(kl=float(kl.detach()), entropy=float(ent.detach()), ptx_loss=float(ptx.detach()),
+                 loss=float(loss.detach()))
+    return loss, stats
+
+
 def ppo_update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -246,9 +292,15 @@ def ppo_update(
     *,
     replay: ReplaySampler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    data_parallel: DataParallel = SINGLE,
 ) -> UpdateReport:
     """`config.epochs` passes over the rollout in minibatches; returns per-step statistics.
 
+    One optimizer step takes `gradient_accumulation_steps` x `data_parallel.world_size` consecutive
+    minibatches and follows the mean of their losses; under data parallelism minibatch j of a step is
+    computed by process j mod world_size and the gradients are summed across processes before the
+    step, so every process steps alike (trainer/distributed.py). Every process walks every minibatch
+    (shuffle and replay draws use the same seeded generator everywhere) and computes only its own.
     Raises UpdateAborted (between steps) as soon as `should_stop()` is true.
     """
     rng = random.Random(config.seed)
@@ -257,70 +309,46 @@ def ppo_update(
     if not items:
         return report
     policy.eval()  # see stage 1 in the module docstring
+    per_step = config.gradient_accumulation_steps * data_parallel.world_size
+    draws_replay = replay is not None and config.replay_coef > 0 and config.replay_per_minibatch > 0
     for epoch in range(config.epochs):
         rng.shuffle(items)
-        for start in range(0, len(items), config.minibatch_size):
+        minibatches = [items[s : s + config.minibatch_size] for s in range(0, len(items), config.minibatch_size)]
+        for first in range(0, len(minibatches), per_step):
             if should_stop():
                 raise UpdateAborted(f"stopped at epoch {epoch}, step {report.steps}")
-            batch = items[start : start + config.minibatch_size]
-            # 1. forward
-            logits, log_probs, frame_lengths = forward_log_probs(policy, [r.item.samples for r in batch])
-            frames = log_probs.shape[1]
-            frame_mask = torch.arange(frames)[None, :] < frame_lengths[:, None]  # (B, T)
-            loss = torch.zeros(())
-            stats: dict[str, float] = {"epoch": epoch}
-            # 2. PPO terms
-            ref = _ref_log_probs(batch, frames, log_probs.shape[-1])
-            kl = masked_mean(kl_to_reference(log_probs, ref), frame_mask)
-            ent = masked_mean(entropy(log_probs), frame_mask)
-            if config.uses_rewards:
-                paths, old, mask, advantages = _pad_candidates(batch, frames)
-                new = path_log_probs(log_probs, paths)
-                policy_loss = clipped_policy_loss(new, old, advantages, mask, config.clip_range)
-                loss = loss + policy_loss.loss + kl_controller.value * kl - config.entropy_coef * ent
-                stats.update(policy_loss=float(policy_loss.loss.detach()),
-                             clip_fraction=float(policy_loss.clip_fraction), approx_kl=float(policy_loss.approx_kl))
-            # 3. supervised (ptx) terms
-            ptx = torch.zeros(())
-            with_target = [i for i, r in enumerate(batch) if r.target_ids]
-            if config.uses_targets and with_target:
-                sft = ctc_loss(logits[with_target], frame_lengths[with_target],
-                               _labels([batch[i].target_ids for i in with_target]))
-                ptx = ptx + config.sft_coef * sft
-                stats["sft_loss"] = float(sft.detach())
-            if replay is not None and config.replay_coef > 0 and config.replay_per_minibatch > 0:
-                drawn = replay(config.replay_per_minibatch, rng)
-                if drawn:
-                    replay_logits, _, replay_frames = forward_log_probs(policy, [s for s, _ in drawn])
-                    replay_loss = ctc_loss(replay_logits, replay_frames, _labels([ids for _, ids in drawn]))
-                    ptx = ptx + config.replay_coef * replay_loss
-                    stats["replay_loss"] = float(replay_loss.detach())
-            loss = loss + ptx
-            # 4. step
+            step = minibatches[first : first + per_step]
+            kl_coef = kl_controller.value
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            sums, counts = [0.0] * len(_STEP_STATISTICS), [0.0] * len(_STEP_STATISTICS)
+            for j, batch in enumerate(step):
+                drawn = replay(config.replay_per_minibatch, rng) if draws_replay else None
+                if not data_parallel.owns(j):
+                    continue
+                loss, figures = _minibatch_loss(policy, batch, drawn, kl_coef, config)
+                (loss / len(step)).backward()  # the step follows the mean loss of its minibatches
+                for k, name in enumerate(_STEP_STATISTICS):
+                    if name in figures:
+                        sums[k] += figures[name]
+                        counts[k] += 1
+            # 4. step
+            data_parallel.sum_gradients(policy.parameters())
+            totals = data_parallel.sum(sums + counts)
+            means = {name: totals[k] / totals[len(sums) + k] for k, name in enumerate(_STEP_STATISTICS)
+                     if totals[len(sums) + k] > 0}
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
             optimizer.step()
-            kl_value = float(kl.detach())
-            stats.update(
-                step=report.steps,
-                reward_mean=rollout.reward_mean,
-                reward_std=rollout.reward_std,
-                kl=kl_value,
-                entropy=float(ent.detach()),
-                ptx_loss=float(ptx.detach()),
-                loss=float(loss.detach()),
-                kl_coef=kl_controller.value,
-                grad_norm=float(grad_norm),
-            )
+            stats: dict[str, float] = {"epoch": epoch, **means}
+            stats.update(step=report.steps, reward_mean=rollout.reward_mean, reward_std=rollout.reward_std,
+                         kl_coef=kl_coef, grad_norm=float(grad_norm))
             if config.uses_rewards:
-                kl_controller.update(kl_value)
+                kl_controller.update(means["kl"])
             report.history.append(stats)
             report.steps += 1
             log.info(
                 "ppo step %d (epoch %d): reward %.3f±%.3f kl %.4f approx_kl %.4f clip %.3f entropy %.3f "
                 "policy_loss %.4f ptx_loss %.4f kl_coef %.4f grad_norm %.3f",
-                report.steps, epoch, rollout.reward_mean, rollout.reward_std, kl_value, stats.get("approx_kl", 0.0),
+                report.steps, epoch, rollout.reward_mean, rollout.reward_std, stats["kl"], stats.get("approx_kl", 0.0),
                 stats.get("clip_fraction", 0.0), stats["entropy"], stats.get("policy_loss", 0.0), stats["ptx_loss"],
                 stats["kl_coef"], stats["grad_norm"],
             )
