@@ -13,7 +13,7 @@ from voxloop.server.store import FeedbackKind, FeedbackStore
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import child_version_name, is_heldout, lineage_base, run_cycle
 from voxloop.trainer.evaluate import EvalSummary
-from voxloop.trainer.gate import decide
+from voxloop.trainer.gate import GateConfig, decide
 from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 from voxloop.trainer.ppo import PPOConfig
 from voxloop.trainer.rewards import REJECTED_REWARD, edit_reward, feedback_item
@@ -106,25 +106,24 @@ def test_gate_rules_on_figures():
         return EvalSummary(n, wer, wer)
 
     ok = decide(heldout_candidate=s(0.30), heldout_serving=s(0.40), anchor_candidate=s(0.505),
-                anchor_serving=s(0.50), max_anchor_regression=0.01, parity_max_abs_diff=1e-6, parity_ok=True)
+                anchor_serving=s(0.50), config=GateConfig(0.01), parity_max_abs_diff=1e-6, parity_ok=True)
     assert ok.passed and ok.reasons == ()
     worse_heldout = decide(heldout_candidate=s(0.41), heldout_serving=s(0.40), anchor_candidate=s(0.5),
-                           anchor_serving=s(0.5), max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True)
+                           anchor_serving=s(0.5), config=GateConfig(0.01), parity_max_abs_diff=0.0, parity_ok=True)
     assert not worse_heldout.passed and "held-out WER rose" in worse_heldout.reasons[0]
     worse_anchor = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.52),
-                          anchor_serving=s(0.50), max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True)
+                          anchor_serving=s(0.50), config=GateConfig(0.01), parity_max_abs_diff=0.0, parity_ok=True)
     assert not worse_anchor.passed and "anchor WER rose" in worse_anchor.reasons[0]
     assert worse_anchor.heldout_wer_candidate is None
     drifted = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.525), anchor_serving=s(0.52),
-                     max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True, anchor_base=s(0.50),
-                     max_total_anchor_regression=0.02)
+                     config=GateConfig(0.01, 0.02), parity_max_abs_diff=0.0, parity_ok=True, anchor_base=s(0.50))
     assert not drifted.passed and "above the base version" in drifted.reasons[0]  # small steps may not add up
     assert drifted.anchor_wer_base == 0.50
     no_parity = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=None, anchor_serving=None,
-                       max_anchor_regression=0.01, parity_max_abs_diff=0.5, parity_ok=False)
+                       config=GateConfig(0.01), parity_max_abs_diff=0.5, parity_ok=False)
     assert not no_parity.passed and "parity" in no_parity.reasons[0]
     unmeasured = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.49), anchor_serving=s(0.5),
-                        max_anchor_regression=0.01, parity_max_abs_diff=0.0, parity_ok=True, min_heldout_utterances=1)
+                        config=GateConfig(0.01, min_heldout_utterances=1), parity_max_abs_diff=0.0, parity_ok=True)
     assert not unmeasured.passed and "fewer than min_heldout_utterances = 1" in unmeasured.reasons[0]
 
 

@@ -38,33 +38,27 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 
 from ..server import metrics
-from ..server.model import MODEL_SAMPLE_RATE_HZ
-from ..server.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
-from ..server.store import FeedbackKind, FeedbackStore
-from ..server.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
+from ..server.registry import MODEL_FILE, Registry, RegistryError
+from ..server.store import FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .distributed import SINGLE, DataParallel
-from .evaluate import EvalSummary
-from .export import ParityError
-from .gate import AnchorScores, GateDecision, decide, score_onnx
-from .policies import check_policy_parity, export_policy, save_policy
-from .release import POLICY_DIR
+from .gate import AnchorScores, GateConfig, GateDecision, GateInputs, evaluate_candidate
+from .kinds import policy_kind
 from .rewards import FeedbackItem, feedback_item
 from .state import TrainerState, clear_intent, read_intent, write_intent
-from .update import collect_rollout, mean_rewards, ppo_update
+from .update import ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +66,28 @@ _CYCLE_SUFFIX = re.compile(r"-c\d+(\.\d+)?$")
 HELDOUT_BUCKETS = 10_000
 
 
+class CycleOutcome(StrEnum):
+    """How a cycle ended: the `outcome` label of voxloop_trainer_cycles_total, the store's training_cycles.outcome
+    and the alert rules (deploy/prometheus/alerts.yml)."""
+
+    PUBLISHED = "published"
+    """The gate passed: a new version is CURRENT."""
+    GATED = "gated"
+    """The gate refused the candidate; its batch is consumed, the weights go back to the serving version's."""
+    SKIPPED = "skipped"
+    """Nothing trainable in the batch (all held out or unusable); consumed."""
+    IDLE = "idle"
+    """No pending feedback; nothing recorded."""
+    TRAINED = "trained"
+    """A data-parallel process other than the main one did its share of the update; nothing recorded."""
+
+
 @dataclass
 class CycleReport:
     """What a cycle did; `outcome` is published, gated, skipped (nothing trainable) or idle (no feedback); in a
     data-parallel process other than the main one, "trained" (its share of the update, nothing recorded)."""
 
-    outcome: str
+    outcome: CycleOutcome
     cycle_id: int | None = None
     version_in: str | None = None
     version_out: str | None = None
@@ -159,37 +169,6 @@ def _split(items: list[FeedbackItem], share: float) -> tuple[list[FeedbackItem],
     return train, heldout
 
 
-def _decoder_files(parent_dir: Path, parent_card: dict, texts: list[str], out_dir: Path,
-                   adapt: bool) -> tuple[dict[str, Path], dict | None]:
-    """The child's decoder files and card section: adapted with `texts`, or the parent's carried forward."""
-    carried = {name: parent_dir / name for name in parent_card.get("files", {})
-               if name != MODEL_FILE and not name.startswith(POLICY_DIR + "/")}
-    section = parent_card.get("decoder")
-    if not section:
-        return carried, None
-    if adapt and texts:
-        from .lm import adapt_decoder_files, decoder_card
-
-        adapted = adapt_decoder_files(parent_dir, texts, out_dir)
-        if adapted:
-            card = decoder_card(parent_card) or {}
-            card["adapted_sentences"] = len(texts)
-            return {**carried, **adapted}, card
-    return carried, section
-
-
-def _decoder_dir(out_dir: Path, files: dict[str, Path], section: dict | None) -> Path | None:
-    """A directory the evaluation's beam search can load the child's decoder from (None: greedy)."""
-    if section is None:
-        return None
-    out_dir.mkdir(parents=True)
-    for name, path in files.items():
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, out_dir / name)
-    (out_dir / CARD_FILE).write_text(json.dumps({"decoder": section}))
-    return out_dir
-
-
 def _set_metrics(report: CycleReport, decision: GateDecision | None, parity: float | None) -> None:
     metrics.TRAINER_CYCLES.labels(report.outcome).inc()
     metrics.TRAINER_CYCLE_SECONDS.observe(report.seconds.get("total", 0.0))
@@ -219,26 +198,28 @@ def _load_base_data(config: TrainerConfig, state: TrainerState, data_parallel: D
     return BaseData(corpus, state.policy.config.vocabulary, config.anchor_size, config.replay_pool_size)
 
 
-def _update(state: TrainerState, train: list[FeedbackItem], base_data: BaseData, config: TrainerConfig,
+def _update(state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData, config: TrainerConfig,
             should_stop, data_parallel: DataParallel):
     """Stage 4 in every process: the same starting weights, the same rollout, a share of each step."""
     data_parallel.broadcast_module(state.policy)
     generator = torch.Generator().manual_seed(config.ppo.seed + state.cycles)
-    rollout = collect_rollout(state.policy, train, config.ppo, generator)
-    replay = base_data.replay if config.ppo.replay_coef > 0 else None
+    rollout = kind.collect_rollout(train, config.ppo, generator)
+    replay = kind.replay(base_data) if config.ppo.replay_coef > 0 else None
     update = ppo_update(state.policy, state.optimizer, state.kl_controller, rollout, config.ppo, replay=replay,
-                        should_stop=should_stop, data_parallel=data_parallel)
+                        should_stop=should_stop, data_parallel=data_parallel,
+                        minibatch_gradients=kind.minibatch_gradients)
     return generator, rollout, update
 
 
 def _update_share(state: TrainerState, train: list[FeedbackItem], base_data: BaseData | None, config: TrainerConfig,
-                  data_parallel: DataParallel) -> CycleReport:
+                  data_parallel: DataParallel, registry_dir: Path) -> CycleReport:
     """A process other than the main one: its share of stage 4, then a "trained" report (nothing recorded)."""
     if not train:
-        return CycleReport("idle", version_in=state.version)
+        return CycleReport(CycleOutcome.IDLE, version_in=state.version)
     base_data = base_data or _load_base_data(config, state, data_parallel)
-    _, _, update = _update(state, train, base_data, config, lambda: False, data_parallel)
-    return CycleReport("trained", version_in=state.version, trained_ids=[i.feedback_id for i in train],
+    kind = policy_kind(state.policy, registry_dir / state.version)
+    _, _, update = _update(state, kind, train, base_data, config, lambda: False, data_parallel)
+    return CycleReport(CycleOutcome.TRAINED, version_in=state.version, trained_ids=[i.feedback_id for i in train],
                        objective=config.ppo.objective, steps=update.steps, last_step=update.last)
 
 
@@ -296,17 +277,17 @@ def run_cycle(
     train, heldout = _split(items, config.heldout_share)
     train = data_parallel.broadcast(train)
     if not main:
-        return _update_share(state, train, base_data, config, data_parallel)
+        return _update_share(state, train, base_data, config, data_parallel, registry.versions_root)
     if not pending:
-        return CycleReport("idle", version_in=parent)
-    report = CycleReport("skipped", version_in=parent, feedback_ids=[p.feedback.id for p in pending],
+        return CycleReport(CycleOutcome.IDLE, version_in=parent)
+    report = CycleReport(CycleOutcome.SKIPPED, version_in=parent, feedback_ids=[p.feedback.id for p in pending],
                          trained_ids=[i.feedback_id for i in train], heldout_ids=[i.feedback_id for i in heldout],
                          unusable_ids=unusable, objective=config.ppo.objective)
     t = lap("read", started)
     log.info("cycle on %s: %d items (%d train, %d held out, %d unusable), objective %s", parent, len(pending),
              len(train), len(heldout), len(unusable), config.ppo.objective)
     if not train:
-        report.cycle_id = store.record_cycle(report.feedback_ids, "skipped", None,
+        report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, None,
                                              {"report": report.as_dict()}, started_at=started_at)
         state.cycles += 1
         state.save(trainer_dir)
@@ -317,110 +298,65 @@ def run_cycle(
     # 4. update
     base_data = base_data or _load_base_data(config, state, data_parallel)
     snapshot = state.snapshot()
-    generator, rollout, update = _update(state, train, base_data, config, should_stop, data_parallel)
+    kind = policy_kind(state.policy, registry.version_dir(parent))
+    generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel)
     report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
     report.steps, report.last_step = update.steps, update.last
-    sampled_after, greedy_after = mean_rewards(state.policy, train, config.ppo, generator)
+    sampled_after, greedy_after = kind.mean_rewards(train, config.ppo, generator)
     report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}
     t = lap("update", t)
-    log.info("cycle update: %d steps; reward of the trained items (sampled / greedy) %.3f / %.3f -> %.3f / %.3f",
-             update.steps, rollout.sampled_reward_mean, rollout.greedy_reward_mean, sampled_after, greedy_after)
+    log.info("cycle update (%s): %d steps; reward of the trained items (sampled / greedy) %.3f / %.3f -> "
+             "%.3f / %.3f", kind.name, update.steps, rollout.sampled_reward_mean, rollout.greedy_reward_mean,
+             sampled_after, greedy_after)
+    stats = {"parent_version": parent, "objective": config.ppo.objective, "policy_kind": kind.name,
+             "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
+             "unusable_feedback_ids": unusable, "steps": update.steps, "reward_before": report.reward_before,
+             "reward_after": report.reward_after, "last_step": update.last}
 
     with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=trainer_dir) as tmp:
-        staging = Path(tmp)
         cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
         version = child_version_name(registry, parent, cycle_number)
-        # 5. export + parity
-        onnx_path = export_policy(state.policy, staging / MODEL_FILE, version)
-        parity_ok, parity_diff, parity_dict = True, None, None
-        try:
-            parity = check_policy_parity(state.policy, onnx_path)
-            parity_diff, parity_dict = parity.max_abs_logprob_diff, parity.as_dict()
-        except ParityError as e:
-            log.error("candidate %s: %s", version, e)
-            parity_ok = False
-        t = lap("export", t)
-        # The child's decoder (the parent's, adapted with the corrections' words): the gate decodes with it.
+        # 5. export + parity: the candidate as a complete version directory (with its adapted text side)
         parent_dir, parent_card = registry.version_dir(parent), registry.load_card(parent)
-        texts = [i.target for i in train if i.kind in (FeedbackKind.CORRECTION, FeedbackKind.CHOICE) and i.target]
-        decoder_files, decoder_section = _decoder_files(parent_dir, parent_card, texts, staging / "decoder",
-                                                        config.adapt_lexicon)
-        candidate_decoder = _decoder_dir(staging / "decoder-eval", decoder_files, decoder_section)
+        candidate = kind.build_candidate(Path(tmp) / version, version, parent_dir, parent_card, train,
+                                         base_data.anchor, {"parent_version": parent}, config.adapt_lexicon)
+        t = lap("export", t)
         # 6. gate
-        serving_onnx = parent_dir / MODEL_FILE
-        serving_decoder = parent_dir if parent_card.get("decoder") else None
-        heldout_pairs = [(i.samples, i.reference) for i in heldout]
-        anchor_pairs = [(u.float_samples(), u.text) for u in base_data.anchor]
-        heldout_cand = score_onnx(onnx_path, heldout_pairs, candidate_decoder) if heldout_pairs else None
-        heldout_serv = score_onnx(serving_onnx, heldout_pairs, serving_decoder) if heldout_pairs else None
-        anchor_cand: EvalSummary | None = (score_onnx(onnx_path, anchor_pairs, candidate_decoder)
-                                           if anchor_pairs else None)
         anchor_scores = anchor_scores or AnchorScores()
-        anchor_serv = anchor_scores.get(parent, serving_onnx, anchor_pairs, serving_decoder) if anchor_pairs else None
         base = lineage_base(registry, parent)
-        base_dir = registry.version_dir(base)
-        base_decoder = base_dir if registry.load_card(base).get("decoder") else None
-        anchor_base = (anchor_scores.get(base, base_dir / MODEL_FILE, anchor_pairs, base_decoder)
-                       if anchor_pairs else None)
-        decision = decide(heldout_candidate=heldout_cand, heldout_serving=heldout_serv,
-                          anchor_candidate=anchor_cand, anchor_serving=anchor_serv,
-                          max_anchor_regression=config.max_anchor_regression,
-                          parity_max_abs_diff=parity_diff, parity_ok=parity_ok, anchor_base=anchor_base,
-                          max_total_anchor_regression=config.max_total_anchor_regression,
-                          decoding="lexicon-lm" if candidate_decoder is not None else "greedy",
-                          min_heldout_utterances=config.min_heldout_utterances)
-        report.gate = decision.as_dict()
+        inputs = GateInputs(candidate.directory, (parent, parent_dir), (base, registry.version_dir(base)),
+                            [(i.samples, i.reference) for i in heldout],
+                            [(u.float_samples(), u.text) for u in base_data.anchor])
+        decision, anchor_candidate = evaluate_candidate(inputs, GateConfig.of(config), parity_ok=candidate.parity_ok,
+                                                        parity_max_abs_diff=candidate.parity_max_abs_diff,
+                                                        anchor_scores=anchor_scores)
+        report.gate = stats["gate"] = decision.as_dict()
         t = lap("gate", t)
-        log.info("gate %s for %s: held-out WER %s -> %s (%d utts), anchor WER %s -> %s (%d utts; base %s: %s), "
-                 "parity %s%s", "PASSED" if decision.passed else "REFUSED", version, decision.heldout_wer_serving,
-                 decision.heldout_wer_candidate, decision.heldout_utterances, decision.anchor_wer_serving,
-                 decision.anchor_wer_candidate, decision.anchor_utterances, base, decision.anchor_wer_base,
-                 parity_diff,
-                 "" if decision.passed else ": " + "; ".join(decision.reasons))
-        stats_base = {"parent_version": parent, "objective": config.ppo.objective,
-                      "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
-                      "unusable_feedback_ids": unusable, "steps": update.steps, "reward_before": report.reward_before,
-                      "reward_after": report.reward_after, "last_step": update.last, "gate": report.gate}
+        _log_gate(decision, version, base, candidate.parity_max_abs_diff)
         if not decision.passed:
-            report.outcome = "gated"
+            report.outcome = CycleOutcome.GATED
             report.seconds = {**seconds, "total": round(time.monotonic() - started, 3)}
-            report.cycle_id = store.record_cycle(report.feedback_ids, "gated", None,
-                                                 {**stats_base, "seconds": report.seconds}, started_at=started_at)
+            report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, None,
+                                                 {**stats, "seconds": report.seconds}, started_at=started_at)
             state.restore(snapshot)
             state.cycles += 1
             state.save(trainer_dir)
-            _set_metrics(report, decision, parity_diff)
+            _set_metrics(report, decision, candidate.parity_max_abs_diff)
             return report
         # 7. publish (not yet active)
-        save_policy(state.policy, staging / POLICY_DIR)
-        files = {MODEL_FILE: onnx_path}
-        files.update({str(p.relative_to(staging)): p for p in sorted((staging / POLICY_DIR).rglob("*")) if p.is_file()})
-        files.update(decoder_files)
-        card = {
-            "parent_version": parent,
-            "format": parent_card.get("format", "streaming-ctc/1"),
-            "model": {**parent_card.get("model", {}), "parameters": sum(p.numel() for p in state.policy.parameters())},
-            "parity": parity_dict,
-            "description": f"online {config.ppo.objective} cycle {cycle_number} on {len(train)} feedback items",
-            "training": {"kind": "online", "cycle_number": cycle_number, **stats_base,
-                         "ppo_config": json.loads(json.dumps(asdict(config.ppo), default=str))},
-            "gate": report.gate,
-        }
-        if decoder_section is not None:
-            card["decoder"] = decoder_section
-        if base_data.anchor:  # the server's warm-up must reproduce this transcript (catches a wrong graph)
-            probe_wav = staging / PROBE_FILE
-            anchor = base_data.anchor[0]
-            sf.write(probe_wav, anchor.samples, MODEL_SAMPLE_RATE_HZ, subtype="PCM_16")  # int16 16 kHz
-            files[PROBE_FILE] = probe_wav
-            card[PROBE_CARD_KEY] = probe_card_entry(onnx_path, probe_wav)
-        registry.publish(version, files, card, activate=False)
+        card = {**candidate.card,
+                "description": f"online {config.ppo.objective} cycle {cycle_number} on {len(train)} feedback items",
+                "training": {"kind": "online", "cycle_number": cycle_number, **stats,
+                             "ppo_config": json.loads(json.dumps(asdict(config.ppo), default=str))},
+                "gate": report.gate}
+        files = {name: candidate.directory / name for name in candidate.card["files"]}
+        registry.publish(version, files, {k: v for k, v in card.items() if k != "files"}, activate=False)
     # 8. record, then activate
     write_intent(trainer_dir, version)
-    report.outcome, report.version_out = "published", version
+    report.outcome, report.version_out = CycleOutcome.PUBLISHED, version
     report.seconds = {**seconds, "total": round(time.monotonic() - started, 3)}
-    report.cycle_id = store.record_cycle(report.feedback_ids, "published", version,
-                                         {**stats_base, "seconds": report.seconds}, started_at=started_at)
+    report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, version,
+                                         {**stats, "seconds": report.seconds}, started_at=started_at)
     try:
         registry.activate(version)
     except RegistryError:
@@ -430,12 +366,21 @@ def run_cycle(
     state.version = version
     state.cycles += 1
     state.save(trainer_dir)
-    if anchor_cand is not None:
-        anchor_scores.put(version, anchor_cand, lm=candidate_decoder is not None)
-    _set_metrics(report, decision, parity_diff)
+    if anchor_candidate is not None:
+        anchor_scores.put(version, anchor_candidate)
+    _set_metrics(report, decision, candidate.parity_max_abs_diff)
     log.info("cycle %d published %s (CURRENT); consumed %d feedback items in %.1f s", report.cycle_id, version,
              len(report.feedback_ids), report.seconds["total"])
     return report
 
 
-__all__ = ["CycleReport", "child_version_name", "is_heldout", "lineage_base", "recover_activation", "run_cycle"]
+def _log_gate(decision: GateDecision, version: str, base: str, parity: float | None) -> None:
+    log.info("gate %s for %s: held-out WER %s -> %s (%d utts), anchor WER %s -> %s (%d utts; base %s: %s), "
+             "parity %s%s", "PASSED" if decision.passed else "REFUSED", version, decision.heldout_wer_serving,
+             decision.heldout_wer_candidate, decision.heldout_utterances, decision.anchor_wer_serving,
+             decision.anchor_wer_candidate, decision.anchor_utterances, base, decision.anchor_wer_base, parity,
+             "" if decision.passed else ": " + "; ".join(decision.reasons))
+
+
+__all__ = ["CycleOutcome", "CycleReport", "child_version_name", "is_heldout", "lineage_base", "recover_activation",
+           "run_cycle"]

@@ -151,6 +151,18 @@ def second_pass_transcriber(version_dir: Path) -> Transcriber | None:
     return lambda samples: second_pass.transcribe(samples)[0].transcript
 
 
+def version_transcriber(version_dir: Path) -> Transcriber:
+    """A version directory's finals as the server decodes them: its second pass (Whisper), its lexicon + LM
+    beam search (card["decoder"]), or greedy CTC."""
+    version_dir = Path(version_dir)
+    card = json.loads((version_dir / "card.json").read_text())
+    if (second_pass := second_pass_transcriber(version_dir)) is not None:
+        return second_pass
+    if card.get("decoder"):
+        return lm_transcriber(version_dir / "model.onnx", version_dir)
+    return onnx_transcriber(version_dir / "model.onnx")
+
+
 def load_samples(path: Path) -> np.ndarray:
     samples, rate = sf.read(str(path), dtype="float32")
     if rate != 16000:

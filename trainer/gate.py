@@ -1,8 +1,9 @@
 """The safety gate: publish a candidate only if it is no worse where it matters (design.md, "The gate").
 
 Both models are scored with onnxruntime on their exported graphs (what the server would run),
-decoded as the server decodes them: with the version's lexicon + LM beam search when its card has a
-"decoder" section (the candidate with its own, possibly adapted, decoder files), greedily otherwise:
+decoded as the server decodes their finals (`evaluate.version_transcriber`): a Whisper version's
+second pass, a CTC version's lexicon + LM beam search when its card has a "decoder" section (the
+candidate with its own, possibly adapted, decoder files or vocabulary prompt), greedily otherwise:
 
 - held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
   a hash of the feedback id); the candidate's WER must not be higher than the serving model's, and
@@ -14,11 +15,12 @@ decoded as the server decodes them: with the version's lexicon + LM beam search 
   not make), so that per-cycle margins cannot add up to unbounded forgetting;
 - parity: the candidate's ONNX export matched its torch weights (export.check_parity raised nothing).
 
-`decide` is pure: figures in, decision with its reasons out.
+`decide` is pure: figures in, decision with its reasons out; `evaluate_candidate` scores, then decides.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,9 +28,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import EvalSummary, error_rates, lm_transcriber, onnx_transcriber
+from ..server.whisper_decoder import SECOND_PASS_KEY
+from .evaluate import EvalSummary, error_rates, lm_transcriber, onnx_transcriber, version_transcriber
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The gate's rules (TrainerConfig holds their documented knobs: `GateConfig.of(config)`)."""
+
+    max_anchor_regression: float = 0.01
+    """Largest anchor WER rise over the serving version (absolute; 0.01 = 1 point)."""
+    max_total_anchor_regression: float = float("inf")
+    """Largest anchor WER rise over the lineage's base version."""
+    min_heldout_utterances: int = 0
+    """Fewest held-out items with a reference that must score the candidate."""
+
+    @classmethod
+    def of(cls, config) -> GateConfig:
+        return cls(config.max_anchor_regression, config.max_total_anchor_regression, config.min_heldout_utterances)
 
 
 @dataclass(frozen=True)
@@ -72,13 +91,11 @@ def decide(
     heldout_serving: EvalSummary | None,
     anchor_candidate: EvalSummary | None,
     anchor_serving: EvalSummary | None,
-    max_anchor_regression: float,
     parity_max_abs_diff: float | None,
     parity_ok: bool,
     anchor_base: EvalSummary | None = None,
-    max_total_anchor_regression: float = float("inf"),
+    config: GateConfig = GateConfig(),
     decoding: str = "greedy",
-    min_heldout_utterances: int = 0,
 ) -> GateDecision:
     """Apply the rules; a missing anchor is reported, not failed; fewer than `min_heldout_utterances`
     held-out items fail."""
@@ -88,9 +105,12 @@ def decide(
     if not parity_ok:
         reasons.append(f"ONNX parity failed (max |dlogp| {parity_max_abs_diff})")
     heldout_count = heldout_candidate.utterances if has_heldout else 0
-    if heldout_count < min_heldout_utterances:
+    max_anchor_regression = config.max_anchor_regression
+    max_total_anchor_regression = config.max_total_anchor_regression
+    if heldout_count < config.min_heldout_utterances:
         reasons.append(f"{heldout_count} held-out items with a reference scored the candidate, fewer than "
-                       f"min_heldout_utterances = {min_heldout_utterances} (rejections alone have no reference)")
+                       f"min_heldout_utterances = {config.min_heldout_utterances} (rejections alone have no "
+                       "reference)")
     if has_heldout and heldout_candidate.wer > heldout_serving.wer + 1e-12:
         reasons.append(f"held-out WER rose from {heldout_serving.wer:.4f} to {heldout_candidate.wer:.4f}")
     if has_anchor and anchor_candidate.wer - anchor_serving.wer > max_anchor_regression + 1e-12:
@@ -121,21 +141,68 @@ def decide(
     )
 
 
+def score_version(version_dir: Path, utterances: Sequence[tuple[np.ndarray, str]]) -> EvalSummary:
+    """Corpus WER/CER of a version directory (graphs + card.json) decoded as the server decodes its finals."""
+    transcribe = version_transcriber(version_dir)
+    hypotheses = [transcribe(np.asarray(samples, dtype=np.float32)) for samples, _ in utterances]
+    return error_rates([reference for _, reference in utterances], hypotheses)
+
+
+def decoding_of(card: dict) -> str:
+    """How a version's finals are decoded (reported with the gate's figures)."""
+    if card.get(SECOND_PASS_KEY):
+        return "whisper-second-pass"
+    return "lexicon-lm" if card.get("decoder") else "greedy"
+
+
 class AnchorScores:
-    """The serving model's anchor figures, cached per version (the anchor set and a version never change)."""
+    """Versions' anchor figures, cached per version (the anchor set and a published version never change)."""
 
     def __init__(self) -> None:
         self._by_version: dict[str, EvalSummary] = {}
 
-    def get(self, version: str, onnx_path: Path, utterances: Sequence[tuple[np.ndarray, str]],
-            decoder_dir: Path | None = None) -> EvalSummary:
-        key = f"{version}:{'lm' if decoder_dir is not None else 'greedy'}"
-        if key not in self._by_version:
-            self._by_version[key] = score_onnx(onnx_path, utterances, decoder_dir)
-        return self._by_version[key]
+    def get(self, version: str, version_dir: Path, utterances: Sequence[tuple[np.ndarray, str]]) -> EvalSummary:
+        if version not in self._by_version:
+            self._by_version[version] = score_version(version_dir, utterances)
+        return self._by_version[version]
 
-    def put(self, version: str, summary: EvalSummary, lm: bool) -> None:
-        self._by_version[f"{version}:{'lm' if lm else 'greedy'}"] = summary
+    def put(self, version: str, summary: EvalSummary) -> None:
+        self._by_version[version] = summary
 
 
-__all__ = ["AnchorScores", "GateDecision", "decide", "score_onnx"]
+@dataclass(frozen=True)
+class GateInputs:
+    """What the gate compares: the candidate's directory, the serving and lineage-base versions', the sets."""
+
+    candidate_dir: Path
+    serving: tuple[str, Path]
+    """(version, directory) of the serving version."""
+    base: tuple[str, Path]
+    """(version, directory) of the lineage's base version."""
+    heldout: Sequence[tuple[np.ndarray, str]]
+    anchor: Sequence[tuple[np.ndarray, str]]
+
+
+def evaluate_candidate(inputs: GateInputs, config: GateConfig, *, parity_ok: bool,
+                       parity_max_abs_diff: float | None,
+                       anchor_scores: AnchorScores) -> tuple[GateDecision, EvalSummary | None]:
+    """Score the candidate and the serving version on the held-out items, the candidate, the serving and the
+    base version on the anchor (the published versions' anchor figures cached), and decide.
+
+    Returns the decision and the candidate's anchor summary (to cache once it is published)."""
+    heldout, anchor = list(inputs.heldout), list(inputs.anchor)
+    heldout_candidate = score_version(inputs.candidate_dir, heldout) if heldout else None
+    heldout_serving = score_version(inputs.serving[1], heldout) if heldout else None
+    anchor_candidate = score_version(inputs.candidate_dir, anchor) if anchor else None
+    anchor_serving = anchor_scores.get(*inputs.serving, anchor) if anchor else None
+    anchor_base = anchor_scores.get(*inputs.base, anchor) if anchor else None
+    card = json.loads((inputs.candidate_dir / "card.json").read_text())
+    decision = decide(heldout_candidate=heldout_candidate, heldout_serving=heldout_serving,
+                      anchor_candidate=anchor_candidate, anchor_serving=anchor_serving, anchor_base=anchor_base,
+                      parity_max_abs_diff=parity_max_abs_diff, parity_ok=parity_ok, config=config,
+                      decoding=decoding_of(card))
+    return decision, anchor_candidate
+
+
+__all__ = ["AnchorScores", "GateConfig", "GateDecision", "GateInputs", "decide", "evaluate_candidate", "score_onnx",
+           "score_version"]

@@ -3,7 +3,9 @@
 - `VoxloopForCTC` (trainer/model.py): voxloop's own chunked streaming Conformer, exported as
   `streaming-ctc/1` (exact streaming);
 - `HfCtcPolicy` (trainer/hf_import.py): a local Hugging Face CTC checkpoint (e.g. Wav2Vec2ForCTC),
-  exported as `windowed-ctc/1` (approximate streaming over an audio history).
+  exported as `windowed-ctc/1` (approximate streaming over an audio history);
+- `WhisperPolicy` (trainer/whisper_model.py): Whisper + a CTC head, exported as `whisper-two-pass/1`;
+  its cycle goes through trainer/kinds.py's WhisperKind (token-level PPO, three graphs), which loads here.
 
 Both give per-frame logits from `policy(audio, input_lengths=...)`, count frames with
 `policy.frames_for`, and save with `save_pretrained`; exporting, checking parity, saving a version's
@@ -18,12 +20,15 @@ from .export import MODEL_FORMAT, ParityReport, check_parity, export_onnx
 from .hf_import import WINDOWED_FORMAT, HfCtcPolicy, is_hf_ctc_checkpoint
 from .model import VoxloopForCTC
 from .tokenizer import make_tokenizer
+from .whisper_model import WhisperPolicy, is_whisper_checkpoint
 
-Policy = VoxloopForCTC | HfCtcPolicy
+Policy = VoxloopForCTC | HfCtcPolicy | WhisperPolicy
 
 
 def load_policy_dir(path: Path) -> Policy:
     """The policy saved in `path` (a version's policy/, a trainer checkpoint or an HF checkpoint)."""
+    if is_whisper_checkpoint(path):
+        return WhisperPolicy.from_pretrained(path)
     if is_hf_ctc_checkpoint(path):
         return HfCtcPolicy.from_pretrained(path)
     return VoxloopForCTC.from_pretrained(path)

@@ -74,6 +74,12 @@ class PPOConfig:
     """Passes over the rollouts (with 4 the shipped model broke the 1-point anchor margin; bench/trainer_cycle.py)."""
     minibatch_size: int = 16
     """Feedback utterances per minibatch (per gradient step, without accumulation)."""
+    head_ctc_coef: float = 1.0
+    """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
+    (objective sft, ppo+sft; its interim results learn the corrected words too)."""
+    rows_per_forward: int = 16
+    """A two-pass policy's minibatch runs its decoder on at most this many candidate transcripts at a time
+    (each holds full distributions over Whisper's 51,864 tokens: this bounds the update's memory)."""
     gradient_accumulation_steps: int = 1
     """Minibatches one optimizer step sums the gradients of (their mean loss). Under torchrun with N processes a
     step takes N times as many, one share per process: N processes update exactly as one process with N times
@@ -98,8 +104,10 @@ class PPOConfig:
             raise ValueError(f"clip_range must be in (0, 1), e.g. 0.2 (got {self.clip_range})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError("target_kl must be > 0 nats/frame, or None for a fixed KL coefficient")
-        if self.init_kl_coef < 0 or self.entropy_coef < 0 or self.sft_coef < 0 or self.replay_coef < 0:
-            raise ValueError("init_kl_coef, entropy_coef, sft_coef and replay_coef must be >= 0")
+        if min(self.init_kl_coef, self.entropy_coef, self.sft_coef, self.replay_coef, self.head_ctc_coef) < 0:
+            raise ValueError("init_kl_coef, entropy_coef, sft_coef, replay_coef and head_ctc_coef must be >= 0")
+        if self.rows_per_forward < 1:
+            raise ValueError("rows_per_forward must be >= 1")
         if self.epochs < 1 or self.minibatch_size < 1 or self.kl_horizon < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("epochs, minibatch_size, gradient_accumulation_steps and kl_horizon must be >= 1")
         if self.learning_rate <= 0 or self.grad_clip_norm <= 0:

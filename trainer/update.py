@@ -240,7 +240,7 @@ ReplaySampler = Callable[[int, random.Random], list[tuple[np.ndarray, list[int]]
 
 
 _STEP_STATISTICS = ("kl", "entropy", "ptx_loss", "loss", "policy_loss", "clip_fraction", "approx_kl", "sft_loss",
-                    "replay_loss")
+                    "replay_loss", "head_ctc_loss")
 """Per-minibatch figures a step reports as their mean over the step's minibatches (those that have them)."""
 
 
@@ -283,6 +283,19 @@ def _minibatch_loss(policy: Policy, batch: Sequence[ItemRollout], drawn: list | 
     return loss, stats
 
 
+MinibatchGradients = Callable[[Policy, Sequence, list | None, float, PPOConfig, float], dict[str, float]]
+"""(policy, minibatch of item rollouts, replay draws, kl_coef, config, scale) -> the minibatch's figures, having
+added scale x the gradient of its loss to the parameters' .grad (a policy kind's stages 1-3)."""
+
+
+def ctc_minibatch_gradients(policy: Policy, batch: Sequence[ItemRollout], drawn: list | None, kl_coef: float,
+                            config: PPOConfig, scale: float) -> dict[str, float]:
+    """MinibatchGradients of the CTC kinds."""
+    loss, figures = _minibatch_loss(policy, batch, drawn, kl_coef, config)
+    (loss * scale).backward()
+    return figures
+
+
 def ppo_update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -293,6 +306,7 @@ def ppo_update(
     replay: ReplaySampler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     data_parallel: DataParallel = SINGLE,
+    minibatch_gradients: MinibatchGradients = ctc_minibatch_gradients,
 ) -> UpdateReport:
     """`config.epochs` passes over the rollout in minibatches; returns per-step statistics.
 
@@ -325,8 +339,8 @@ def ppo_update(
                 drawn = replay(config.replay_per_minibatch, rng) if draws_replay else None
                 if not data_parallel.owns(j):
                     continue
-                loss, figures = _minibatch_loss(policy, batch, drawn, kl_coef, config)
-                (loss / len(step)).backward()  # the step follows the mean loss of its minibatches
+                # The step follows the mean loss of its minibatches.
+                figures = minibatch_gradients(policy, batch, drawn, kl_coef, config, 1.0 / len(step))
                 for k, name in enumerate(_STEP_STATISTICS):
                     if name in figures:
                         sums[k] += figures[name]
@@ -357,6 +371,8 @@ def ppo_update(
 
 __all__ = [
     "ItemRollout",
+    "MinibatchGradients",
+    "ctc_minibatch_gradients",
     "ReplaySampler",
     "Rollout",
     "UpdateAborted",

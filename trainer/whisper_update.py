@@ -1,0 +1,393 @@
+"""One cycle's update of the Whisper-based policy: RLHF on an encoder-decoder, token by token.
+
+    rollout = collect_whisper_rollout(policy, items, ppo_config, generator)   # pi_old == pi_ref
+    report = ppo_update(policy, ..., rollout, ..., minibatch_loss=whisper_minibatch_loss)
+
+The recipe of RLHF on a language model, conditioned on audio (design.md, "The learning signal"):
+each feedback item's group of candidate transcripts is K samples from the decoder (temperature),
+the greedy transcript (what the server shows), the user's text (a correction, an acceptance's shown
+text, a chosen alternative) and the texts the item names (a choice's n-best, a rejection's shown
+transcript). Each candidate's reward is the item's (rewards.py) on its normalized text, its advantage
+the reward minus the group's mean. The loss per minibatch is PPO's clipped ratio on the candidates'
+token log-probs, the exact per-token KL to the frozen reference (full distributions over the
+vocabulary, on the candidates' positions) with the adaptive coefficient, an entropy bonus, and the
+ptx terms: cross-entropy on the user's text (objective sft, ppo+sft), on replayed base-corpus
+sentences, and CTC on the user's text for the first pass's head.
+
+What trains: the decoder's layers, except the cross-attention key/value projections, and the CTC
+head. The encoder, the token and position embeddings and the cross-attention keys/values stay the
+serving version's, so each item's encoder pass and cross keys/values are computed once per cycle
+(whisper_model.py's splice, exactly as the server's second pass computes them) and every update
+step runs the decoder only. Whisper writes cased, punctuated text; the user's normalized text is
+given the sentence shape Whisper writes (capital first letter, a final period) before it is
+tokenized, so supervised terms teach words, not a new style.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..server.text import normalize_text
+from .ppo import PPOConfig, clipped_policy_loss, entropy, group_advantages, kl_to_reference, masked_mean
+from .rewards import FeedbackItem
+from .tokenizer import encode_targets, make_tokenizer
+from .update import Rollout
+from .whisper_ct2 import END_OF_TEXT, FIRST_TIMESTAMP, NO_TIMESTAMPS, START_OF_TRANSCRIPT
+from .whisper_head import streamed_states
+from .whisper_model import SAMPLE_RATE_HZ, WhisperPolicy, cross_key_values, decoder_states
+
+log = logging.getLogger(__name__)
+
+PROMPT = (START_OF_TRANSCRIPT, NO_TIMESTAMPS)
+MIN_NEW_TOKENS = 8
+TOKENS_PER_SECOND = 12.0
+"""Most tokens a sampled transcript may have per second of audio (speech is ~3-5): a loop breaker."""
+
+
+def whisper_style(text: str) -> str:
+    """Normalized text in the shape Whisper writes a sentence: " The meeting starts at nine." """
+    return f" {text[:1].upper()}{text[1:]}." if text else ""
+
+
+def freeze_for_online_training(policy: WhisperPolicy) -> WhisperPolicy:
+    """requires_grad only where the online update trains (the module docstring says why)."""
+    policy.requires_grad_(False)
+    for layer in policy.model.model.decoder.layers:
+        layer.requires_grad_(True)
+        layer.encoder_attn.k_proj.requires_grad_(False)
+        layer.encoder_attn.v_proj.requires_grad_(False)
+    policy.model.model.decoder.layer_norm.requires_grad_(True)
+    policy.ctc_head.requires_grad_(True)
+    return policy
+
+
+class Tokenizer:
+    """Whisper's tokenizer (tokenizers' fast BPE) and text <-> token conversions of the update."""
+
+    def __init__(self, tokenizer_json):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self._tokenizer = FastTokenizer.from_file(str(tokenizer_json))
+
+    def encode(self, text: str) -> list[int]:
+        """Whisper-style text -> tokens ending with end-of-text."""
+        return [*self._tokenizer.encode(text, add_special_tokens=False).ids, END_OF_TEXT]
+
+    def normalized(self, tokens: Sequence[int]) -> str:
+        return normalize_text(self._tokenizer.decode([t for t in tokens if t < END_OF_TEXT]))
+
+
+@dataclass
+class EncodedAudio:
+    """One utterance's second-pass inputs, under the serving (frozen) encoder."""
+
+    cross_k: torch.Tensor
+    """(L, 1, heads, T, hd): cross-attention keys of its T speech (+ pad) frames; the padding tail is shared."""
+    cross_v: torch.Tensor
+    seconds: float
+
+
+class WhisperEncodings:
+    """Encoder passes of a cycle, cached: the encoder is frozen, so an utterance's never changes."""
+
+    def __init__(self, policy: WhisperPolicy):
+        self.policy = policy
+        with torch.no_grad():
+            self.silence_states = policy.silence_states()  # (1, 1500, D)
+            self.silence_k, self.silence_v = cross_key_values(policy.model, self.silence_states)
+        self._cache: dict[int, EncodedAudio] = {}
+
+    @torch.no_grad()
+    def of(self, key: int, samples: np.ndarray) -> EncodedAudio:
+        if key not in self._cache:
+            audio = torch.from_numpy(np.asarray(samples, dtype=np.float32))
+            frames = int(self.policy.padded_lengths(torch.tensor([len(audio)]))[0]) // 320
+            states = self.policy.final_encoder_states(audio[None], torch.tensor([len(audio)]),
+                                                      self.silence_states)[:, :frames]
+            cross_k, cross_v = cross_key_values(self.policy.model, states)
+            self._cache[key] = EncodedAudio(cross_k, cross_v, len(audio) / SAMPLE_RATE_HZ)
+        return self._cache[key]
+
+    def full(self, encoded: Sequence[EncodedAudio]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked (L, B, heads, 1500, hd) keys and values: each utterance's frames, then the padding tail."""
+        keys, values = [], []
+        for e in encoded:
+            frames = e.cross_k.shape[3]
+            keys.append(torch.cat([e.cross_k, self.silence_k[:, :, :, frames:]], dim=3))
+            values.append(torch.cat([e.cross_v, self.silence_v[:, :, :, frames:]], dim=3))
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+
+def _embed(policy: WhisperPolicy, tokens: torch.Tensor) -> torch.Tensor:
+    return policy.model.model.decoder.embed_tokens(tokens)
+
+
+def _logits(policy: WhisperPolicy, states: torch.Tensor) -> torch.Tensor:
+    return states @ policy.model.model.decoder.embed_tokens.weight.t()  # tied output projection
+
+
+def _suppressed(policy: WhisperPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    generation = policy.model.generation_config
+    return (torch.tensor(sorted(set(generation.suppress_tokens or ())), dtype=torch.long),
+            torch.tensor(sorted(set(generation.begin_suppress_tokens or ())), dtype=torch.long))
+
+
+@torch.no_grad()
+def generate(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor, count: int, max_tokens: int,
+             generator: torch.Generator | None, temperature: float | None) -> list[list[int]]:
+    """`count` transcripts (tokens ending with end-of-text when finished) from one utterance's cross keys and
+    values (L, 1, heads, 1500, hd): samples at `temperature`, or greedy with None. Whisper's token filters
+    apply (suppressed tokens, no timestamps, no blank or end-of-text first)."""
+    suppress, begin_suppress = _suppressed(policy)
+    layers, _, heads, _, head_dim = cross_k.shape
+    empty = torch.zeros(layers, 1, heads, 0, head_dim)
+    states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, torch.tensor([PROMPT])), empty, empty,
+                                               cross_k, cross_v)
+    logits = _logits(policy, states[:, -1]).repeat(count, 1)  # (count, V)
+    self_k, self_v = self_k.repeat(1, count, 1, 1, 1), self_v.repeat(1, count, 1, 1, 1)
+    cross_k, cross_v = cross_k.expand(-1, count, -1, -1, -1), cross_v.expand(-1, count, -1, -1, -1)
+    sequences: list[list[int]] = [[] for _ in range(count)]
+    done = torch.zeros(count, dtype=torch.bool)
+    for step in range(max_tokens):
+        logits[:, suppress] = -math.inf
+        logits[:, FIRST_TIMESTAMP:] = -math.inf
+        if step == 0:
+            logits[:, begin_suppress] = -math.inf
+        if temperature is None:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        for i, token in enumerate(tokens.tolist()):
+            if not done[i]:
+                sequences[i].append(token)
+                done[i] = token == END_OF_TEXT
+        if bool(done.all()):
+            break
+        states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, tokens[:, None]), self_k, self_v,
+                                                   cross_k, cross_v)
+        logits = _logits(policy, states[:, -1])
+    return sequences
+
+
+def _token_batch(candidates: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + each candidate, padded: input tokens (B, P + N - 1) and the mask of candidate positions (B, N)."""
+    width = max(len(c) for c in candidates)
+    tokens = torch.full((len(candidates), len(PROMPT) + width - 1), END_OF_TEXT, dtype=torch.long)
+    mask = torch.zeros(len(candidates), width, dtype=torch.bool)
+    for i, c in enumerate(candidates):
+        sequence = [*PROMPT, *c][:-1]  # the last candidate token is predicted, never fed
+        tokens[i, : len(sequence)] = torch.tensor(sequence)
+        mask[i, : len(c)] = True
+    return tokens, mask
+
+
+def candidate_log_probs(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor,
+                        candidates: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced pass over candidates (B sequences, each with its utterance's keys/values (L, B, ...)):
+    (full log-probs (B, N, V) at each candidate position, the candidates' token log-probs (B, N), mask (B, N))."""
+    tokens, mask = _token_batch(candidates)
+    layers, batch, heads, _, head_dim = cross_k.shape
+    empty = torch.zeros(layers, batch, heads, 0, head_dim)
+    states, _, _, _ = decoder_states(policy.model, _embed(policy, tokens), empty, empty, cross_k, cross_v)
+    positions = states[:, len(PROMPT) - 1 :]  # (B, N, D): the states that predict the candidate's tokens
+    log_probs = torch.log_softmax(_logits(policy, positions).float(), dim=-1)  # (B, N, V)
+    targets = torch.zeros(mask.shape, dtype=torch.long)
+    for i, c in enumerate(candidates):
+        targets[i, : len(c)] = torch.tensor(list(c))
+    chosen = log_probs.gather(-1, targets[..., None])[..., 0]  # (B, N)
+    return log_probs, chosen, mask
+
+
+@dataclass
+class WhisperItemRollout:
+    """One feedback item's group, computed once under pi_old."""
+
+    item: FeedbackItem
+    encoded: EncodedAudio
+    candidates: list[list[int]]
+    """Token sequences (each ending with end-of-text): K samples, the greedy one, then the texts the item names."""
+    old_log_probs: torch.Tensor
+    """(K', N) per-token log-probs under pi_old (0 past each candidate's end)."""
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    sampled: int
+    target: list[int] | None
+    """The user's text as tokens (the supervised target), None without one."""
+    ctc_states: torch.Tensor | None
+    """(T, L + 1, D) the first pass's streamed encoder states (for the CTC head's loss), with a target only."""
+    ctc_target: list[int] | None
+
+
+class WhisperRolloutContext:
+    """What the rollout and the loss share in a cycle: the frozen reference, encodings, tokenizers."""
+
+    def __init__(self, policy: WhisperPolicy, tokenizer_json):
+        freeze_for_online_training(policy)
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.encodings = WhisperEncodings(self.reference)
+        self.tokenizer = Tokenizer(tokenizer_json)
+        self.ctc_tokenizer = make_tokenizer(list(policy.settings.ctc_vocabulary))
+
+
+def _max_tokens(seconds: float) -> int:
+    return max(MIN_NEW_TOKENS, int(seconds * TOKENS_PER_SECOND))
+
+
+@torch.no_grad()
+def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem], config: PPOConfig,
+                            generator: torch.Generator, context: WhisperRolloutContext) -> Rollout:
+    """Candidates, rewards and group advantages of every item under the current policy (pi_old)."""
+    policy.eval()
+    out: list[WhisperItemRollout] = []
+    for item in items:
+        encoded = context.encodings.of(item.feedback_id, item.samples)
+        cross_k, cross_v = context.encodings.full([encoded])
+        budget = _max_tokens(encoded.seconds)
+        candidates = generate(policy, cross_k, cross_v, config.samples_per_utterance, budget, generator,
+                              config.sampling_temperature) if config.samples_per_utterance else []
+        if config.include_greedy:
+            candidates += generate(policy, cross_k, cross_v, 1, budget, None, None)
+        target = context.tokenizer.encode(whisper_style(item.target)) if item.target else None
+        named = [t for t in (item.target, *item.alternatives) if t]
+        for text in dict.fromkeys(named):
+            if text != item.target or config.include_target_alignment:
+                candidates.append(context.tokenizer.encode(whisper_style(text)))
+        candidates = [c for c in candidates if c]
+        _, old, mask = candidate_log_probs(policy, cross_k.expand(-1, len(candidates), -1, -1, -1),
+                                           cross_v.expand(-1, len(candidates), -1, -1, -1), candidates)
+        rewards = torch.tensor([item.reward(context.tokenizer.normalized(c), config.reward_unit) for c in candidates])
+        advantages = group_advantages(rewards[None], torch.ones(1, len(rewards), dtype=torch.bool),
+                                      config.normalize_advantages)[0]
+        ctc_states = ctc_target = None
+        if item.target:
+            try:
+                ctc_target = encode_targets(context.ctc_tokenizer, item.target)
+                ctc_states = streamed_states(context.reference, np.asarray(item.samples, np.float32), 32)
+            except ValueError as e:
+                log.warning("feedback %d: no CTC target for the first pass (%s)", item.feedback_id, e)
+        out.append(WhisperItemRollout(item, encoded, candidates, old * mask, rewards, advantages,
+                                      config.samples_per_utterance, target, ctc_states, ctc_target))
+    all_rewards = torch.cat([r.rewards for r in out]) if out else torch.zeros(0)
+    sampled = torch.cat([r.rewards[: r.sampled] for r in out]) if out else torch.zeros(0)
+    greedy = [float(r.rewards[r.sampled]) for r in out if config.include_greedy]
+
+    def mean(values) -> float:
+        return float(torch.as_tensor(values, dtype=torch.float).mean()) if len(values) else math.nan
+
+    std = float(all_rewards.std(unbiased=False)) if len(all_rewards) else math.nan
+    return Rollout(out, mean(all_rewards), std, mean(sampled), mean(greedy))
+
+
+def _ctc_head_loss(policy: WhisperPolicy, batch: Sequence[WhisperItemRollout]) -> torch.Tensor | None:
+    usable = [r for r in batch if r.ctc_states is not None and r.ctc_target]
+    if not usable:
+        return None
+    states = torch.nn.utils.rnn.pad_sequence([r.ctc_states.float() for r in usable], batch_first=True)
+    log_probs = policy.ctc_head(states.transpose(1, 2)).transpose(0, 1)  # (T, B, V)
+    return F.ctc_loss(log_probs, torch.cat([torch.tensor(r.ctc_target) for r in usable]),
+                      torch.tensor([len(r.ctc_states) for r in usable]),
+                      torch.tensor([len(r.ctc_target) for r in usable]), blank=0, zero_infinity=True)
+
+
+def _cross_entropy(policy: WhisperPolicy, context: WhisperRolloutContext, encoded: Sequence[EncodedAudio],
+                   targets: Sequence[list[int]]) -> torch.Tensor:
+    cross_k, cross_v = context.encodings.full(encoded)
+    _, chosen, mask = candidate_log_probs(policy, cross_k, cross_v, targets)
+    return -masked_mean(chosen, mask)
+
+
+def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperItemRollout], drawn: list | None,
+                                kl_coef: float, config: PPOConfig, scale: float, *,
+                                context: WhisperRolloutContext) -> dict[str, float]:
+    """Stages 1-3 of update.ppo_update for one minibatch of Whisper groups (update.MinibatchGradients).
+
+    The candidates run through the decoder `rows_per_forward` at a time, each chunk's share of the
+    minibatch's token-mean loss back-propagated before the next, so memory stays bounded."""
+    rows = [(r, k) for r in batch for k in range(len(r.candidates))]
+    total_tokens = sum(len(r.candidates[k]) for r, k in rows)
+    sums: dict[str, float] = {}
+    for first in range(0, len(rows), config.rows_per_forward):
+        chunk = rows[first : first + config.rows_per_forward]
+        candidates = [r.candidates[k] for r, k in chunk]
+        # 1. forward (teacher forcing) under pi_theta and the frozen reference
+        cross_k, cross_v = context.encodings.full([r.encoded for r, _ in chunk])
+        log_probs, new, mask = candidate_log_probs(policy, cross_k, cross_v, candidates)  # (R, N, V), (R, N)
+        with torch.no_grad():
+            ref_log_probs, _, _ = candidate_log_probs(context.reference, cross_k, cross_v, candidates)
+        share = float(mask.sum()) / total_tokens
+        # 2. PPO terms: clipped ratio per token, exact per-token KL to the reference, entropy bonus
+        kl = masked_mean(kl_to_reference(log_probs, ref_log_probs), mask)
+        ent = masked_mean(entropy(log_probs), mask)
+        figures = {"kl": float(kl.detach()), "entropy": float(ent.detach())}
+        if config.uses_rewards:
+            old = torch.stack([F.pad(r.old_log_probs[k], (0, mask.shape[1] - r.old_log_probs.shape[1]))[: mask.shape[1]]
+                               for r, k in chunk])
+            advantages = torch.stack([r.advantages[k] for r, k in chunk])
+            policy_loss = clipped_policy_loss(new[None], old[None], advantages[None], mask[None], config.clip_range)
+            loss = policy_loss.loss + kl_coef * kl - config.entropy_coef * ent
+            (loss * share * scale).backward()
+            figures.update(policy_loss=float(policy_loss.loss.detach()),
+                           clip_fraction=float(policy_loss.clip_fraction), approx_kl=float(policy_loss.approx_kl))
+        for name, value in figures.items():
+            sums[name] = sums.get(name, 0.0) + value * share
+    # 3. supervised (ptx) terms, each back-propagated on its own
+    ptx_terms = []
+    with_target = [r for r in batch if r.target]
+    if config.uses_targets and with_target:
+        ptx_terms.append(("sft_loss", config.sft_coef, lambda: _cross_entropy(
+            policy, context, [r.encoded for r in with_target], [r.target for r in with_target])))
+    if drawn:
+        ptx_terms.append(("replay_loss", config.replay_coef, lambda: _cross_entropy(
+            policy, context, [e for e, _ in drawn], [t for _, t in drawn])))
+    if config.uses_targets and config.head_ctc_coef > 0:
+        ptx_terms.append(("head_ctc_loss", config.head_ctc_coef, lambda: _ctc_head_loss(policy, batch)))
+    ptx = 0.0
+    for name, coef, term in ptx_terms:
+        value = term()
+        if value is None:
+            continue
+        (coef * value * scale).backward()
+        sums[name] = float(value.detach())
+        ptx += coef * float(value.detach())
+    sums["ptx_loss"] = ptx
+    ppo_loss = sums.get("policy_loss", 0.0) + kl_coef * sums["kl"] - config.entropy_coef * sums["entropy"]
+    sums["loss"] = (ppo_loss if config.uses_rewards else 0.0) + ptx
+    return sums
+
+
+def whisper_replay_sampler(pool, context: WhisperRolloutContext):
+    """A ReplaySampler over base-corpus utterances: (encoded audio, Whisper-style target tokens) pairs, each
+    utterance encoded once (update.ReplaySampler, with this kind's minibatch loss as the consumer)."""
+    keyed = [(-(index + 1), utterance) for index, utterance in enumerate(pool)]  # keys apart from feedback ids
+
+    def sample(count: int, rng: random.Random):
+        drawn = rng.sample(keyed, min(count, len(keyed)))
+        return [(context.encodings.of(key, u.float_samples()), context.tokenizer.encode(whisper_style(u.text)))
+                for key, u in drawn]
+
+    return sample
+
+
+@torch.no_grad()
+def whisper_mean_rewards(policy: WhisperPolicy, items: Sequence[FeedbackItem], config: PPOConfig,
+                         generator: torch.Generator, context: WhisperRolloutContext) -> tuple[float, float]:
+    """(sampled, greedy) mean reward of the policy on `items`: the before/after figure of a cycle."""
+    sampled, greedy = [], []
+    for item in items:
+        cross_k, cross_v = context.encodings.full([context.encodings.of(item.feedback_id, item.samples)])
+        budget = _max_tokens(len(item.samples) / SAMPLE_RATE_HZ)
+        for tokens in generate(policy, cross_k, cross_v, config.samples_per_utterance, budget, generator,
+                               config.sampling_temperature):
+            sampled.append(item.reward(context.tokenizer.normalized(tokens), config.reward_unit))
+        (best,) = generate(policy, cross_k, cross_v, 1, budget, None, None)
+        greedy.append(item.reward(context.tokenizer.normalized(best), config.reward_unit))
+    return (float(np.mean(sampled)) if sampled else math.nan, float(np.mean(greedy)) if greedy else math.nan)
