@@ -327,8 +327,8 @@ def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance],
 
     Raises what create_server raises (RegistryError, ModelFormatError, OSError) before serving.
     """
-    # The event loop's own torch work (resampling a chunk) is tiny: intra-op threads would only fight
-    # the onnxruntime thread for the cores (measured: 3x slower resampling under load with 2 threads).
+    # Whatever torch work runs in the server's threads is small: intra-op threads would only fight the
+    # onnxruntime thread for the cores (measured: 3x slower event-loop work under load with 2 threads).
     torch.set_num_threads(1)
     asyncio.run(_serve(config, utterance_sink))
 
