@@ -3,13 +3,13 @@
     voxloop serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--data-dir DIR] [--model-dir DIR]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
-    voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
+    voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (operator token)
     voxloop correct UTTERANCE_ID "TEXT" [--server HOST:PORT] [--token T]
     voxloop accept UTTERANCE_ID [--server HOST:PORT] [--token T]
     voxloop reject UTTERANCE_ID [--server HOST:PORT] [--token T]
     voxloop choose UTTERANCE_ID INDEX [--server HOST:PORT] [--token T]   (INDEX from transcribe --alternatives N)
     voxloop feedback stats [--tenant T] [--json] [--server HOST:PORT] [--token T]
-    voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
+    voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_OR_OPERATOR_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
     voxloop train [--once] [--objective ppo|sft|ppo+sft] [--data-dir DIR] [--store URL] [--registry DIR]
     voxloop demo [--home DIR] [--feedback N] [--test N] [--trainer inprocess|once]   (clients/demo.py)
@@ -118,23 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     current.add_argument("--json", action="store_true", help="print version, parent, load time and metrics as JSON")
     current.set_defaults(handler=_models_current)
     listing = model_commands.add_parser("list", parents=[client_options],
-                                        help="admin: every version with its state (serving/available/refused)")
+                                        help="operator: every version with its state (serving/available/refused)")
     listing.add_argument("--json", action="store_true", help="print one JSON object")
     listing.set_defaults(handler=_models_list)
     activate = model_commands.add_parser("activate", parents=[client_options],
-                                         help="admin: load, warm up and serve VERSION (then CURRENT names it)")
+                                         help="operator: load, warm up and serve VERSION (then CURRENT names it)")
     activate.add_argument("version", metavar="VERSION")
     activate.add_argument("--force", action="store_true", help="clear a refusal of VERSION and try again")
     activate.set_defaults(handler=_models_change, admin_call="activate_model")
     rollback = model_commands.add_parser("rollback", parents=[client_options],
-                                         help="admin: go back to the previous serving version")
+                                         help="operator: go back to the previous serving version")
     rollback.set_defaults(handler=_models_change, admin_call="rollback_model")
     pin = model_commands.add_parser("pin", parents=[client_options],
-                                    help="admin: stop automatic activation (serve VERSION, default the serving one)")
+                                    help="operator: stop automatic activation (serve VERSION, default the serving one)")
     pin.add_argument("version", metavar="VERSION", nargs="?", default="")
     pin.set_defaults(handler=_models_change, admin_call="pin_model")
     unpin = model_commands.add_parser("unpin", parents=[client_options],
-                                      help="admin: resume automatic activation of new versions")
+                                      help="operator: resume automatic activation of new versions")
     unpin.set_defaults(handler=_models_change, admin_call="unpin_model")
 
     correct = commands.add_parser("correct", parents=[client_options],
@@ -168,13 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
     stats = feedback_commands.add_parser("stats", parents=[client_options],
                                          help="counts by kind, tenant and model version; pending for training")
-    stats.add_argument("--tenant", default="", help="admin tokens only: one tenant (default: all)")
+    stats.add_argument("--tenant", default="", help="operator tokens only: one tenant (default: all)")
     stats.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     stats.set_defaults(handler=_feedback_stats)
     delete = feedback_commands.add_parser("delete-user", parents=[client_options],
-                                          help="admin: delete a user's utterances and feedback")
+                                          help="admin (of the user's tenant) or operator: delete a user's "
+                                               "utterances and feedback")
     delete.add_argument("user_id", metavar="USER_ID")
-    delete.add_argument("--tenant", default="", help="the user's tenant (default: the admin token's)")
+    delete.add_argument("--tenant", default="", help="the user's tenant (default: the token's; another tenant "
+                                                      "needs an operator token)")
     delete.set_defaults(handler=_feedback_delete_user)
 
     _add_trainer_commands(commands)

@@ -88,7 +88,7 @@ class ServerConfig:
     audio_retention_s: float = 30 * DAY_S
     """Audio older than this is deleted (its utterance then takes no more feedback)."""
     max_correction_chars: int = 1000
-    """Longest corrected_text accepted, before normalization."""
+    """Longest corrected_text accepted, before and after normalization (numbers spelled out)."""
     flag_similarity_threshold: float = 0.2
     """Corrections whose character similarity to the hypothesis is below this (0..1) are flagged."""
     rejection_reward: float = -1.0

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .limits import preview
+
 log = logging.getLogger(__name__)
 
 CURRENT_FILE = "CURRENT"
@@ -44,7 +46,9 @@ HISTORY_LIMIT = 256
 """Most CURRENT changes kept in history.json (rollback never needs to walk further back)."""
 ROLLED_BACK = "rolled_back"
 """The refusal reason of a version an admin rolled back from."""
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A version id, matched with fullmatch (a `$` would also accept a trailing newline)."""
+MAX_VERSION_CHARS = 128
 HASH_BLOCK_BYTES = 1 << 20
 
 
@@ -137,9 +141,11 @@ class Activation:
 
 
 def validate_version(version: str) -> str:
-    if not VERSION_PATTERN.match(version):
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        shown = preview(version) if isinstance(version, str) else type(version).__name__
         raise RegistryError(
-            f"invalid version id {version!r}: use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric"
+            f"invalid version id {shown}: use 1-{MAX_VERSION_CHARS} letters, digits, '.', '_' or '-', "
+            "starting alphanumeric"
         )
     return version
 
@@ -259,7 +265,7 @@ class Registry:
         folder = self.root / REFUSED_DIR
         if not folder.is_dir():
             return {}
-        found = (self.refusal(p.stem) for p in folder.glob("*.json") if VERSION_PATTERN.match(p.stem))
+        found = (self.refusal(p.stem) for p in folder.glob("*.json") if VERSION_PATTERN.fullmatch(p.stem))
         return {r.version: r for r in found if r is not None}
 
     def clear_refusal(self, version: str) -> bool:

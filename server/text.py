@@ -24,8 +24,10 @@ _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": 
 _GROUPED_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _DOLLARS = re.compile(r"\$\s?(\d+)(?:\.(\d{2}))?(?!\d)")
 _PERCENT = re.compile(r"(?<=\d)\s?%")
-_ORDINAL = re.compile(r"(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
-_DECIMAL = re.compile(r"(\d+)\.(\d+)")
+# (?<!\d): a match can only start where a digit run starts; without it a long digit run costs
+# quadratic time (each position inside the run is tried and fails at the run's end).
+_ORDINAL = re.compile(r"(?<!\d)(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
+_DECIMAL = re.compile(r"(?<!\d)(\d+)\.(\d+)")
 _INTEGER = re.compile(r"\d+")
 _WORD_INTERNAL_APOSTROPHE = re.compile(r"(?<![a-z])'|'(?![a-z])")
 _NORMALIZED = re.compile(r"(?:[a-z]+(?:'[a-z]+)*(?: [a-z]+(?:'[a-z]+)*)*)?")

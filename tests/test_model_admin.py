@@ -1,4 +1,4 @@
-"""ModelAdmin over gRPC and the `voxloop models` CLI: admin only, list, activate, rollback, pin."""
+"""ModelAdmin over gRPC and the `voxloop models` CLI: operator only, list, activate, rollback, pin."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import TINY_VERSION
 from server_support import noise, pcm16
-from swap_support import ADMIN_TOKEN, TOKENS_TOML, USER_TOKEN, publish_copy
+from swap_support import ADMIN_TOKEN, TENANT_ADMIN_TOKEN, TOKENS_TOML, USER_TOKEN, publish_copy
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
 from voxloop.server.app import BackgroundServer
@@ -46,11 +46,13 @@ def served_version(client: RecognizerClient) -> str:
     return response.results[0].model_version
 
 
-def test_model_admin_needs_an_admin_token(running):
-    with RecognizerClient(running.target, token=USER_TOKEN, timeout=10) as user:
-        assert code_of(user.list_models) == "PERMISSION_DENIED"
-        assert code_of(lambda: user.activate_model("tiny-0001-b")) == "PERMISSION_DENIED"
-        assert code_of(user.rollback_model) == code_of(user.pin_model) == "PERMISSION_DENIED"
+def test_model_admin_needs_an_operator_token(running):
+    for token in (USER_TOKEN, TENANT_ADMIN_TOKEN):  # a tenant's admin may not change what every tenant gets
+        with RecognizerClient(running.target, token=token, timeout=10) as caller:
+            assert code_of(caller.list_models) == "PERMISSION_DENIED"
+            assert code_of(lambda: caller.activate_model("tiny-0001-b")) == "PERMISSION_DENIED"  # noqa: B023
+            assert code_of(caller.rollback_model) == code_of(caller.pin_model) == "PERMISSION_DENIED"
+            assert code_of(caller.unpin_model) == "PERMISSION_DENIED"
     with RecognizerClient(running.target, timeout=10) as nobody:
         assert code_of(nobody.list_models) == "UNAUTHENTICATED"
     assert running.registry.current_version() == TINY_VERSION
@@ -77,7 +79,7 @@ def test_activate_serves_the_version_and_points_current_at_it(running, admin):
     assert served_version(admin) == "tiny-0001-b"
     assert running.registry.current_version() == "tiny-0001-b"
     assert running.registry.history()[-1].action == "activate"
-    assert running.registry.history()[-1].by == "admin ops/root"
+    assert running.registry.history()[-1].by == "operator ops/root"
 
 
 def test_activate_refuses_unknown_malformed_and_broken_versions(running, admin, tmp_path):
