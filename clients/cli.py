@@ -4,6 +4,7 @@
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
     voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (operator token)
+    voxloop models check [--model-dir DIR | --data-dir DIR] [--verify] [--clean] [--json]   (the registry itself)
     voxloop correct UTTERANCE_ID "TEXT" [--server HOST:PORT] [--token T]
     voxloop accept UTTERANCE_ID [--server HOST:PORT] [--token T]
     voxloop reject UTTERANCE_ID [--server HOST:PORT] [--token T]
@@ -136,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     unpin = model_commands.add_parser("unpin", parents=[client_options],
                                       help="operator: resume automatic activation of new versions")
     unpin.set_defaults(handler=_models_change, admin_call="unpin_model")
+    check = model_commands.add_parser(
+        "check", help="read the registry directory itself (no server): versions, refusals, pin, crash leftovers")
+    check.add_argument("--model-dir", type=Path, default=None,
+                       help="the registry (default: $VOXLOOP_MODEL_DIR, or <data-dir>/registry)")
+    check.add_argument("--data-dir", type=Path, default=None, help="data directory ($VOXLOOP_HOME)")
+    check.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads every file)")
+    check.add_argument("--clean", action="store_true",
+                       help="remove what crashed publishes and writes left (never a running publish's)")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(handler=_models_check)
 
     correct = commands.add_parser("correct", parents=[client_options],
                                   help="send what was really said in an utterance; prints the reward")
@@ -348,6 +359,34 @@ def _models_change(args: argparse.Namespace) -> int:
             change = call()
     print(f"serving {change.serving_version} (was {change.previous_version})")
     return EXIT_OK
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    """Exit 0 when the registry is healthy (something to serve, nothing broken or left over), 1 otherwise."""
+    try:
+        from voxloop.server.config import load_config
+        from voxloop.server.registry import Registry
+        from voxloop.server.registry_check import check_registry
+    except ImportError as e:
+        raise CliError(f"the server is not installed ({e}); install it with: pip install 'voxloop[server]'") from e
+    config = load_config(None, os.environ, {"data_dir": args.data_dir, "model_dir": args.model_dir})
+    if not config.registry_dir.is_dir():
+        raise CliError(f"no registry at {config.registry_dir}; pass --model-dir or --data-dir")
+    report = check_registry(Registry(config.registry_dir), verify=args.verify, clean=args.clean)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return EXIT_OK if report.healthy else EXIT_RUNTIME_ERROR
+    print(f"registry {report.root}: {'healthy' if report.healthy else 'NEEDS ATTENTION'}")
+    print(f"CURRENT {report.current or '-'}, PIN {report.pin or '-'}, replicas serve {report.target or 'NOTHING'}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    for version in report.versions:
+        print(f"{version.version}\t{version.status}" + (f"\t{version.detail}" if version.detail else ""))
+    for leftover, what in [(item, "removed") for item in report.removed] + [
+            (item, "in use by a running publish" if item.live else "can be removed (--clean)" if item.removable
+             else "too recent to remove") for item in report.leftovers]:
+        print(f"leftover {leftover.path.relative_to(report.root)}\t{leftover.kind}, {leftover.age_s:.0f} s old: {what}")
+    return EXIT_OK if report.healthy else EXIT_RUNTIME_ERROR
 
 
 def _correct(args: argparse.Namespace) -> int:

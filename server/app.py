@@ -74,7 +74,23 @@ def open_registry(config: ServerConfig) -> Registry:
             )
         version = registry.seed_from(shipped)
         log.info("seeded registry %s with the shipped model %s", registry.root, version)
+    _report_registry_debris(registry)
     return registry
+
+
+def _report_registry_debris(registry: Registry) -> None:
+    """Name, once at startup, what in the registry is not a version (it blocks nothing, but should go)."""
+    try:
+        broken, leftovers = registry.broken_versions(), [item for item in registry.leftovers() if not item.live]
+    except OSError as e:
+        log.warning("cannot scan the registry %s for leftovers: %s", registry.root, e)
+        return
+    for name, why in broken.items():
+        log.warning("registry %s: versions/%s is not a usable version (%s); it is skipped", registry.root, name, why)
+    if leftovers:
+        log.warning("registry %s holds %d leftovers of interrupted writes (%s); `voxloop models check --clean "
+                    "--model-dir %s` removes them", registry.root, len(leftovers),
+                    ", ".join(item.path.name for item in leftovers[:5]), registry.root)
 
 
 def load_serving_model(registry: Registry, config: ServerConfig, open_streams: Callable[[], int],

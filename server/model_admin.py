@@ -71,14 +71,17 @@ def _flatten(figures: object, prefix: str = "") -> dict[str, float]:
 
 
 def list_models(registry: Registry, serving: str) -> pb.ListModelsResponse:
-    """Every published version with its state as `serving`'s replica sees it (blocking: reads the registry)."""
-    refusals = registry.refusals()
+    """Every published version with its state as `serving`'s replica sees it (blocking: reads the registry).
+
+    A directory of versions/ that cannot be read as a version (no or a broken card) is listed as REFUSED
+    with reason "card", so it is seen, and blocks nothing.
+    """
+    refusals = registry.standing_refusals()
     pin = registry.pinned()
     current = registry.current_version()
     response = pb.ListModelsResponse(serving_version=serving, current_version=current or "",
                                      pinned_version=pin.version if pin else "")
-    for version in registry.versions():
-        card = registry.load_card(version)
+    for version, card in registry.version_cards():
         refusal = refusals.get(version)
         state = pb.SERVING if version == serving else pb.REFUSED if refusal is not None else pb.AVAILABLE
         entry = pb.ModelVersion(version=version, parent_version=card.get("parent_version") or "", state=state,
@@ -93,6 +96,9 @@ def list_models(registry: Registry, serving: str) -> pb.ListModelsResponse:
             except ValueError:
                 log.warning("card of %s has an unreadable created_at %r", version, created_at)
         response.models.append(entry)
+    for name, why in sorted(registry.broken_versions().items()):
+        response.models.append(pb.ModelVersion(version=name, state=pb.REFUSED, refused_reason="card",
+                                               refused_detail=why, current=name == current))
     return response
 
 
