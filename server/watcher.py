@@ -107,6 +107,7 @@ def load_initial(registry: Registry, load: Loader) -> ServingModel:
             metrics.MODEL_SWAPS_REFUSED.labels(refusal_reason(e)).inc()
             registry.refuse(version, refusal_reason(e), str(e), fingerprint=fingerprint)
             continue
+        _clear_lapsed_refusal(registry, version)
         publish_metrics(model)
         return model
     model = _retry_refused(registry, load, tried=set(failed) | set(unreadable))
@@ -123,6 +124,15 @@ def load_initial(registry: Registry, load: Loader) -> ServingModel:
         + "Restore or republish the version's files (a refused version is tried again when its files change, "
           "and at every start when nothing else loads) or publish a new one; `voxloop models check --registry "
           f"{registry.root}` shows the registry's state")
+
+
+def _clear_lapsed_refusal(registry: Registry, version: str) -> None:
+    """`version` just loaded: a refusal record left for it has lapsed (its files changed since); remove it."""
+    try:
+        if registry.refusal(version) is not None:
+            registry.clear_refusal(version)
+    except (RegistryError, OSError) as e:  # a read-only registry: the lapsed record stays, harmlessly
+        log.warning("could not clear the lapsed refusal of %s: %s", version, e)
 
 
 def _retry_refused(registry: Registry, load: Loader, tried: set[str]) -> ServingModel | None:
@@ -246,10 +256,8 @@ class ModelWatcher:
                 log.exception("could not record the refusal of %s in the registry", version)
             raise NotPossible(f"version {version} was refused ({reason}): {e}") from e
         self._unreadable_until.pop(version, None)
-        if version in self._refused_here:  # its files changed and it loads now: the old refusal has lapsed
-            self._refused_here.pop(version)
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.registry.clear_refusal, version)
+        self._refused_here.pop(version, None)
+        await asyncio.to_thread(_clear_lapsed_refusal, self.registry, version)
         model.batcher.start()
         old = self.holder.swap(model)
         self.swaps += 1

@@ -160,3 +160,26 @@ def test_cli_models_commands(running, capsys):
     assert lines[1].startswith("tiny-0001-b\trefused") and "rolled_back" in lines[1]
     assert main(["models", "activate", "nope", *target]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_leftovers_and_broken_versions_never_block_model_admin(running, admin):
+    # What the outside probe left: a publish killed between writing card.json and the rename, and a
+    # version whose card is unreadable (issue 14, defect 3).
+    versions = running.registry.versions_root
+    staging = versions / ".tiny-0004.x1y2z3"
+    staging.mkdir()
+    (staging / "card.json").write_text((versions / TINY_VERSION / "card.json").read_text())
+    (versions / "tiny-garbled").mkdir()
+    (versions / "tiny-garbled" / "card.json").write_text("{ garbled")
+    listing = admin.list_models()
+    states = {m.version: m for m in listing.models}
+    assert set(states) == {TINY_VERSION, "tiny-0001-b", "tiny-garbled"}
+    assert states["tiny-garbled"].state == admin_pb.REFUSED and states["tiny-garbled"].refused_reason == "card"
+    assert admin.activate_model("tiny-0001-b").serving_version == "tiny-0001-b"
+    assert admin.pin_model(TINY_VERSION).serving_version == TINY_VERSION
+    assert admin.unpin_model().serving_version == "tiny-0001-b"
+    assert code_of(lambda: admin.activate_model("tiny-garbled")) == "NOT_FOUND"
+    assert code_of(lambda: admin.activate_model("tiny-0001\n")) == "INVALID_ARGUMENT"  # not NOT_FOUND
+    with pytest.raises(VoxloopError) as raised:
+        admin.activate_model("v" * 20000)  # a 20 KB id: INVALID_ARGUMENT, not a metadata overflow
+    assert raised.value.code == "INVALID_ARGUMENT" and len(raised.value.details) < 300
