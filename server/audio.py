@@ -2,10 +2,11 @@
 
 Pure numpy, no gRPC: the stream feeds it whatever byte chunks the client sends.
 
-Streaming resampling (`StreamingResampler`, resample.py) applies torchaudio's windowed-sinc filter
-output sample by output sample, so a stream resampled chunk by chunk gives the same samples as
-resampled whole (no clicks at chunk boundaries), at a cost bounded for every rate in
-MIN_SAMPLE_RATE_HZ..MAX_SAMPLE_RATE_HZ, and holds back at most the filter's half-width (under 1 ms).
+Streaming resampling (`StreamingResampler`, resample.py) applies torchaudio's windowed-sinc filter,
+so a stream resampled chunk by chunk gives the same samples as resampled whole (no clicks at chunk
+boundaries), at a cost bounded for every rate in MIN_SAMPLE_RATE_HZ..MAX_SAMPLE_RATE_HZ; it holds
+back at most one block of the reduced rate ratio (10 ms at 44.1 kHz, 40 ms at 11.025 kHz, under
+1 ms at 8 or 48 kHz; never more than 62 ms) until more audio or `flush()` at the end of the stream.
 """
 
 from __future__ import annotations

@@ -1,25 +1,28 @@
 """Streaming windowed-sinc resampling with a cost bounded for every rate (8000..48000 Hz -> 16 kHz).
 
 The filter is torchaudio's (`torchaudio.functional.resample`, method "sinc_interp_hann", 6 zero
-crossings, rolloff 0.99), but held as a band: output sample n sits at input position
-c_n = n * orig / new, and only the 2 * width input samples around it have a non-zero weight. The
-weights depend only on where c_n falls between two input samples (its phase, c_n - floor(c_n)).
+crossings, rolloff 0.99): output sample n sits at input position c_n = n * orig / new (orig, new:
+the gcd-reduced rates), and only the 2 * width input samples around it have a non-zero weight, which
+depends only on where c_n falls between two input samples.
 
-torchaudio builds a (new, orig + 2 * width) kernel for the gcd-reduced rates, which for a rate like
-8001 Hz (16000 / gcd = 16000) is a 16000 x 8015 table of float64: gigabytes, built synchronously.
-Here the phases are tabulated instead:
-- when the reduced ratio has at most MAX_EXACT_PHASES distinct phases (every common rate: 8000,
-  11025, 22050, 32000, 44100, 48000 Hz...), one row per phase: the result is torchaudio's, exactly;
-- otherwise (8001, 8002, 47981 Hz...) a fixed grid of MAX_EXACT_PHASES phases and linear interpolation
-  between the two rows around each output's phase (error below 1e-5 of full scale: the kernel is
-  smooth at that spacing; tests compare it with the formula evaluated directly).
-So a table has at most MAX_EXACT_PHASES + 1 rows of at most 2 * MAX_WIDTH taps (about 160 KB), and
-the shared cache of tables is bounded in bytes (KERNEL_CACHE_BYTES). Output positions are computed
-in exact integer arithmetic, so the output rate is exact (no drift) and resampling a stream chunk by
-chunk gives the same samples as resampling it whole.
-
-Each output sample is emitted as soon as the input its band reaches has arrived: the resampler holds
-back at most `width` input samples (under 0.5 ms at 48 kHz, 1 ms at 8 kHz), whatever the rate.
+torchaudio builds one dense (new, orig + 2 * width) kernel per rate pair: for 8001 Hz (16000 / gcd =
+16000 phases) a 16000 x 8015 table of float64, gigabytes built in one go (issue 14). Here the layout
+depends on the rate, and every table is bounded:
+- "block": the dense kernel when it has at most DENSE_KERNEL_MAX_ENTRIES entries (every common rate:
+  8000, 11025, 12000, 22050, 24000, 32000, 44100, 48000 Hz). A whole block of `orig` input samples
+  becomes `new` output samples in one matrix product (torch's, on the server's one thread), the
+  fastest layout; a block waits for its last input, so up to 1 / gcd seconds are held back (10 ms at
+  44.1 kHz, 40 ms at 11.025 kHz, never more than 62 ms under this bound);
+- "phases": the band alone, one row of 2 * width taps per phase, when there are at most
+  MAX_EXACT_PHASES phases but the dense kernel would be bigger;
+- "interpolated": otherwise (8001, 8002, 47981 Hz...) MAX_EXACT_PHASES + 1 rows on a fixed grid of
+  phases, each output's weights linearly interpolated between the two rows around its phase (error
+  ~3e-7 of full scale; tests compare it with the formula evaluated directly).
+In "block" and "phases" the samples are torchaudio's, exactly. Output positions are exact integer
+arithmetic in every layout (no drift), resampling a stream chunk by chunk gives the same samples as
+resampling it whole, and the shared cache of kernels is bounded in bytes (KERNEL_CACHE_BYTES). In
+"phases" and "interpolated" each output is emitted as soon as its band's last input arrived (under
+1 ms held back).
 """
 
 from __future__ import annotations
@@ -30,52 +33,54 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 LOWPASS_FILTER_WIDTH = 6
 """Zero crossings of the sinc on each side of an output sample (torchaudio's default)."""
 ROLLOFF = 0.99
 """Cut-off as a share of the lower rate's Nyquist frequency (torchaudio's default): anti-aliasing."""
+DENSE_KERNEL_MAX_ENTRIES = 1 << 19
+"""Largest dense kernel (new x (orig + 2 * width) float32: 2 MiB) used as such ("block" layout)."""
 MAX_EXACT_PHASES = 1024
-"""Most phases tabulated per rate pair; a ratio with more (e.g. 8001 -> 16000: 16000) is interpolated."""
-KERNEL_CACHE_BYTES = 16 << 20
-"""Most bytes of phase tables kept for reuse across streams (least recently used go first)."""
+"""Most phases tabulated one row each ("phases"); a ratio with more is interpolated on this many."""
+KERNEL_CACHE_BYTES = 32 << 20
+"""Most bytes of kernels kept for reuse across streams (least recently used go first)."""
 OUTPUTS_PER_STEP = 4096
-"""Most output samples computed in one vectorized step (256 ms at 16 kHz): bounds the temporaries."""
+"""Most output samples ("phases", "interpolated") computed in one vectorized step: bounds the temporaries."""
 
 
 @dataclass(frozen=True)
 class ResampleKernel:
-    """The band of windowed-sinc weights of one rate pair, one row per tabulated phase."""
+    """The windowed-sinc weights of one rate pair, in the layout its size allows."""
 
     orig: int
     """Input samples per `new` output samples (the gcd-reduced rates)."""
     new: int
     width: int
-    """Input samples taken on each side of an output's position: a row has 2 * width taps."""
-    phases: int
-    """Rows are phases k / phases, k = 0..phases (the last one only for interpolation)."""
-    exact: bool
-    """phases == new: every output's phase is a row (no interpolation)."""
-    table: np.ndarray = field(repr=False)
-    """float32 (phases + 1, 2 * width): table[k, m] weighs input floor(c_n) - width + 1 + m at phase k / phases."""
-    tiled_weights: np.ndarray | None = field(default=None, repr=False)
-    """Exact kernels: float32 (new + OUTPUTS_PER_STEP, taps), row i = the weights of output i (period new),
-    so the weights of any OUTPUTS_PER_STEP consecutive outputs are one slice (no gather)."""
-    tiled_floor: np.ndarray | None = field(default=None, repr=False)
-    """Exact kernels: int64 (new + OUTPUTS_PER_STEP,), floor(i * orig / new)."""
+    """Input samples taken on each side of an output's position."""
+    layout: str
+    """block, phases or interpolated (module docstring)."""
+    phases: int = 0
+    """phases, interpolated: table row k holds phase k / phases."""
+    table: np.ndarray | None = field(default=None, repr=False)
+    """phases, interpolated: float32 (phases + 1, 2 * width); table[k, m] weighs input
+    floor(c_n) - width + 1 + m when c_n's phase is k / phases."""
+    dense: torch.Tensor | None = field(default=None, repr=False)
+    """block: float32 (orig + 2 * width, new), torchaudio's kernel transposed: input block (padded by width
+    on each side) @ dense = the block's outputs."""
 
     @property
     def taps(self) -> int:
-        return self.table.shape[1]
+        """Input samples one output ("phases", "interpolated") or one block ("block") reads."""
+        return self.dense.shape[0] if self.dense is not None else self.table.shape[1]
 
     @property
     def nbytes(self) -> int:
-        tiled = 0 if self.tiled_weights is None else self.tiled_weights.nbytes + self.tiled_floor.nbytes
-        return self.table.nbytes + tiled
+        return self.dense.nelement() * 4 if self.dense is not None else self.table.nbytes
 
 
 def kernel_width(orig: int, new: int) -> int:
-    """torchaudio's half-width in input samples (computed the same way, so the bands match)."""
+    """torchaudio's half-width in input samples (computed the same way, so the kernels match)."""
     base_freq = min(orig, new) * ROLLOFF
     return math.ceil(LOWPASS_FILTER_WIDTH * orig / base_freq)
 
@@ -96,16 +101,18 @@ def build_kernel(orig_hz: int, new_hz: int) -> ResampleKernel:
     gcd = math.gcd(orig_hz, new_hz)
     orig, new = orig_hz // gcd, new_hz // gcd
     width = kernel_width(orig, new)
-    exact = new <= MAX_EXACT_PHASES
-    phases = new if exact else MAX_EXACT_PHASES
+    if new * (orig + 2 * width) <= DENSE_KERNEL_MAX_ENTRIES:
+        # Column c of block b's window is input b * orig + c - width; output b * new + j sits at
+        # input position b * orig + j * orig / new.
+        offsets = (np.arange(orig + 2 * width, dtype=np.float64)[:, None] - width
+                   - np.arange(new, dtype=np.float64)[None, :] * orig / new)  # (taps, new)
+        dense = torch.from_numpy(sinc_weights(offsets, orig, new).astype(np.float32))
+        return ResampleKernel(orig, new, width, "block", dense=dense)
+    layout = "phases" if new <= MAX_EXACT_PHASES else "interpolated"
+    phases = new if layout == "phases" else MAX_EXACT_PHASES
     phase = np.arange(phases + 1, dtype=np.float64)[:, None] / phases  # (P + 1, 1), in input samples
     offsets = np.arange(2 * width, dtype=np.float64)[None, :] - (width - 1) - phase  # (P + 1, 2 * width)
-    table = sinc_weights(offsets, orig, new).astype(np.float32)
-    if not exact:
-        return ResampleKernel(orig, new, width, phases, exact, table)
-    position = np.arange(new + OUTPUTS_PER_STEP, dtype=np.int64) * orig  # output i at input position / new
-    return ResampleKernel(orig, new, width, phases, exact, table, tiled_weights=table[position % new],
-                          tiled_floor=position // new)
+    return ResampleKernel(orig, new, width, layout, phases, table=sinc_weights(offsets, orig, new).astype(np.float32))
 
 
 class _KernelCache:
@@ -124,7 +131,7 @@ class _KernelCache:
             if kernel is not None:
                 self._kernels.move_to_end(key)
                 return kernel
-        kernel = build_kernel(orig_hz, new_hz)  # outside the lock: a few ms at most, bounded by the table size
+        kernel = build_kernel(orig_hz, new_hz)  # outside the lock: at most a few ms (the kernel is bounded)
         with self._lock:
             if key not in self._kernels:
                 self._kernels[key] = kernel
@@ -133,6 +140,10 @@ class _KernelCache:
                 _, evicted = self._kernels.popitem(last=False)
                 self.nbytes -= evicted.nbytes
         return kernel
+
+    def kernels(self) -> list[ResampleKernel]:
+        with self._lock:
+            return list(self._kernels.values())
 
     def __len__(self) -> int:
         return len(self._kernels)
@@ -149,10 +160,9 @@ KERNELS = _KernelCache(KERNEL_CACHE_BYTES)
 class StreamingResampler:
     """Resample a stream from `orig_hz` to `new_hz` chunk by chunk, equal to resampling it whole.
 
-    Output n is the dot product of input [floor(c_n) - width + 1, floor(c_n) + width] (zeros before
-    the start and after the end of the stream) with its phase's row; c_n = n * orig / new.
-    Vectorized per call: one gather of the (N, taps) input windows, one of their weights, a row-wise
-    dot product (numpy elementwise work, no BLAS: OpenBLAS's threads spin beside the event loop).
+    The arithmetic runs in numpy's elementwise loops and torch's matmul, never numpy's BLAS: the
+    server runs torch on one thread, while OpenBLAS starts threads of its own that spin beside the
+    event loop (measured: half again the server's CPU per audio second).
     """
 
     def __init__(self, orig_hz: int, new_hz: int):
@@ -162,10 +172,11 @@ class StreamingResampler:
             return
         self.kernel = KERNELS.get(orig_hz, new_hz)
         width = self.kernel.width
-        # Input held from absolute index _pending_start on; the first output reaches width - 1 samples
-        # before the stream's start, which are zeros (as in the whole-signal resampler).
-        self._pending = np.zeros(width - 1, dtype=np.float32)
-        self._pending_start = -(width - 1)
+        # Input held from absolute index _pending_start on; before the stream's start come zeros, as in the
+        # whole-signal resampler (a block window starts `width` before its block, an output's band width - 1).
+        lead = width if self.kernel.layout == "block" else width - 1
+        self._pending = np.zeros(lead, dtype=np.float32)
+        self._pending_start = -lead
         self._samples_in = 0
         self._samples_out = 0
         self._flushed = False
@@ -179,9 +190,10 @@ class StreamingResampler:
         self._samples_in += len(samples)
         self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         kernel = self.kernel
+        if kernel.layout == "block":
+            return self._emit_blocks()
         # Output n is final once input floor(c_n) + width has arrived: n < (received - width) * new / orig.
-        ready = -(-(self._samples_in - kernel.width) * kernel.new // kernel.orig)
-        return self._emit(ready)
+        return self._emit_samples(-(-(self._samples_in - kernel.width) * kernel.new // kernel.orig))
 
     def flush(self) -> np.ndarray:
         """The end of the stream: zeros after it, as the whole-signal resampler has; emit the rest."""
@@ -192,14 +204,33 @@ class StreamingResampler:
         total = -(-self._samples_in * kernel.new // kernel.orig)  # ceil(new * S / orig), as torchaudio
         if total <= self._samples_out:
             return np.zeros(0, dtype=np.float32)
+        if kernel.layout == "block":
+            self._pending = np.concatenate([self._pending, np.zeros(kernel.width + kernel.orig, dtype=np.float32)])
+            emitted_before = self._samples_out
+            return self._emit_blocks()[: total - emitted_before]
         last_needed = (total - 1) * kernel.orig // kernel.new + kernel.width  # absolute input index
         missing = last_needed + 1 - (self._pending_start + len(self._pending))
         if missing > 0:
             self._pending = np.concatenate([self._pending, np.zeros(missing, dtype=np.float32)])
-        return self._emit(total)
+        return self._emit_samples(total)
 
-    def _emit(self, end: int) -> np.ndarray:
-        """Outputs [_samples_out, end) from the pending input; drops the input no later output needs."""
+    def _emit_blocks(self) -> np.ndarray:
+        """"block": every whole block in the pending input -> its `new` outputs."""
+        kernel = self.kernel
+        blocks = (len(self._pending) - kernel.taps) // kernel.orig + 1
+        if blocks <= 0:
+            return np.zeros(0, dtype=np.float32)
+        used = (blocks - 1) * kernel.orig + kernel.taps
+        windows = np.lib.stride_tricks.sliding_window_view(self._pending[:used], kernel.taps)[:: kernel.orig]
+        with torch.no_grad():  # (blocks, taps) @ (taps, new) -> (blocks * new,)
+            out = (torch.from_numpy(windows.copy()) @ kernel.dense).reshape(-1).numpy()
+        self._pending = self._pending[blocks * kernel.orig :]
+        self._pending_start += blocks * kernel.orig
+        self._samples_out += len(out)
+        return out
+
+    def _emit_samples(self, end: int) -> np.ndarray:
+        """"phases", "interpolated": outputs [_samples_out, end); drops the input no later output needs."""
         if end <= self._samples_out:
             return np.zeros(0, dtype=np.float32)
         pieces = []
@@ -218,16 +249,13 @@ class StreamingResampler:
     def _outputs(self, start: int, end: int) -> np.ndarray:
         """Outputs [start, end), at most OUTPUTS_PER_STEP of them: (N,) float32."""
         kernel = self.kernel
-        count = end - start
-        if kernel.exact:  # the pattern repeats every `new` outputs: slices of the tiled period
-            periods, offset = divmod(start, kernel.new)
-            base = periods * kernel.orig - (kernel.width - 1) - self._pending_start
-            first = kernel.tiled_floor[offset : offset + count] + base  # (N,) into _pending
-            weights = kernel.tiled_weights[offset : offset + count]  # (N, taps), a view
+        position = np.arange(start, end, dtype=np.int64) * kernel.orig  # c_n * new, exact
+        first = position // kernel.new - (kernel.width - 1) - self._pending_start  # (N,) into _pending
+        phase = position % kernel.new  # (N,) c_n's phase, in 1 / new
+        if kernel.layout == "phases":
+            weights = kernel.table[phase]  # (N, taps)
         else:
-            position = np.arange(start, end, dtype=np.int64) * kernel.orig  # c_n * new, exact
-            first = position // kernel.new - (kernel.width - 1) - self._pending_start  # (N,)
-            scaled = (position % kernel.new) * kernel.phases  # c_n's phase, in 1 / (new * phases)
+            scaled = phase * kernel.phases
             row = scaled // kernel.new
             fraction = ((scaled % kernel.new) / kernel.new).astype(np.float32)[:, None]  # (N, 1)
             below = kernel.table[row]
@@ -237,4 +265,4 @@ class StreamingResampler:
 
 
 __all__ = ["KERNELS", "KERNEL_CACHE_BYTES", "MAX_EXACT_PHASES", "ResampleKernel", "StreamingResampler",
-           "build_kernel", "sinc_weights"]
+           "build_kernel", "kernel_width", "sinc_weights"]
