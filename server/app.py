@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -326,6 +327,7 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
     metrics = None
     try:
         await server.start()
+        freeze_startup_objects()
         # One metrics endpoint per process (the in-process trainer's metrics share it), so it belongs
         # here and not to VoxloopServer, of which tests and embedders may run several.
         metrics = start_metrics_server(config.metrics_port, config.host) if config.metrics_port else None
@@ -336,6 +338,18 @@ async def _serve(config: ServerConfig, utterance_sink: Callable[[FinishedUtteran
         await server.stop()
         if metrics is not None:  # stopped last: Prometheus scrapes on while the streams drain
             metrics.stop()
+
+
+def freeze_startup_objects() -> None:
+    """Exclude what exists after startup (imports, the loaded model: ~230,000 objects) from garbage collection.
+
+    They live as long as the process; without this, every full collection, which steady allocation
+    triggers every so often, walks them all on the event loop: 150-500 ms without a health check or
+    a chunk answered (measured on 2 busy cores). With gc.freeze() a full collection sees only what
+    was allocated since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def serve(config: ServerConfig, *, utterance_sink: Callable[[FinishedUtterance], None] | None = None) -> None:
