@@ -39,6 +39,14 @@ def _integer_words(digits: str) -> str:
     return num2words(int(digits))
 
 
+def _ordinal_words(digits: str) -> str:
+    # Past _MAX_CARDINAL_DIGITS the digits are read one by one, as for cardinals: num2words raises
+    # OverflowError past 10^30, and int() refuses more than 4300 digits.
+    if len(digits) > _MAX_CARDINAL_DIGITS:
+        return _integer_words(digits)
+    return num2words(int(digits), to="ordinal")
+
+
 def _dollars_words(match: re.Match[str]) -> str:
     dollars, cents = match.group(1), match.group(2)
     words = f"{_integer_words(dollars)} {'dollar' if dollars == '1' else 'dollars'}"
@@ -57,7 +65,7 @@ def spell_out(text: str) -> str:
     text = _DOLLARS.sub(_dollars_words, text)
     text = _PERCENT.sub(" percent ", text)
     text = text.replace("&", " and ")
-    text = _ORDINAL.sub(lambda m: f" {num2words(int(m.group(1)), to='ordinal')} ", text)
+    text = _ORDINAL.sub(lambda m: f" {_ordinal_words(m.group(1))} ", text)
     text = _DECIMAL.sub(
         lambda m: (
             f" {_integer_words(m.group(1))} point " + " ".join(_DIGIT_WORDS[int(d)] for d in m.group(2)) + " "
