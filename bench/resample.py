@@ -66,7 +66,7 @@ def main() -> None:
         build_ms = min(r[0] for r in runs)
         nbytes = runs[0][1]
         per_chunk = min(r[2] for r in runs)
-        size = f"{nbytes / 1024:.0f}" if nbytes is not None else "-"
+        size = f"{nbytes / 1024:.1f}" if nbytes is not None else "-"
         print(f"| {rate} | {build_ms:.1f} | {size} | {per_chunk:.0f} |", flush=True)
 
 
