@@ -5,11 +5,12 @@ queue is full the record is dropped and counted (`dropped`) while the final stil
 The writer thread takes what is queued (up to `batch_size`) and inserts it in one transaction.
 
 So a final reaches the client before its utterance is durable: from `offer` to the commit (measured
-as voxloop_store_write_lag_seconds; a commit takes ~5 ms for one utterance, ~70 ms for a batch of 64
-on a busy 2-core VM) a crash that runs no shutdown path (SIGKILL, OOM kill, power loss) loses the utterance, and a
-correction of it then gets NOT_FOUND. Waiting for the commit before sending each final would add
-that commit (an fsync) to every final's latency and make recognition stall whenever the store is slow
-or down; the transcript is the product, the stored utterance is for learning (README, "Durability").
+as voxloop_store_write_lag_seconds; a commit takes ~5 ms for one utterance, ~70 ms for a batch of
+64 on a busy 2-core VM) a crash that runs no shutdown path (SIGKILL, OOM kill, power loss) loses the
+utterance, and a correction of it then gets NOT_FOUND. Waiting for the commit before sending each
+final would add that commit (an fsync) to every final's latency and make recognition stall whenever
+the store is slow or down; the transcript is the product, the stored utterance is for learning
+(README, "Durability").
 
 An id returned to a client must be correctable right away, though its row may still be queued:
 `wait_written(id, timeout_s)` blocks until the writer has committed it (or it is not queued at all).
