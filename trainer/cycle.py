@@ -47,7 +47,7 @@ import torch
 
 from ..server import metrics
 from ..server.model import MODEL_SAMPLE_RATE_HZ
-from ..server.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
+from ..server.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError, sha256_file
 from ..server.store import FeedbackKind, FeedbackStore
 from ..server.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
 from .base_data import BaseData, ensure_corpus
@@ -180,7 +180,9 @@ def _decoder_dir(out_dir: Path, files: dict[str, Path], section: dict | None) ->
     for name, path in files.items():
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, out_dir / name)
-    (out_dir / CARD_FILE).write_text(json.dumps({"decoder": section}))
+    # A card like a version's: the decoder loads only files its card lists (server/registry.py version_file).
+    listed = {name: sha256_file(out_dir / name) for name in files}
+    (out_dir / CARD_FILE).write_text(json.dumps({"decoder": section, "files": listed}))
     return out_dir
 
 
