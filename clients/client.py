@@ -390,11 +390,12 @@ class RecognizerClient:
         return self._call(self._feedback.ChooseAlternative, request)
 
     def feedback_stats(self, tenant: str = "") -> feedback_pb.FeedbackStats:
-        """Feedback counts of the caller's tenant (an admin token: `tenant`'s, or all tenants' when empty)."""
+        """Feedback counts of the caller's tenant (an operator token: `tenant`'s, or all tenants' when empty)."""
         return self._call(self._feedback.GetFeedbackStats, feedback_pb.GetFeedbackStatsRequest(tenant=tenant))
 
     def delete_user_data(self, user_id: str, tenant: str = "") -> feedback_pb.DeleteUserDataResponse:
-        """Admin tokens only: delete a user's utterances and feedback (`tenant` empty: the admin's own)."""
+        """Delete a user's utterances and feedback (`tenant` empty: the caller's own). Needs an admin token of
+        that tenant or an operator token."""
         request = feedback_pb.DeleteUserDataRequest(user_id=user_id, tenant=tenant)
         return self._call(self._feedback.DeleteUserData, request)
 

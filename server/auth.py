@@ -7,7 +7,14 @@ A call carries `authorization: Bearer <token>` metadata. Tokens are listed in a 
     token = "s3cret-alice"
     tenant = "acme"
     user = "alice"
-    role = "user"                    # or "admin"; default "user"
+    role = "user"                    # "user" (default), "admin" or "operator"
+
+Roles (who may do what across tenants; README "Tenants and roles"):
+- user: streams audio and gives feedback on its own tenant's utterances; reads its tenant's stats;
+- admin: a tenant's administrator: also deletes the data of a user of its own tenant (DeleteUserData);
+  it can do nothing to another tenant (PERMISSION_DENIED);
+- operator: runs the fleet: every tenant's stats and DeleteUserData in any tenant, and model
+  administration (ModelAdmin), since the registry's models serve every tenant.
 
 With a tokens file, every RPC of ours needs a known token (UNAUTHENTICATED otherwise). Without one
 and with `anonymous = true` (the default, for local development), calls without a token act as
@@ -53,6 +60,9 @@ class RateLimited(Exception):
 class Role(StrEnum):
     USER = "user"
     ADMIN = "admin"
+    """Administers its own tenant (its users' data); nothing of another tenant, nor the models."""
+    OPERATOR = "operator"
+    """Runs the fleet: every tenant's data and stats, and the models, which serve every tenant."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,12 @@ class Identity:
     """No token: the user name comes from the caller's say-so (RecognitionConfig.user_id) or is "anonymous"."""
 
     @property
-    def is_admin(self) -> bool:
-        return self.role is Role.ADMIN
+    def is_operator(self) -> bool:
+        return self.role is Role.OPERATOR
+
+    def administers(self, tenant: str) -> bool:
+        """Whether this caller may act as administrator of `tenant` (an admin of it, or an operator)."""
+        return self.is_operator or (self.role is Role.ADMIN and tenant == self.tenant)
 
 
 ANONYMOUS = Identity(DEFAULT_TENANT, ANONYMOUS_USER, Role.USER, anonymous=True)

@@ -36,6 +36,9 @@ STORE_FILE = "feedback.sqlite3"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DAY_S = 86_400.0
+FLAG_FIELDS = frozenset({"host", "port", "metrics_port", "web_port", "data_dir", "model_dir", "workers"})
+"""The fields `voxloop serve` has a flag for (`--metrics-port`...; clients/cli.py SERVE_FLAGS maps them, and a
+test keeps the two equal): an error names a flag only where one exists."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class ServerConfig:
     audio_retention_s: float = 30 * DAY_S
     """Audio older than this is deleted (its utterance then takes no more feedback)."""
     max_correction_chars: int = 1000
-    """Longest corrected_text accepted, before normalization."""
+    """Longest corrected_text accepted, before and after normalization (numbers spelled out)."""
     flag_similarity_threshold: float = 0.2
     """Corrections whose character similarity to the hypothesis is below this (0..1) are flagged."""
     rejection_reward: float = -1.0
@@ -212,9 +215,15 @@ class ServerConfig:
         return self.batch_max_wait_ms / 1000
 
 
+def flag_name(field_name: str) -> str | None:
+    """The `voxloop serve` flag of a config field, None for the fields without one."""
+    return "--" + field_name.replace("_", "-") if field_name in FLAG_FIELDS else None
+
+
 def _invalid(name: str, requirement: str) -> typing.NoReturn:
-    raise ValueError(f"{name} {requirement}; set it with `{name} = ...` in the config file, "
-                     f"{env_name(name)} or --{name.replace('_', '-')}")
+    flag = flag_name(name)
+    where = f"{env_name(name)} or {flag}" if flag else env_name(name)
+    raise ValueError(f"{name} {requirement}; set it with `{name} = ...` in the config file or {where}")
 
 
 def env_name(field_name: str) -> str:
@@ -292,8 +301,8 @@ def load_config(
     for name, value in (overrides or {}).items():
         _known(name, "overrides")
         if value is not None:
-            values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
+            values[name] = _convert(name, value, flag_name(name) or "overrides")
     return ServerConfig(**values)
 
 
-__all__ = ["ServerConfig", "env_name", "load_config"]
+__all__ = ["FLAG_FIELDS", "ServerConfig", "env_name", "flag_name", "load_config"]

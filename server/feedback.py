@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .auth import Identity, RateLimiter
 from .config import ServerConfig
+from .limits import MAX_ID_CHARS, MAX_UTTERANCE_ID_CHARS, check_length
 from .metrics import FEEDBACK_RECEIVED
 from .rewards import char_similarity, is_suspicious, word_edit_reward
 from .store import (
@@ -63,7 +64,11 @@ class FeedbackReceipt:
 
 
 def normalized_correction(text: str, max_chars: int) -> str:
-    """The correction as training sees it; raises InvalidFeedback for empty, too long or unspeakable text."""
+    """The correction as training sees it; raises InvalidFeedback for empty, too long or unspeakable text.
+
+    Bounded before and after normalization, so the edit distances against the hypothesis (and the
+    row stored) cost at most what a max_chars-character text costs.
+    """
     if not text.strip():
         raise InvalidFeedback("corrected_text is empty; send what was said (to keep the transcript, "
                               "use AcceptTranscript)")
@@ -71,6 +76,10 @@ def normalized_correction(text: str, max_chars: int) -> str:
         raise InvalidFeedback(f"corrected_text has {len(text)} characters, more than max_correction_chars = "
                               f"{max_chars}; correct one utterance at a time")
     normalized = normalize_text(text)
+    if len(normalized) > max_chars:  # numbers are spelled out: 1000 digits become 6000 characters
+        raise InvalidFeedback(f"corrected_text normalizes to {len(normalized)} characters (numbers and symbols "
+                              f"spelled out), more than max_correction_chars = {max_chars}; correct one "
+                              "utterance at a time")
     if not normalized:
         raise InvalidFeedback("corrected_text has nothing speakable in it after normalization (letters, "
                               "numbers and apostrophes count; symbols and other scripts are dropped)")
@@ -78,6 +87,13 @@ def normalized_correction(text: str, max_chars: int) -> str:
     if outside:  # normalize_text guarantees the alphabet; kept as the contract's check
         raise InvalidFeedback(f"corrected_text normalizes to characters the model cannot emit: {outside}")
     return normalized
+
+
+def check_utterance_id(utterance_id: str) -> str:
+    """Raises InvalidFeedback (empty) or InputTooLong: checked before any work, and before any message echoes it."""
+    if not utterance_id:
+        raise InvalidFeedback("utterance_id is empty; pass the utterance_id of a final result")
+    return check_length("utterance_id", utterance_id, MAX_UTTERANCE_ID_CHARS)
 
 
 class FeedbackIntake:
@@ -93,8 +109,7 @@ class FeedbackIntake:
         self._store_waiters = threading.BoundedSemaphore(MAX_STORE_WAITERS)
 
     def _utterance(self, caller: Identity, utterance_id: str):
-        if not utterance_id:
-            raise InvalidFeedback("utterance_id is empty; pass the utterance_id of a final result")
+        check_utterance_id(utterance_id)
         deadline = time.monotonic() + self._config.store_flush_wait_s
         # The final may have reached the client before its row reached the store (the writer is off
         # the streaming path): wait for a queued id rather than answer NOT_FOUND.
@@ -125,8 +140,9 @@ class FeedbackIntake:
                 continue
 
     def submit_correction(self, caller: Identity, utterance_id: str, corrected_text: str) -> FeedbackReceipt:
-        """Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied."""
+        """Raises RateLimited, InvalidFeedback, InputTooLong, NotFound, PermissionDenied."""
         self._rate_limiter.acquire((caller.tenant, caller.user))
+        check_utterance_id(utterance_id)
         normalized = normalized_correction(corrected_text, self._config.max_correction_chars)
         utterance = self._utterance(caller, utterance_id)
         reward = word_edit_reward(utterance.hypothesis, normalized)
@@ -144,7 +160,7 @@ class FeedbackIntake:
         return FeedbackReceipt(record.id, record.reward, record.corrected_text, record.flagged)
 
     def accept_transcript(self, caller: Identity, utterance_id: str) -> FeedbackReceipt:
-        """Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied."""
+        """Raises RateLimited, InvalidFeedback, InputTooLong, NotFound, PermissionDenied."""
         self._rate_limiter.acquire((caller.tenant, caller.user))
         self._utterance(caller, utterance_id)
         record = self._store.submit_feedback(utterance_id, tenant=caller.tenant, user=caller.user,
@@ -155,7 +171,7 @@ class FeedbackIntake:
     def reject_transcript(self, caller: Identity, utterance_id: str) -> FeedbackReceipt:
         """The transcript was wrong and no text was given: config.rejection_reward.
 
-        Raises RateLimited, InvalidFeedback, NotFound, PermissionDenied.
+        Raises RateLimited, InvalidFeedback, InputTooLong, NotFound, PermissionDenied.
         """
         self._rate_limiter.acquire((caller.tenant, caller.user))
         self._utterance(caller, utterance_id)
@@ -168,7 +184,7 @@ class FeedbackIntake:
         """The user picked alternative `index` of the final's n-best; its text is the receipt's normalized_text.
 
         The reward is the shown transcript's (alternative 0, the stored hypothesis) against the chosen
-        one, as a correction to that text would give. Raises RateLimited, InvalidFeedback (no
+        one, as a correction to that text would give. Raises RateLimited, InputTooLong, InvalidFeedback (no
         alternatives were sent, or index outside them), NotFound, PermissionDenied.
         """
         self._rate_limiter.acquire((caller.tenant, caller.user))
@@ -188,27 +204,34 @@ class FeedbackIntake:
         return FeedbackReceipt(record.id, record.reward, chosen, record.flagged)
 
     def stats(self, caller: Identity, tenant: str = "") -> FeedbackStats:
-        """The caller's tenant's counts; an admin may ask for any tenant, or all with tenant ""."""
-        if tenant and tenant != caller.tenant and not caller.is_admin:
-            raise PermissionDenied("only an admin may read another tenant's feedback stats")
-        if caller.is_admin:
+        """The caller's tenant's counts; an operator may ask for any tenant, or all with tenant ""."""
+        check_length("tenant", tenant, MAX_ID_CHARS)
+        if caller.is_operator:
             return self._store.stats(tenant=tenant or None)
+        if tenant and tenant != caller.tenant:
+            raise PermissionDenied("reading another tenant's feedback stats needs an operator token "
+                                   "(role = \"operator\"); user and admin tokens read their own tenant's")
         return self._store.stats(tenant=caller.tenant)
 
     def delete_user_data(self, caller: Identity, user_id: str, tenant: str = "") -> DeletedCounts:
-        """Admin only: a user's utterances (with all feedback on them) and the feedback they gave.
+        """A user's utterances (with all feedback on them) and the feedback they gave, in `tenant` (default:
+        the caller's). Needs an admin token of that tenant, or an operator token.
 
-        Raises PermissionDenied for a non-admin caller, InvalidFeedback for an empty user_id.
+        Raises PermissionDenied for any other caller, InvalidFeedback for an empty or over-long user_id.
         """
-        if not caller.is_admin:
-            raise PermissionDenied("DeleteUserData needs an admin token (role = \"admin\" in the tokens file)")
+        check_length("tenant", tenant, MAX_ID_CHARS)
+        check_length("user_id", user_id, MAX_ID_CHARS)
+        tenant = tenant or caller.tenant
+        if not caller.administers(tenant):
+            raise PermissionDenied("DeleteUserData needs an admin token of the user's tenant (role = \"admin\") "
+                                   "or an operator token (role = \"operator\"); a tenant's admin cannot act "
+                                   "on another tenant")
         if not user_id:
             raise InvalidFeedback("user_id is empty; name the user whose data to delete")
         if self._writer is not None:  # the user's last utterances may still be on their way to the store
             self._writer.wait_all_written(self._config.store_flush_wait_s)
-        deleted = self._store.delete_user_data(tenant or caller.tenant, user_id)
-        log.info("%s/%s deleted the data of user %r in tenant %r", caller.tenant, caller.user, user_id,
-                 tenant or caller.tenant)
+        deleted = self._store.delete_user_data(tenant, user_id)
+        log.info("%s/%s deleted the data of user %r in tenant %r", caller.tenant, caller.user, user_id, tenant)
         return deleted
 
 

@@ -1,10 +1,11 @@
 """The `voxloop.v1.Feedback` servicer: identity, protobuf in and out, errors to statuses; the work is in feedback.py.
 
 Status codes: UNAUTHENTICATED (no usable token), RESOURCE_EXHAUSTED (the user's feedback rate),
-INVALID_ARGUMENT (empty / over-long / unspeakable text, empty id; ChooseAlternative on an utterance sent
-without alternatives, or an index outside them), NOT_FOUND (unknown, dropped or
-expired utterance), PERMISSION_DENIED (another tenant's utterance or stats; DeleteUserData without role
-admin), INTERNAL (a bug, logged).
+INVALID_ARGUMENT (empty / over-long / unspeakable text, an empty or over-long id, tenant or user_id;
+ChooseAlternative on an utterance sent without alternatives, or an index outside them), NOT_FOUND
+(unknown, dropped or expired utterance), PERMISSION_DENIED (another tenant's utterance; another
+tenant's stats without role operator; DeleteUserData without role admin of the user's tenant or
+operator), INTERNAL (a bug, logged).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from voxloop.v1 import feedback_pb2_grpc as pb_grpc
 
 from .auth import Authenticator, Identity, RateLimited, Unauthenticated
 from .feedback import FeedbackIntake
+from .limits import InputTooLong
 from .status import StatusTable, abort_with
 from .store import FeedbackStats, InvalidFeedback, NotFound, PermissionDenied
 
@@ -32,6 +34,7 @@ _STATUS_OF: StatusTable = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidFeedback, grpc.StatusCode.INVALID_ARGUMENT),
+    (InputTooLong, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )

@@ -41,6 +41,7 @@ from flashlight.lib.text.dictionary import Dictionary
 
 from .decoder import WORD_SEPARATOR, CtcGreedyDecoder, DecoderFactory, Hypothesis
 from .model import BLANK_ID, ModelFormatError
+from .registry import VerificationError, version_file
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,8 @@ class LexiconLmDecoder:
 def lm_decoder_paths(card: dict, version_dir: Path, overrides: dict | None = None) -> tuple[Path, Path, BeamSettings]:
     """The lexicon and LM files and the search settings of a "lexicon-lm" card["decoder"].
 
-    Raises DecoderFilesError for another decoder type or a missing file.
+    Raises DecoderFilesError for another decoder type, or a file that is missing, not listed in the card's
+    files (it would be read unverified) or outside the version directory.
     """
     section = card.get("decoder") or {}
     if section.get("type") != DECODER_TYPE:
@@ -296,9 +298,13 @@ def lm_decoder_paths(card: dict, version_dir: Path, overrides: dict | None = Non
     paths = []
     for key in ("lexicon", "lm"):
         name = section.get(key)
-        if not name or not (version_dir / name).is_file():
+        try:  # listed in the card's files (sha256-verified) and inside the version directory
+            path = version_file(version_dir, card, name)
+        except VerificationError as e:
+            raise DecoderFilesError(f"card decoder {key} file: {e}") from e
+        if not path.is_file():
             raise DecoderFilesError(f"card decoder {key} file {name!r} is not in {version_dir}")
-        paths.append(version_dir / name)
+        paths.append(path)
     return paths[0], paths[1], BeamSettings.from_card({**section, **(overrides or {})})
 
 

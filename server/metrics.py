@@ -49,6 +49,11 @@ REAL_TIME_FACTOR = Gauge("voxloop_real_time_factor",
                          "Inference seconds per audio second over the recent calls (below 1 keeps up).")
 UTTERANCES_DROPPED = Counter("voxloop_store_writes_dropped_total",
                              "Final utterances not written to the feedback store (queue full or insert failed).")
+STORE_WRITE_LAG_SECONDS = Histogram("voxloop_store_write_lag_seconds",
+                                    "From a final's utterance being queued (just before the final is sent) to its "
+                                    "commit in the feedback store: the window in which a crash loses it.",
+                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                                             5.0, 10.0))
 FEEDBACK_RECEIVED = Counter("voxloop_feedback_received_total",
                             "Feedback committed to the store and acknowledged (a retried RPC counts again), by kind "
                             "(correction, acceptance, rejection, choice).",

@@ -1,7 +1,11 @@
-"""The `voxloop.v1.ModelAdmin` servicer: admin identity, protobuf in and out; the work is in watcher.py.
+"""The `voxloop.v1.ModelAdmin` servicer: operator identity, protobuf in and out; the work is in watcher.py.
 
-Status codes: UNAUTHENTICATED (no usable token), PERMISSION_DENIED (a token without role admin, or
-anonymous mode), INVALID_ARGUMENT (a malformed version id), NOT_FOUND (no such version),
+Every call needs an operator token (role "operator"): the registry's models serve every tenant, so
+activating, rolling back, pinning or unpinning one is a fleet-wide act, and the listing's figures
+come from every tenant's feedback. A tenant's admin token (role "admin") is refused like a user's.
+
+Status codes: UNAUTHENTICATED (no usable token), PERMISSION_DENIED (a token without role operator, or
+anonymous mode), INVALID_ARGUMENT (a malformed or over-long version id), NOT_FOUND (no such version),
 FAILED_PRECONDITION (pinned, refused, nothing to roll back, or the version failed to load: the old
 model keeps serving), INTERNAL (a bug, logged).
 """
@@ -32,7 +36,7 @@ T = TypeVar("T")
 
 
 class PermissionDenied(Exception):
-    """The caller is not an admin (-> PERMISSION_DENIED)."""
+    """The caller is not an operator (-> PERMISSION_DENIED)."""
 
 
 _STATUS_OF: StatusTable = (
@@ -67,14 +71,17 @@ def _flatten(figures: object, prefix: str = "") -> dict[str, float]:
 
 
 def list_models(registry: Registry, serving: str) -> pb.ListModelsResponse:
-    """Every published version with its state as `serving`'s replica sees it (blocking: reads the registry)."""
-    refusals = registry.refusals()
+    """Every published version with its state as `serving`'s replica sees it (blocking: reads the registry).
+
+    A directory of versions/ that cannot be read as a version (no or a broken card) is listed as REFUSED
+    with reason "card", so it is seen, and blocks nothing.
+    """
+    refusals = registry.standing_refusals()
     pin = registry.pinned()
     current = registry.current_version()
     response = pb.ListModelsResponse(serving_version=serving, current_version=current or "",
                                      pinned_version=pin.version if pin else "")
-    for version in registry.versions():
-        card = registry.load_card(version)
+    for version, card in registry.version_cards():
         refusal = refusals.get(version)
         state = pb.SERVING if version == serving else pb.REFUSED if refusal is not None else pb.AVAILABLE
         entry = pb.ModelVersion(version=version, parent_version=card.get("parent_version") or "", state=state,
@@ -89,6 +96,9 @@ def list_models(registry: Registry, serving: str) -> pb.ListModelsResponse:
             except ValueError:
                 log.warning("card of %s has an unreadable created_at %r", version, created_at)
         response.models.append(entry)
+    for name, why in sorted(registry.broken_versions().items()):
+        response.models.append(pb.ModelVersion(version=name, state=pb.REFUSED, refused_reason="card",
+                                               refused_detail=why, current=name == current))
     return response
 
 
@@ -98,7 +108,7 @@ def _change(previous_and_serving: tuple[str, str]) -> pb.ModelChange:
 
 
 class ModelAdminServicer(pb_grpc.ModelAdminServicer):
-    """ListModels, ActivateModel, Rollback, PinModel, UnpinModel for admin tokens."""
+    """ListModels, ActivateModel, Rollback, PinModel, UnpinModel for operator tokens."""
 
     def __init__(self, watcher: ModelWatcher, authenticator: Authenticator):
         self._watcher = watcher
@@ -107,9 +117,11 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
     async def _call(self, context: grpc.aio.ServicerContext, work: Callable[[Identity], Awaitable[T]]) -> T:
         try:
             caller = self._auth.identify(context)
-            if not caller.is_admin:
-                raise PermissionDenied("model administration needs an admin token (role = \"admin\" in the "
-                                       "tokens file); pass it with --token or $VOXLOOP_TOKEN")
+            if not caller.is_operator:
+                raise PermissionDenied("model administration changes what every tenant is served: it needs an "
+                                       "operator token (role = \"operator\" in the tokens file; a tenant's "
+                                       "\"admin\" administers only its own tenant's data); pass it with --token "
+                                       "or $VOXLOOP_TOKEN")
             return await work(caller)
         except Exception as e:
             await abort_with(context, e, _STATUS_OF, "a model admin call")
@@ -128,7 +140,7 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
             if not request.version:
                 raise ValueError("ActivateModel needs a version; `voxloop models list` shows them")
             _version_argument(request.version)
-            log.info("admin %s/%s activates %s%s", caller.tenant, caller.user, request.version,
+            log.info("operator %s/%s activates %s%s", caller.tenant, caller.user, request.version,
                      " (force)" if request.force else "")
             return _change(await self._watcher.activate(request.version, force=request.force, by=_who(caller)))
 
@@ -136,7 +148,7 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
 
     async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext) -> pb.ModelChange:
         async def work(caller: Identity) -> pb.ModelChange:
-            log.info("admin %s/%s rolls back", caller.tenant, caller.user)
+            log.info("operator %s/%s rolls back", caller.tenant, caller.user)
             return _change(await self._watcher.rollback(by=_who(caller)))
 
         return await self._call(context, work)
@@ -145,21 +157,21 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
         async def work(caller: Identity) -> pb.ModelChange:
             if request.version:
                 _version_argument(request.version)
-            log.info("admin %s/%s pins %s", caller.tenant, caller.user, request.version or "the serving version")
+            log.info("operator %s/%s pins %s", caller.tenant, caller.user, request.version or "the serving version")
             return _change(await self._watcher.pin(request.version, by=_who(caller)))
 
         return await self._call(context, work)
 
     async def UnpinModel(self, request: pb.UnpinModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelChange:
         async def work(caller: Identity) -> pb.ModelChange:
-            log.info("admin %s/%s unpins", caller.tenant, caller.user)
+            log.info("operator %s/%s unpins", caller.tenant, caller.user)
             return _change(await self._watcher.unpin())
 
         return await self._call(context, work)
 
 
 def _who(caller: Identity) -> str:
-    return f"admin {caller.tenant}/{caller.user}"
+    return f"operator {caller.tenant}/{caller.user}"
 
 
 __all__ = ["MODEL_ADMIN_SERVICE_NAME", "ModelAdminServicer", "list_models"]

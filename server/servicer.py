@@ -29,6 +29,8 @@ from .auth import ANONYMOUS_USER, Authenticator, Identity, Unauthenticated
 from .batcher import ModelUnavailable, ServingModel
 from .config import ServerConfig
 from .decoder import WordTiming
+from .model import MODEL_SAMPLE_RATE_HZ
+from .resample import KERNELS
 from .status import StatusTable, abort_with
 from .stream import (
     EndOfSingleUtterance,
@@ -129,6 +131,13 @@ def options_from_proto(config: pb.RecognitionConfig, *, interim_results: bool | 
         session_id=config.session_id,
         max_alternatives=config.max_alternatives or 1,
     )
+
+
+async def prepare_resampling(sample_rate_hz: int) -> None:
+    """Build the stream's resampling kernel (if not cached) in a worker thread, not on the event loop: the
+    largest take tens of milliseconds, which every other stream would wait out."""
+    if sample_rate_hz != MODEL_SAMPLE_RATE_HZ:
+        await asyncio.to_thread(KERNELS.get, sample_rate_hz, MODEL_SAMPLE_RATE_HZ)
 
 
 def caller_options(options: RecognitionOptions, caller: Identity) -> RecognitionOptions:
@@ -267,8 +276,10 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
         if request.WhichOneof("streaming_request") != "config":
             raise ValueError("the first StreamingRecognizeRequest must carry config (RecognitionConfig); "
                              "send audio_content only after it")
-        stream = RecognitionStream(caller_options(options_from_proto(request.config), caller), self._config,
-                                   self._current_model, on_utterance=self._on_utterance, leases=self._leases)
+        options = caller_options(options_from_proto(request.config), caller)
+        await prepare_resampling(options.sample_rate_hz)
+        stream = RecognitionStream(options, self._config, self._current_model, on_utterance=self._on_utterance,
+                                   leases=self._leases)
         try:
             await self._run_stream(context, stream)
         finally:
@@ -296,6 +307,7 @@ class RecognizerServicer(pb_grpc.RecognizerServicer):
             caller = self._auth.identify(context)
             with self._slots.hold():
                 options = caller_options(options_from_proto(request.config, interim_results=False), caller)
+                await prepare_resampling(options.sample_rate_hz)
                 stream = RecognitionStream(options, self._config, self._current_model,
                                            on_utterance=self._on_utterance, leases=self._leases)
                 try:

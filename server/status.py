@@ -14,6 +14,8 @@ from typing import NoReturn
 
 import grpc
 
+from .limits import bounded_details
+
 log = logging.getLogger(__name__)
 
 StatusTable = tuple[tuple[type[BaseException], grpc.StatusCode], ...]
@@ -24,7 +26,7 @@ def status_of(error: BaseException, table: StatusTable, call: str) -> tuple[grpc
     """The status and details the caller gets for `error` raised in `call` (e.g. "a feedback call")."""
     for error_type, code in table:
         if isinstance(error, error_type):
-            return code, str(error)
+            return code, bounded_details(str(error))
     log.error("internal error in %s", call, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the server logged the details"
 

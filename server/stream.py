@@ -42,13 +42,13 @@ from .batcher import ServingModel
 from .config import ServerConfig
 from .decoder import Hypothesis, UtteranceDecoder, WordTiming
 from .endpoint import EndpointRule, EndpointRules
+from .limits import MAX_ID_CHARS, check_length
 from .metrics import AUDIO_SECONDS, FINAL_LATENCY_SECONDS, PARTIAL_LAG_SECONDS
 from .model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, State
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ENCODINGS = ("LINEAR16",)
-MAX_ID_CHARS = 128
 DEFAULT_MODEL_LANGUAGE = "en-US"
 _TIME_EPSILON_S = 1e-6
 
@@ -82,8 +82,7 @@ class RecognitionOptions:
         validate_sample_rate(self.sample_rate_hz)
         validate_channels(self.channels)
         for name in ("user_id", "session_id", "language_code"):
-            if len(getattr(self, name)) > MAX_ID_CHARS:
-                raise ValueError(f"{name} must be at most {MAX_ID_CHARS} characters")
+            check_length(name, getattr(self, name), MAX_ID_CHARS)
 
 
 def check_language(language_code: str, model: ServingModel) -> None:

@@ -31,8 +31,10 @@ _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": 
 _GROUPED_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _DOLLARS = re.compile(r"\$\s?(\d+)(?:\.(\d{2}))?(?!\d)")
 _PERCENT = re.compile(r"(?<=\d)\s?%")
-_ORDINAL = re.compile(r"(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
-_DECIMAL = re.compile(r"(\d+)\.(\d+)")
+# (?<!\d): a match can only start where a digit run starts; without it a long digit run costs
+# quadratic time (each position inside the run is tried and fails at the run's end).
+_ORDINAL = re.compile(r"(?<!\d)(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
+_DECIMAL = re.compile(r"(?<!\d)(\d+)\.(\d+)")
 _INTEGER = re.compile(r"\d+")
 _WORD_INTERNAL_APOSTROPHE = re.compile(r"(?<![a-z])'|'(?![a-z])")
 _NORMALIZED = re.compile(r"(?:[a-z]+(?:'[a-z]+)*(?: [a-z]+(?:'[a-z]+)*)*)?")
@@ -42,6 +44,14 @@ def _integer_words(digits: str) -> str:
     if len(digits) > _MAX_CARDINAL_DIGITS or (len(digits) > 1 and digits.startswith("0")):
         return " ".join(_DIGIT_WORDS[int(d)] for d in digits)
     return num2words(int(digits))
+
+
+def _ordinal_words(digits: str) -> str:
+    # Past _MAX_CARDINAL_DIGITS the digits are read one by one, as for cardinals: num2words raises
+    # OverflowError past 10^30, and int() refuses more than 4300 digits.
+    if len(digits) > _MAX_CARDINAL_DIGITS:
+        return _integer_words(digits)
+    return num2words(int(digits), to="ordinal")
 
 
 def _dollars_words(match: re.Match[str]) -> str:
@@ -63,7 +73,7 @@ def spell_out(text: str) -> str:
     text = _DOLLARS.sub(_dollars_words, text)
     text = _PERCENT.sub(" percent ", text)
     text = text.replace("&", " and ")
-    text = _ORDINAL.sub(lambda m: f" {num2words(int(m.group(1)), to='ordinal')} ", text)
+    text = _ORDINAL.sub(lambda m: f" {_ordinal_words(m.group(1))} ", text)
     text = _DECIMAL.sub(
         lambda m: (
             f" {_integer_words(m.group(1))} point " + " ".join(_DIGIT_WORDS[int(d)] for d in m.group(2)) + " "

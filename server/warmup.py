@@ -26,6 +26,7 @@ import soundfile as sf
 
 from .decoder import CtcGreedyDecoder
 from .model import MODEL_SAMPLE_RATE_HZ, OnnxModel
+from .registry import VerificationError, version_file
 from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,11 @@ def warm_up(model: OnnxModel, card: dict, version_dir: Path,
     if probe:
         if not isinstance(probe, dict) or not isinstance(probe.get("transcript"), str) or "file" not in probe:
             raise WarmupFailed("warmup", f"card[{PROBE_CARD_KEY!r}] must be {{'file': ..., 'transcript': ...}}")
-        if probe["file"] not in (card.get("files") or {}):
-            raise WarmupFailed("warmup", f"the probe {probe['file']} is not in the card's files (unverified)")
-        audio, expected = read_probe(version_dir / probe["file"]), probe["transcript"]
+        try:  # listed in the card's files (sha256-verified) and inside the version directory
+            probe_path = version_file(version_dir, card, probe["file"])
+        except VerificationError as e:
+            raise WarmupFailed("warmup", f"the probe: {e}") from e
+        audio, expected = read_probe(probe_path), probe["transcript"]
     else:
         audio, expected = synthetic_probe(), None
     transcript, frames = streaming_transcript(model, audio)

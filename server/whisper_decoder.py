@@ -22,7 +22,7 @@ monotonic); confidence is the mean probability of a word's tokens.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 
 from .decoder import Hypothesis, WordTiming
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError
+from .registry import version_file
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ class SecondPassSettings:
     decoder as "previous text" (Whisper's <|startofprev|> prompt), which biases it toward them."""
     max_tokens_per_s: float = 12.0
     """Tokens a final may have per second of audio (a loop breaker; speech is ~3-5 tokens a second)."""
-    files: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_card(cls, card: dict) -> SecondPassSettings:
@@ -83,10 +83,6 @@ class SecondPassSettings:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
-        listed = card.get("files") or {}
-        for name in (settings.encoder, settings.decoder, settings.tokenizer):
-            if name not in listed:
-                raise ModelFormatError(f"the second pass's {name} is not in the card's files (unverified)")
         return settings
 
 
@@ -123,12 +119,13 @@ class WhisperSecondPass:
     """encoder.onnx + decoder.onnx + the tokenizer of one version. `transcribe` is thread-safe (ONNX
     sessions are) and blocking: the server runs it in the version's own executor thread."""
 
-    def __init__(self, version_dir: Path, settings: SecondPassSettings, *, intra_op_threads: int = 1):
+    def __init__(self, encoder: Path, decoder: Path, tokenizer: Path, settings: SecondPassSettings, *,
+                 intra_op_threads: int = 1):
         self.settings = settings
-        self._encoder = _session(version_dir / settings.encoder, intra_op_threads)
-        self._decoder = _session(version_dir / settings.decoder, intra_op_threads)
+        self._encoder = _session(encoder, intra_op_threads)
+        self._decoder = _session(decoder, intra_op_threads)
         try:
-            self._tokenizer = Tokenizer.from_file(str(version_dir / settings.tokenizer))
+            self._tokenizer = Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # tokenizers raises its own Exception type
             raise ModelFormatError(f"{settings.tokenizer} is not a tokenizers JSON file: {e}") from e
         cache = next(i for i in self._decoder.get_inputs() if i.name == "self_k").shape  # (L, B, heads, P, hd)
@@ -142,7 +139,11 @@ class WhisperSecondPass:
         """The version's second pass, or None when its card has none (a CTC version)."""
         if SECOND_PASS_KEY not in card:
             return None
-        return cls(version_dir, SecondPassSettings.from_card(card), intra_op_threads=intra_op_threads)
+        settings = SecondPassSettings.from_card(card)
+        # Only files the card lists (their sha256 verified) and inside the version directory are opened.
+        encoder, decoder, tokenizer = (version_file(version_dir, card, name)
+                                       for name in (settings.encoder, settings.decoder, settings.tokenizer))
+        return cls(encoder, decoder, tokenizer, settings, intra_op_threads=intra_op_threads)
 
     def _full_prompt(self, vocabulary_prompt: str) -> tuple[int, ...]:
         if not vocabulary_prompt.strip():

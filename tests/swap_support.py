@@ -14,6 +14,12 @@ TOKENS_TOML = """
 token = "root-token"
 tenant = "ops"
 user = "root"
+role = "operator"
+
+[[tokens]]
+token = "carol-token"
+tenant = "acme"
+user = "carol"
 role = "admin"
 
 [[tokens]]
@@ -22,6 +28,10 @@ tenant = "acme"
 user = "alice"
 """
 ADMIN_TOKEN = "root-token"
+"""The fleet operator's token (role "operator"): what model administration needs."""
+OPERATOR_TOKEN = ADMIN_TOKEN
+TENANT_ADMIN_TOKEN = "carol-token"
+"""An admin of tenant acme (role "admin"): its own tenant's data, not the models."""
 USER_TOKEN = "alice-token"
 
 
@@ -59,4 +69,5 @@ def audio_pcm(seconds: float, seed: int = 0) -> bytes:
     return pcm16(noise(seconds, seed))
 
 
-__all__ = ["ADMIN_TOKEN", "TOKENS_TOML", "USER_TOKEN", "audio_pcm", "publish_copy", "wait_for"]
+__all__ = ["ADMIN_TOKEN", "OPERATOR_TOKEN", "TENANT_ADMIN_TOKEN", "TOKENS_TOML", "USER_TOKEN", "audio_pcm",
+           "publish_copy", "wait_for"]

@@ -58,6 +58,12 @@ role = "admin"
 token = "tok-rita"
 tenant = "acme"
 user = "rita"
+
+[[tokens]]
+token = "tok-ops"
+tenant = "ops"
+user = "olga"
+role = "operator"
 """
 
 
@@ -256,15 +262,19 @@ def test_feedback_past_the_users_rate_limit_is_resource_exhausted(secured, alice
     assert alice.accept_transcript(utterance_id).reward == 0.0
 
 
-def test_feedback_stats_show_the_callers_tenant_and_all_tenants_to_an_admin(secured, alice):
+def test_feedback_stats_show_the_callers_tenant_and_all_tenants_to_an_operator(secured, alice):
     with client_for(secured, "tok-bob") as bob:
         bob_id, _ = stream_utterance(bob, seed=10)
         bob.accept_transcript(bob_id)
         own = bob.feedback_stats()
         assert set(own.by_tenant) == {"globex"} and own.by_kind["acceptance"] >= 1
         assert error_code(lambda: bob.feedback_stats("acme")) == "PERMISSION_DENIED"
-    with client_for(secured, "tok-root") as root:
-        everything = root.feedback_stats()
+    with client_for(secured, "tok-root") as root:  # acme's admin: acme only
+        assert set(root.feedback_stats().by_tenant) <= {"acme"}
+        assert error_code(lambda: root.feedback_stats("globex")) == "PERMISSION_DENIED"
+    with client_for(secured, "tok-ops") as operator:
+        everything = operator.feedback_stats()
+        assert set(operator.feedback_stats("globex").by_tenant) == {"globex"}
     assert {"globex"} <= set(everything.by_tenant) and everything.feedback >= own.feedback
 
 

@@ -1,4 +1,4 @@
-"""ModelAdmin over gRPC and the `voxloop models` CLI: admin only, list, activate, rollback, pin."""
+"""ModelAdmin over gRPC and the `voxloop models` CLI: operator only, list, activate, rollback, pin."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import TINY_VERSION
 from server_support import noise, pcm16
-from swap_support import ADMIN_TOKEN, TOKENS_TOML, USER_TOKEN, publish_copy
+from swap_support import ADMIN_TOKEN, TENANT_ADMIN_TOKEN, TOKENS_TOML, USER_TOKEN, publish_copy
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
 from voxloop.server.app import BackgroundServer
@@ -46,11 +46,13 @@ def served_version(client: RecognizerClient) -> str:
     return response.results[0].model_version
 
 
-def test_model_admin_needs_an_admin_token(running):
-    with RecognizerClient(running.target, token=USER_TOKEN, timeout=10) as user:
-        assert code_of(user.list_models) == "PERMISSION_DENIED"
-        assert code_of(lambda: user.activate_model("tiny-0001-b")) == "PERMISSION_DENIED"
-        assert code_of(user.rollback_model) == code_of(user.pin_model) == "PERMISSION_DENIED"
+def test_model_admin_needs_an_operator_token(running):
+    for token in (USER_TOKEN, TENANT_ADMIN_TOKEN):  # a tenant's admin may not change what every tenant gets
+        with RecognizerClient(running.target, token=token, timeout=10) as caller:
+            assert code_of(caller.list_models) == "PERMISSION_DENIED"
+            assert code_of(lambda: caller.activate_model("tiny-0001-b")) == "PERMISSION_DENIED"  # noqa: B023
+            assert code_of(caller.rollback_model) == code_of(caller.pin_model) == "PERMISSION_DENIED"
+            assert code_of(caller.unpin_model) == "PERMISSION_DENIED"
     with RecognizerClient(running.target, timeout=10) as nobody:
         assert code_of(nobody.list_models) == "UNAUTHENTICATED"
     assert running.registry.current_version() == TINY_VERSION
@@ -77,7 +79,7 @@ def test_activate_serves_the_version_and_points_current_at_it(running, admin):
     assert served_version(admin) == "tiny-0001-b"
     assert running.registry.current_version() == "tiny-0001-b"
     assert running.registry.history()[-1].action == "activate"
-    assert running.registry.history()[-1].by == "admin ops/root"
+    assert running.registry.history()[-1].by == "operator ops/root"
 
 
 def test_activate_refuses_unknown_malformed_and_broken_versions(running, admin, tmp_path):
@@ -158,3 +160,26 @@ def test_cli_models_commands(running, capsys):
     assert lines[1].startswith("tiny-0001-b\trefused") and "rolled_back" in lines[1]
     assert main(["models", "activate", "nope", *target]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_leftovers_and_broken_versions_never_block_model_admin(running, admin):
+    # What the outside probe left: a publish killed between writing card.json and the rename, and a
+    # version whose card is unreadable (issue 14, defect 3).
+    versions = running.registry.versions_root
+    staging = versions / ".tiny-0004.x1y2z3"
+    staging.mkdir()
+    (staging / "card.json").write_text((versions / TINY_VERSION / "card.json").read_text())
+    (versions / "tiny-garbled").mkdir()
+    (versions / "tiny-garbled" / "card.json").write_text("{ garbled")
+    listing = admin.list_models()
+    states = {m.version: m for m in listing.models}
+    assert set(states) == {TINY_VERSION, "tiny-0001-b", "tiny-garbled"}
+    assert states["tiny-garbled"].state == admin_pb.REFUSED and states["tiny-garbled"].refused_reason == "card"
+    assert admin.activate_model("tiny-0001-b").serving_version == "tiny-0001-b"
+    assert admin.pin_model(TINY_VERSION).serving_version == TINY_VERSION
+    assert admin.unpin_model().serving_version == "tiny-0001-b"
+    assert code_of(lambda: admin.activate_model("tiny-garbled")) == "NOT_FOUND"
+    assert code_of(lambda: admin.activate_model("tiny-0001\n")) == "INVALID_ARGUMENT"  # not NOT_FOUND
+    with pytest.raises(VoxloopError) as raised:
+        admin.activate_model("v" * 20000)  # a 20 KB id: INVALID_ARGUMENT, not a metadata overflow
+    assert raised.value.code == "INVALID_ARGUMENT" and len(raised.value.details) < 300

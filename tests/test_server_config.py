@@ -66,3 +66,21 @@ def test_invalid_toml_is_a_value_error_naming_the_file(tmp_path):
     toml.write_text("port = \n")
     with pytest.raises(ValueError, match="bad.toml is not valid TOML"):
         load_config(toml, env={})
+
+
+def test_config_errors_name_only_flags_that_exist():
+    with pytest.raises(ValueError) as raised:
+        ServerConfig(tls_cert_file=Path("cert.pem"))
+    assert "VOXLOOP_TLS_KEY_FILE" in str(raised.value) and "--tls-key-file" not in str(raised.value)
+    with pytest.raises(ValueError) as raised:
+        ServerConfig(tls_cert_file=Path("cert.pem"), tls_key_file=Path("key.pem"))
+    assert "VOXLOOP_TOKENS_FILE" in str(raised.value) and "--tokens-file" not in str(raised.value)
+    with pytest.raises(ValueError, match="VOXLOOP_METRICS_PORT or --metrics-port"):
+        ServerConfig(metrics_port=-1)
+
+
+def test_the_fields_with_flags_are_the_serve_commands_flags():
+    from voxloop.clients.cli import SERVE_FLAGS
+    from voxloop.server.config import FLAG_FIELDS, flag_name
+    assert {field for _, field, _, _ in SERVE_FLAGS} == FLAG_FIELDS
+    assert all(flag_name(field) == flag for flag, field, _, _ in SERVE_FLAGS)

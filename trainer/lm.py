@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..server.lm_decoder import BeamSettings
-from ..server.registry import CARD_FILE, sha256_file
+from ..server.registry import CARD_FILE, sha256_file, version_file
 from ..server.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def adapt_decoder_files(parent_version_dir: Path, texts: list[str], out_dir: Pat
     if section.get("type") != DECODER_TYPE:
         raise ValueError(f"{parent_version_dir}: decoder type {section.get('type')!r} cannot be adapted; "
                          f"only {DECODER_TYPE!r}")
-    counts = read_counts(parent_version_dir / section.get("counts", COUNTS_FILE))
+    counts = read_counts(version_file(parent_version_dir, card, section.get("counts", COUNTS_FILE)))
     weight = int(section.get("adapt_count_weight", DecoderSettings.adapt_count_weight))
     counts.update(sentence_counts(texts, weight))
     return write_decoder_files(counts, Path(out_dir), int(section.get("order", DecoderSettings.order)))

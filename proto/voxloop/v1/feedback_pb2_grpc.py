@@ -84,15 +84,16 @@ class FeedbackServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetFeedbackStats(self, request, context):
-        """Counts of current feedback: the caller's tenant, or every tenant for role admin.
+        """Counts of current feedback: the caller's tenant; role operator may ask for any tenant, or every one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUserData(self, request, context):
-        """Admin only (PERMISSION_DENIED otherwise): delete a user's utterances, with all feedback on them,
-        and all feedback the user gave. Models already trained on it are not changed.
+        """Role admin of the user's tenant, or role operator (PERMISSION_DENIED otherwise): delete a user's
+        utterances, with all feedback on them, and all feedback the user gave. Models already trained on it
+        are not changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
