@@ -16,7 +16,7 @@ def tiny_whisper_policy(seed: int = 0):
     and a fresh CTC head (streaming windows of 0.4 s history + 0.4 s chunks)."""
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
-    from voxloop.trainer.whisper_ct2 import END_OF_TEXT, NO_TIMESTAMPS, START_OF_TRANSCRIPT
+    from voxloop.trainer.whisper_ct2 import END_OF_TEXT, START_OF_TRANSCRIPT, generation_config
     from voxloop.trainer.whisper_model import WhisperPolicy, WhisperPolicyConfig
 
     torch.manual_seed(seed)
@@ -27,10 +27,8 @@ def tiny_whisper_policy(seed: int = 0):
                            decoder_start_token_id=START_OF_TRANSCRIPT, suppress_tokens=[], begin_suppress_tokens=[220],
                            tie_word_embeddings=True)
     model = WhisperForConditionalGeneration(config).eval()
-    model.generation_config.forced_decoder_ids = [[1, NO_TIMESTAMPS]]
-    model.generation_config.alignment_heads = [[1, 0], [1, 1]]
-    model.generation_config.suppress_tokens = []
-    model.generation_config.begin_suppress_tokens = [220]
+    model.generation_config = generation_config(config, {"suppress_ids": [], "suppress_ids_begin": [220, END_OF_TEXT],
+                                                         "alignment_heads": [[1, 0], [1, 1]]})
     settings = WhisperPolicyConfig(history_s=0.4, chunk_s=0.4, pad_s=0.4, ctc_hidden=32)
     return WhisperPolicy.with_new_head(model, settings, seed=seed).eval()
 

@@ -56,6 +56,7 @@ from .config import TrainerConfig
 from .distributed import SINGLE, DataParallel
 from .gate import AnchorScores, GateConfig, GateDecision, GateInputs, evaluate_candidate
 from .kinds import policy_kind
+from .policies import ctc_vocabulary
 from .rewards import FeedbackItem, feedback_item
 from .state import TrainerState, clear_intent, read_intent, write_intent
 from .update import ppo_update
@@ -195,7 +196,7 @@ def _load_base_data(config: TrainerConfig, state: TrainerState, data_parallel: D
     data_parallel.barrier()
     if not data_parallel.is_main:
         corpus = ensure_corpus(config.corpus_dir, config.trainer_dir, config.fallback_sentences)
-    return BaseData(corpus, state.policy.config.vocabulary, config.anchor_size, config.replay_pool_size)
+    return BaseData(corpus, ctc_vocabulary(state.policy), config.anchor_size, config.replay_pool_size)
 
 
 def _update(state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData, config: TrainerConfig,

@@ -32,6 +32,7 @@ from .config import TrainerConfig
 from .cycle import CycleReport, recover_activation, run_cycle
 from .distributed import SINGLE, DataParallel
 from .gate import AnchorScores
+from .policies import ctc_vocabulary
 from .state import TrainerState
 from .update import UpdateAborted
 
@@ -91,7 +92,7 @@ class TrainerLoop:
         # Data-parallel processes load the base data inside the cycle, in order (the main one may synthesize it).
         if not data_parallel.enabled and kept.base_data is None and self.store.pending_count() > 0:
             corpus = ensure_corpus(self.config.corpus_dir, self.config.trainer_dir, self.config.fallback_sentences)
-            kept.base_data = BaseData(corpus, kept.state.policy.config.vocabulary, self.config.anchor_size,
+            kept.base_data = BaseData(corpus, ctc_vocabulary(kept.state.policy), self.config.anchor_size,
                                       self.config.replay_pool_size)
         try:
             return run_cycle(self.store, self.registry, self.config, state=kept.state, base_data=kept.base_data,

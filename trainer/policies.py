@@ -34,6 +34,13 @@ def load_policy_dir(path: Path) -> Policy:
     return VoxloopForCTC.from_pretrained(path)
 
 
+def ctc_vocabulary(policy: Policy) -> list[str]:
+    """The trainer's CTC vocabulary of a policy (of its first-pass head, for a Whisper policy)."""
+    if isinstance(policy, WhisperPolicy):
+        return list(policy.settings.ctc_vocabulary)
+    return list(policy.config.vocabulary)
+
+
 def save_policy(policy: Policy, out_dir: Path) -> None:
     """A version's policy/: the weights, and the tokenizer the trainer reads targets with."""
     policy.save_pretrained(out_dir)
@@ -72,5 +79,5 @@ def policy_card(policy: Policy) -> dict:
             "streaming_chunk_ms": c.chunk_frames * c.frame_shift_s * 1000}
 
 
-__all__ = ["Policy", "check_policy_parity", "export_policy", "load_policy_dir", "policy_card", "policy_format",
-           "save_policy"]
+__all__ = ["Policy", "check_policy_parity", "ctc_vocabulary", "export_policy", "load_policy_dir", "policy_card",
+           "policy_format", "save_policy"]

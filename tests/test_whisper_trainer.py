@@ -1,0 +1,183 @@
+"""RLHF on the Whisper policy: token log-probs and KL by hand, the candidate group, cycles that publish, resume
+and are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from trainer_support import add_feedback, write_corpus
+from voxloop.server.app import load_serving_model
+from voxloop.server.config import ServerConfig
+from voxloop.server.registry import Registry
+from voxloop.server.store import FeedbackStore
+from voxloop.trainer.config import TrainerConfig
+from voxloop.trainer.cycle import CycleOutcome, run_cycle
+from voxloop.trainer.kinds import corrected_words, vocabulary_prompt
+from voxloop.trainer.ppo import PPOConfig, kl_to_reference
+from voxloop.trainer.rewards import REJECTED_REWARD, feedback_item
+from voxloop.trainer.state import TrainerState
+from voxloop.trainer.whisper_model import WhisperPolicy
+from voxloop.trainer.whisper_update import (
+    PROMPT,
+    WhisperRolloutContext,
+    candidate_log_probs,
+    collect_whisper_rollout,
+    whisper_style,
+)
+from whisper_support import TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy, tokenizer_json
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)
+
+
+def flite(text: str, voice: str = "slt") -> np.ndarray:
+    """`text` read by a flite voice, float32 16 kHz."""
+    import torchaudio.functional as AF
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "s.wav"
+        subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav)], check=True, capture_output=True)
+        audio, rate = sf.read(wav, dtype="float32")
+    return AF.resample(torch.from_numpy(audio), rate, 16000).numpy()
+
+
+SENTENCES = ("please close the door", "the red car is fast", "we meet at noon", "open the window now")
+
+
+@pytest.fixture(scope="module")
+def flite_corpus(tmp_path_factory) -> Path:
+    rows = [(s, flite(s)) for s in SENTENCES]
+    return write_corpus(tmp_path_factory.mktemp("flite-corpus"), {"train": rows, "dev": rows})
+
+
+def test_token_log_probs_and_the_per_token_kl_are_what_a_hand_computation_gives():
+    policy = tiny_whisper_policy(seed=0)
+    other = tiny_whisper_policy(seed=1)
+    audio = torch.from_numpy(flite("hello there")[:16000])
+    states = policy.final_encoder_states(audio[None], torch.tensor([len(audio)]))
+    candidate = [440, 1234, 50256]  # " Hello", some token, end of text
+    with torch.no_grad():
+        from voxloop.trainer.whisper_model import cross_key_values
+
+        cross_k, cross_v = cross_key_values(policy.model, states)
+        full, chosen, mask = candidate_log_probs(policy, cross_k, cross_v, [candidate])
+        logits = policy.model(encoder_outputs=(states,), decoder_input_ids=torch.tensor([[*PROMPT, *candidate[:-1]]])
+                              ).logits[0, len(PROMPT) - 1 :]
+        expected = torch.log_softmax(logits, -1)  # (3, V): the positions that predict each candidate token
+        other_states = other.final_encoder_states(audio[None], torch.tensor([len(audio)]))
+        other_k, other_v = cross_key_values(other.model, other_states)
+        other_full, _, _ = candidate_log_probs(other, other_k, other_v, [candidate])
+    assert mask.tolist() == [[True, True, True]]
+    assert torch.allclose(full[0], expected, atol=1e-4)
+    assert torch.allclose(chosen[0], expected[torch.arange(3), torch.tensor(candidate)], atol=1e-4)
+    p, q = full[0].double(), other_full[0].double()
+    by_hand = torch.tensor([sum(float(p[t, v].exp()) * (float(p[t, v]) - float(q[t, v])) for v in range(p.shape[1]))
+                            for t in range(3)], dtype=torch.float64)
+    assert torch.allclose(kl_to_reference(full[0], other_full[0]).double(), by_hand, atol=1e-6)
+    assert (by_hand > 0).all() and float(kl_to_reference(full[0], full[0]).abs().max()) < 1e-6
+
+
+def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_path):
+    policy = tiny_whisper_policy(seed=0)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        audio = flite("the red car")
+        add_feedback(store, audio, kind="correction", text="the red car", hypothesis="the bed car")
+        add_feedback(store, audio, kind="rejection", hypothesis="a wrong transcript")
+        add_feedback(store, audio, kind="choice", hypothesis="the red car", chosen_index=1,
+                     alternatives=["the bed car", "the red car"])
+        items = [feedback_item(p) for p in store.pending_feedback(10)]
+    context = WhisperRolloutContext(policy, tokenizer_json())
+    config = PPOConfig(samples_per_utterance=3)
+    rollout = collect_whisper_rollout(policy, items, config, torch.Generator().manual_seed(0), context)
+    correction, rejection, choice = rollout.items
+    assert len(correction.candidates) == 3 + 1 + 1  # samples, greedy, the correction
+    assert correction.candidates[-1] == context.tokenizer.encode(whisper_style("the red car"))
+    assert correction.rewards[-1] == 0.0 and correction.target == correction.candidates[-1]
+    assert abs(float(correction.advantages.sum())) < 1e-5  # relative to the group's mean
+    assert context.tokenizer.normalized(rejection.candidates[-1]) == "a wrong transcript"
+    assert rejection.rewards[-1] == REJECTED_REWARD and rejection.advantages[-1] < 0 and rejection.target is None
+    texts = [context.tokenizer.normalized(c) for c in choice.candidates[-2:]]
+    assert texts == ["the red car", "the bed car"]  # the chosen alternative (the target), then the other one
+    assert choice.rewards[-2] == 0.0 and choice.rewards[-1] < 0
+    assert all(c[-1] == 50256 or len(c) >= 8 for r in rollout.items for c in r.candidates[:4])
+
+
+def test_the_vocabulary_prompt_keeps_the_newest_corrected_words_once():
+    class Item:
+        def __init__(self, shown: str, target: str):
+            from voxloop.server.store import FeedbackKind
+
+            self.kind, self.shown, self.target = FeedbackKind.CORRECTION, shown, target
+
+    words = corrected_words([Item("send it to the bob", "send it to zebulon"), Item("call ann", "call zebulon")])
+    assert words == ["zebulon", "zebulon"]
+    assert vocabulary_prompt("kowalski, zebulon", words) == "kowalski, zebulon"
+    assert vocabulary_prompt("a, b, c", ["d", "a"], limit=3) == "c, d, a"
+
+
+def _config(data_dir: Path, corpus: Path, **changes) -> TrainerConfig:
+    ppo = PPOConfig(epochs=1, minibatch_size=4, samples_per_utterance=2, replay_per_minibatch=1, learning_rate=1e-4)
+    config = TrainerConfig(data_dir=data_dir, corpus_dir=corpus, heldout_share=0.0, min_heldout_utterances=0,
+                           anchor_size=2, replay_pool_size=2, max_anchor_regression=1.0,
+                           max_total_anchor_regression=1.0, ppo=ppo)
+    return dataclasses.replace(config, **changes)
+
+
+def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_resumes_it(tmp_path, flite_corpus):
+    registry = Registry(tmp_path / "registry")
+    publish_whisper_version(tiny_whisper_policy(seed=0), registry.root, TINY_WHISPER_VERSION)
+    registry.activate(TINY_WHISPER_VERSION)
+    config = _config(tmp_path / "data", flite_corpus)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        for sentence in SENTENCES:
+            add_feedback(store, flite(sentence, "rms"), kind="correction", text=f"{sentence} zebulon",
+                         hypothesis=sentence)
+        report = run_cycle(store, registry, config)
+        assert report.outcome == CycleOutcome.PUBLISHED, report.gate
+        assert store.pending_feedback(10) == []
+    child = report.version_out
+    assert registry.current_version() == child and child == f"{TINY_WHISPER_VERSION}-c0001"
+    card = registry.verify(child)
+    assert card["format"] == "whisper-two-pass/1" and card["parent_version"] == TINY_WHISPER_VERSION
+    assert card["training"]["policy_kind"] == "whisper" and card["training"]["steps"] >= 1
+    assert "zebulon" in card["second_pass"]["vocabulary_prompt"]  # the corrected word reaches the decoder
+    before = WhisperPolicy.from_pretrained(registry.version_dir(TINY_WHISPER_VERSION) / "policy")
+    after = WhisperPolicy.from_pretrained(registry.version_dir(child) / "policy")
+    changed = {name for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True)
+               if not torch.equal(a, b)}
+    assert any(".decoder.layers." in n for n in changed) and any(n.startswith("ctc_head.") for n in changed)
+    assert not any(".encoder." in n or "embed_tokens" in n or "encoder_attn.k_proj" in n for n in changed)
+    # servable: the server's loader verifies, loads and warms both passes up on the card's probe
+    serving = load_serving_model(registry, ServerConfig(data_dir=tmp_path / "srv"), lambda: 1, child, warmup=True)
+    assert serving.second_pass is not None and serving.version == child
+    # the trainer resumes from its checkpoint: the published weights, as a Whisper policy
+    state = TrainerState.load(config.trainer_dir, registry, config.ppo)
+    assert isinstance(state.policy, WhisperPolicy) and state.version == child
+    for (name, a), (_, b) in zip(state.policy.named_parameters(), after.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_harmful_update_of_the_real_whisper_is_refused_by_the_gate(whisper_registry, tmp_path, flite_corpus):
+    """Learning rate 0.3 on the decoder wrecks it: the anchor's WER jumps and the gate keeps the serving version."""
+    registry = Registry(whisper_registry)
+    serving = registry.current_version()
+    config = _config(tmp_path / "data", flite_corpus, max_anchor_regression=0.01, anchor_size=4,
+                     ppo=PPOConfig(epochs=1, minibatch_size=4, samples_per_utterance=1, learning_rate=0.3,
+                                   replay_coef=0.0))
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        for sentence in SENTENCES:
+            add_feedback(store, flite(sentence, "rms"), kind="correction", text=sentence, hypothesis=sentence)
+        report = run_cycle(store, registry, config)
+    assert report.outcome == CycleOutcome.GATED
+    assert any("anchor WER rose" in reason for reason in report.gate["reasons"]), report.gate
+    assert report.gate["anchor_wer_candidate"] > report.gate["anchor_wer_serving"] + 0.01
+    assert registry.current_version() == serving and registry.versions() == [serving]
+    assert json.loads((registry.version_dir(serving) / "card.json").read_text())["version"] == serving
