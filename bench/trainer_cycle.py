@@ -2,9 +2,9 @@
 
     python bench/trainer_cycle.py --objective ppo+sft --cycles 3 --out runs/bench-trainer/ppo+sft.json
 
-Setup: a fresh registry seeded with the shipped model, a fresh store. The "users" speak with a
-voice the base model never heard (the corpus's test_heldout_flite split, base WER ~87%) and correct
-every transcript. Each cycle gets `--items` new corrections (disjoint rows), runs `run_cycle` with
+Setup: a fresh registry seeded with --shipped (models/base, or a built Whisper version), a fresh
+store. The "users" speak with a voice the base model never heard (the corpus's test_heldout_flite
+split, base WER ~87%) and correct every transcript. Each cycle gets `--items` new corrections (disjoint rows), runs `run_cycle` with
 the default TrainerConfig (anchor = 100 dev utterances, replay from train, held-out share 0.2, the
 1-point anchor margin), then the serving model is scored on `--eval` other utterances of that voice
 (domain WER) -- rows never given as feedback. Prints one JSON object per cycle and writes them all.
@@ -16,19 +16,21 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import resource
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from voxloop.server.registry import MODEL_FILE, Registry
+from voxloop.server.registry import Registry
 from voxloop.server.store import FeedbackStore, UtteranceRecord, pcm16_bytes
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import run_cycle
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import load_samples
-from voxloop.trainer.gate import score_onnx
+from voxloop.trainer.gate import score_version
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "base"
 
@@ -57,6 +59,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a PPOConfig field (e.g. --set epochs=2 --set init_kl_coef=1.0)")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a fresh temp dir)")
+    parser.add_argument("--shipped", type=Path, default=SHIPPED,
+                        help="version directory to start from (default models/base; a built Whisper version: "
+                             "<data_dir>/shipped/whisper-tiny.en-v1)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +71,7 @@ def main() -> None:
     rows = read_manifest(args.corpus / f"{args.split}.jsonl")
     eval_rows, feedback_rows = rows[-args.eval:], rows[: -args.eval]
     registry = Registry(work / "registry")
-    registry.seed_from(SHIPPED)
+    registry.seed_from(args.shipped)
     config = TrainerConfig(data_dir=work, corpus_dir=args.corpus).with_objective(args.objective)
     if args.set:
         types = {f.name: f.type for f in dataclasses.fields(config.ppo)}
@@ -82,7 +87,7 @@ def main() -> None:
                                      heldout_share=0.0)
     eval_pairs = [(load_samples(args.corpus / r["path"]), r["text"]) for r in eval_rows]
     results = []
-    base_domain = score_onnx(registry.version_dir(registry.current_version()) / MODEL_FILE, eval_pairs)
+    base_domain = score_version(registry.version_dir(registry.current_version()), eval_pairs)
     print(json.dumps({"cycle": 0, "version": registry.current_version(), "domain_wer": base_domain.wer}), flush=True)
     with FeedbackStore.sqlite(work / "feedback.sqlite3") as store:
         for cycle in range(args.cycles):
@@ -91,7 +96,8 @@ def main() -> None:
             report = run_cycle(store, registry, config)
             elapsed = time.monotonic() - started
             serving = registry.current_version()
-            domain = score_onnx(registry.version_dir(serving) / MODEL_FILE, eval_pairs)
+            domain = score_version(registry.version_dir(serving), eval_pairs)
+            peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             gate = report.gate or {}
             result = {
                 "cycle": cycle + 1, "objective": args.objective, "overrides": args.set, "outcome": report.outcome,
@@ -104,6 +110,7 @@ def main() -> None:
                 "heldout_wer_candidate": gate.get("heldout_wer_candidate"), "heldout_n": gate.get("heldout_utterances"),
                 "reward_before": report.reward_before, "reward_after": report.reward_after,
                 "kl": report.last_step.get("kl"), "kl_coef": report.last_step.get("kl_coef"),
+                "peak_rss_mib": round(peak_rss_mib), "load_average": [round(v, 2) for v in os.getloadavg()],
             }
             results.append(result)
             print(json.dumps(result), flush=True)
