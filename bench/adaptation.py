@@ -13,7 +13,9 @@ the base corpus's test sentences read by the held-out flite voice (feedback and 
 sentences, the anchor on others still, in the training voices; no target words), where the n-best
 often holds the fix.
 
-Each arm gets a fresh data dir (registry seeded with the shipped model, empty store) and its own
+Arms: OBJECTIVE, KIND:OBJECTIVE, either followed by `/noadapt` (text-side adaptation off). Each arm
+gets a fresh data dir (registry seeded with the shipped model -- VOXLOOP_SHIPPED_MODEL_DIR picks it,
+e.g. a built Whisper version or models/base -- and an empty store) and its own
 `voxloop serve` subprocess on loopback, and is driven only through the public API and CLI:
 1. measure: transcribe the domain test and the anchor (StreamingRecognize) and score the finals:
    domain WER, target-word accuracy, anchor WER;
@@ -88,29 +90,39 @@ def voice_scenario(corpus: Path, feedback: int, test: int, anchor: int) -> Scena
                     tuple(base[VOICE_ANCHOR_FROM : VOICE_ANCHOR_FROM + anchor]), frozenset())
 
 
+NO_ADAPTATION = "/noadapt"
+"""Arm suffix: the trainer runs without text-side adaptation (VOXLOOP_TRAINER_ADAPT_LEXICON=false: no lexicon/LM
+re-estimation for a CTC version, no vocabulary prompt for a Whisper one)."""
+
+
 @dataclass(frozen=True)
 class Arm:
     kind: str
     """correct, reject or choice: the feedback users give."""
     objective: str
+    adapt: bool = True
+    """Text-side adaptation on (the default) or off."""
 
     @classmethod
     def parse(cls, text: str) -> Arm:
-        kind, _, objective = text.rpartition(":")
+        adapt = not text.endswith(NO_ADAPTATION)
+        kind, _, objective = text.removesuffix(NO_ADAPTATION).rpartition(":")
         kind = kind or "correct"
         if kind not in KINDS or objective not in OBJECTIVES:
             raise argparse.ArgumentTypeError(f"arm {text!r}: expected OBJECTIVE or KIND:OBJECTIVE with KIND in "
-                                             f"{KINDS[1:]} and OBJECTIVE in {OBJECTIVES}")
-        return cls(kind, objective)
+                                             f"{KINDS[1:]} and OBJECTIVE in {OBJECTIVES}, optionally "
+                                             f"followed by {NO_ADAPTATION}")
+        return cls(kind, objective, adapt)
 
     @property
     def name(self) -> str:
-        return self.objective if self.kind == "correct" else f"{self.kind}:{self.objective}"
+        name = self.objective if self.kind == "correct" else f"{self.kind}:{self.objective}"
+        return name if self.adapt else name + NO_ADAPTATION
 
     @property
     def label(self) -> str:
         return {"correct": "corrections", "reject": "rejections only", "choice": "choices only"}[self.kind] + \
-            f", {self.objective}"
+            f", {self.objective}" + ("" if self.adapt else ", no text-side adaptation")
 
 
 @dataclass
@@ -185,7 +197,8 @@ def run_arm(arm: Arm, scenario, points: tuple[int, ...], home: Path, corpus: Pat
                             else:
                                 result.skipped_feedback += 1
                 sent += batch_sent
-                run = run_train_once(home, objective=arm.objective, corpus_dir=corpus)
+                run = run_train_once(home, objective=arm.objective, corpus_dir=corpus,
+                                     env=None if arm.adapt else {"VOXLOOP_TRAINER_ADAPT_LEXICON": "false"})
                 report = run.report
                 if report.get("outcome") == "published":
                     wait_for_version(server.target, report["version_out"], SWAP_TIMEOUT_S)
@@ -343,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
     results = []
     for arm in arms:
-        home = args.out / "homes" / arm.name.replace(":", "-").replace("+", "-")
+        home = args.out / "homes" / arm.name.replace(":", "-").replace("+", "-").replace("/", "-")
         shutil.rmtree(home, ignore_errors=True)
         started = time.monotonic()
         print(f"arm {arm.name} ({arm.label}), data dir {home}", flush=True)

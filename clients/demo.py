@@ -228,7 +228,7 @@ class TrainRun:
 
 
 def run_train_once(data_dir: Path, *, objective: str | None = None, corpus_dir: Path | None = None,
-                   timeout_s: float = 1800.0) -> TrainRun:
+                   timeout_s: float = 1800.0, env: dict[str, str] | None = None) -> TrainRun:
     """Run one training cycle on what is pending, as `voxloop train --once --json` in a child process."""
     command = [sys.executable, "-m", "voxloop.clients.cli", "train", "--once", "--json", "--data-dir", str(data_dir)]
     if objective is not None:
@@ -238,7 +238,7 @@ def run_train_once(data_dir: Path, *, objective: str | None = None, corpus_dir: 
     log_path = data_dir / "train.log"
     started = time.monotonic()
     with log_path.open("ab") as log_file, tempfile.TemporaryFile() as stdout:
-        process = subprocess.Popen(command, stdout=stdout, stderr=log_file)
+        process = subprocess.Popen(command, stdout=stdout, stderr=log_file, env={**os.environ, **(env or {})})
         deadline = started + timeout_s
         while True:
             # wait4, not wait: it also returns the child's resource usage (ru_maxrss: peak RSS in KiB).

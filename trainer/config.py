@@ -66,7 +66,8 @@ class TrainerConfig:
     rejection-only cycles measurably made that worse (docs/benchmarks.md), so it is gated; 0 publishes
     on the anchor alone."""
     adapt_lexicon: bool = True
-    """Teach the version's lexicon/LM (if it has a decoder) the words of the corrections it trained on."""
+    """Text-side adaptation: teach a CTC version's lexicon/LM (if it has a decoder) the words of the corrections
+    it trained on; put the words users corrected into a Whisper version's vocabulary prompt."""
     num_threads: int = 1
     """torch intra-op threads of the trainer (process-wide; the server also sets 1)."""
     nice: int = 10
