@@ -7,7 +7,8 @@ store. The "users" speak with a voice the base model never heard (the corpus's t
 split, base WER ~87%) and correct every transcript. Each cycle gets `--items` new corrections
 (disjoint rows), runs `run_cycle` with the default TrainerConfig (anchor = 100 dev utterances,
 replay from train, held-out share 0.2, the 1-point anchor margin), then the serving model is scored
-on `--eval` other utterances of that voice (domain WER) -- rows never given as feedback. Prints one JSON object per cycle and writes them all.
+on `--eval` other utterances of that voice (domain WER) -- rows never given as feedback. Prints one
+JSON object per cycle and writes them all.
 """
 
 from __future__ import annotations
