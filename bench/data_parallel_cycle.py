@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore, UtteranceRecord, pcm16_bytes
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore, UtteranceRecord, pcm16_bytes
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import load_samples
 from voxloop.trainer.policies import load_policy_dir

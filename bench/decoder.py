@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from voxloop.server.decoder import CtcGreedyDecoder
-from voxloop.server.lm_decoder import decoder_factory_from_card
-from voxloop.server.model import OnnxModel
-from voxloop.server.registry import CARD_FILE, MODEL_FILE
+from voxloop.core.decoder import CtcGreedyDecoder
+from voxloop.core.lm_decoder import decoder_factory_from_card
+from voxloop.core.model import OnnxModel
+from voxloop.core.registry import CARD_FILE, MODEL_FILE
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import load_samples, onnx_log_probs
 

@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from voxloop.server.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
-from voxloop.server.model import OnnxModel
-from voxloop.server.registry import CARD_FILE, MODEL_FILE
+from voxloop.core.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
+from voxloop.core.model import OnnxModel
+from voxloop.core.registry import CARD_FILE, MODEL_FILE
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import error_rates, load_samples, onnx_log_probs
 from voxloop.trainer.lm import LEXICON_FILE, LM_FILE, adapt_decoder_files

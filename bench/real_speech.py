@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or args.fetch
     if data is None or not (args.server or args.version_dir):
         parser.error("give --data (or --fetch) and --server or --version-dir")
-    from voxloop.server.text import normalize_text
+    from voxloop.core.text import normalize_text
 
     rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
     if args.server:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from voxloop.server.store import FeedbackStore, UtteranceRecord
+from voxloop.core.store import FeedbackStore, UtteranceRecord
 
 AUDIO_S = 2.0
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 from voxloop.clients.audio_files import CHUNK_DURATION_MS, chunk_pcm, float_to_linear16
 from voxloop.clients.client import AsyncRecognizerClient, RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.registry import CARD_FILE, Registry
 from voxloop.server.config import BASE_MODEL_DIR
-from voxloop.server.registry import CARD_FILE, Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
 from streaming import (  # noqa: E402

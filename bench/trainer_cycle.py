@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore, UtteranceRecord, pcm16_bytes
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore, UtteranceRecord, pcm16_bytes
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import run_cycle
 from voxloop.trainer.data import read_manifest

@@ -239,10 +239,10 @@ def _package_version() -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        from voxloop.core.logging_setup import configure_logging
+        from voxloop.core.registry import RegistryError
         from voxloop.server.app import open_registry
         from voxloop.server.config import load_config
-        from voxloop.server.logging_setup import configure_logging
-        from voxloop.server.registry import RegistryError
     except ImportError as e:
         raise CliError(f"the server is not installed ({e}); install it with: pip install 'voxloop[server]'") from e
     overrides = {field: value for _, field, _, _ in SERVE_FLAGS if (value := getattr(args, field)) is not None}
@@ -288,7 +288,7 @@ def _serve_one(config, *, with_trainer: bool, reuse_port: bool = False, on_servi
 def _serve_worker(config, index: int, *, with_trainer: bool, on_serving=None) -> None:
     """Worker `index` of `voxloop serve --workers N` (in its own process): only worker 0 runs the trainer and
     the web page."""
-    from voxloop.server.logging_setup import configure_logging
+    from voxloop.core.logging_setup import configure_logging
 
     configure_logging(config.log_level, config.log_format)
     if index > 0:
@@ -300,7 +300,7 @@ def _with_shipped_model_built(config):
     """An empty registry is seeded with the shipped model; when that is an import recipe (the default,
     models/whisper-tiny.en: Whisper's weights are not in git) the version is built first, once, under
     <data_dir>/shipped/, with a progress bar."""
-    from voxloop.server.registry import Registry
+    from voxloop.core.registry import Registry
 
     if Registry(config.registry_dir).current_version() is not None:
         return config
@@ -323,7 +323,7 @@ def _with_shipped_model_built(config):
 def _models_import(args: argparse.Namespace) -> int:
     """Build an importable model's version and publish it into a local registry."""
     try:
-        from voxloop.server.registry import Registry
+        from voxloop.core.registry import Registry
         from voxloop.trainer.whisper_import import import_whisper
     except ImportError as e:
         raise CliError(f"importing needs the trainer ({e}): pip install 'voxloop[train]'") from e
@@ -470,8 +470,8 @@ def _models_change(args: argparse.Namespace) -> int:
 def _models_check(args: argparse.Namespace) -> int:
     """Exit 0 when the registry is healthy (something to serve, nothing broken or left over), 1 otherwise."""
     try:
+        from voxloop.core.registry import Registry
         from voxloop.server.config import load_config
-        from voxloop.server.registry import Registry
         from voxloop.server.registry_check import check_registry
     except ImportError as e:
         raise CliError(f"the server is not installed ({e}); install it with: pip install 'voxloop[server]'") from e

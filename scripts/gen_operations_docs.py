@@ -6,7 +6,7 @@
 Sections between `<!-- generated:NAME begin -->` and `<!-- generated:NAME end -->` are replaced:
 - config: every ServerConfig field (server/config.py) with its environment variable, flag, default and
   the one-line doc under the field; the same for TrainerConfig (trainer/config.py) when present;
-- metrics: every metric object of server/metrics.py: exposed name, type, labels, help, and the doc
+- metrics: every metric object of core/metrics.py: exposed name, type, labels, help, and the doc
   string under the definition (label values);
 - alerts: every rule of deploy/prometheus/alerts.yml with its severity, `for` and runbook anchor.
 Everything else in the file (the runbooks, the prose) is written by hand.
@@ -107,9 +107,9 @@ def config_section() -> str:
 
 def metrics_section() -> str:
     from prometheus_client.metrics import MetricWrapperBase
-    from voxloop.server import metrics
+    from voxloop.core import metrics
 
-    docs = attribute_docs(ROOT / "server" / "metrics.py")
+    docs = attribute_docs(ROOT / "core" / "metrics.py")
     suffix = {"counter": "_total", "info": "_info"}
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for attribute, metric in vars(metrics).items():

@@ -37,26 +37,26 @@ from grpc_reflection.v1alpha import reflection
 from voxloop.v1 import feedback_pb2_grpc, model_admin_pb2_grpc
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
+from ..core.lm_decoder import decoder_factory_from_card
+from ..core.metrics import start_metrics_server
+from ..core.model import OnnxModel
+from ..core.registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
+from ..core.store import FeedbackStore
+from ..core.warmup import warm_up
+from ..core.whisper_decoder import WhisperSecondPass
 from .auth import Authenticator, RateLimiter
 from .batcher import Batcher, ServingModel
 from .config import ServerConfig
 from .feedback import FeedbackIntake
 from .feedback_servicer import FEEDBACK_SERVICE_NAME, FeedbackServicer
 from .interceptors import RpcMetricsInterceptor
-from .lm_decoder import decoder_factory_from_card
-from .metrics import start_metrics_server
-from .model import OnnxModel
 from .model_admin import MODEL_ADMIN_SERVICE_NAME, ModelAdminServicer
 from .model_holder import ModelHolder
-from .registry import CARD_FILE, MODEL_FILE, Registry, RegistryError
 from .servicer import SERVICE_NAME, RecognizerServicer, StreamSlots
-from .store import FeedbackStore
 from .stream import FinishedUtterance
 from .utterance_writer import UtteranceWriter
-from .warmup import warm_up
 from .watcher import ModelWatcher, load_initial
 from .web import WebBridge
-from .whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 

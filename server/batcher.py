@@ -26,10 +26,10 @@ from datetime import datetime
 
 import numpy as np
 
-from .decoder import CtcGreedyDecoder, DecoderFactory, Hypothesis, UtteranceDecoder
-from .metrics import observe_inference, observe_second_pass
-from .model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, ModelSpec, OnnxModel, State
-from .whisper_decoder import WhisperSecondPass
+from ..core.decoder import CtcGreedyDecoder, DecoderFactory, Hypothesis, UtteranceDecoder
+from ..core.metrics import observe_inference, observe_second_pass
+from ..core.model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, ModelSpec, OnnxModel, State
+from ..core.whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 

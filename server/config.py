@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..core.logging_setup import LOG_FORMATS, LOG_LEVELS
+
 ENV_PREFIX = "VOXLOOP_"
 HOME_ENV = "VOXLOOP_HOME"
 DEFAULT_DATA_DIR = Path("~/.local/share/voxloop")
@@ -33,8 +35,6 @@ BASE_MODEL_DIR = MODELS_DIR / "base"
 MIB = 1 << 20
 MAX_UTTERANCE_LIMIT_S = 300.0  # an utterance's audio is held in memory until its endpoint
 STORE_FILE = "feedback.sqlite3"
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 DAY_S = 86_400.0
 FLAG_FIELDS = frozenset({"host", "port", "metrics_port", "web_port", "data_dir", "model_dir", "workers"})
 """The fields `voxloop serve` has a flag for (`--metrics-port`...; clients/cli.py SERVE_FLAGS maps them, and a

@@ -20,12 +20,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .auth import Identity, RateLimiter
-from .config import ServerConfig
-from .limits import MAX_ID_CHARS, MAX_UTTERANCE_ID_CHARS, check_length
-from .metrics import FEEDBACK_RECEIVED
-from .rewards import char_similarity, is_suspicious, word_edit_reward
-from .store import (
+from ..core.limits import MAX_ID_CHARS, MAX_UTTERANCE_ID_CHARS, check_length
+from ..core.metrics import FEEDBACK_RECEIVED
+from ..core.rewards import char_similarity, is_suspicious, word_edit_reward
+from ..core.store import (
     DeletedCounts,
     FeedbackKind,
     FeedbackStats,
@@ -35,7 +33,9 @@ from .store import (
     PermissionDenied,
     UnknownUtterance,
 )
-from .text import ALPHABET, normalize_text
+from ..core.text import ALPHABET, normalize_text
+from .auth import Identity, RateLimiter
+from .config import ServerConfig
 from .utterance_writer import UtteranceWriter
 
 log = logging.getLogger(__name__)

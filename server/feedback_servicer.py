@@ -20,11 +20,11 @@ import grpc
 from voxloop.v1 import feedback_pb2 as pb
 from voxloop.v1 import feedback_pb2_grpc as pb_grpc
 
+from ..core.limits import InputTooLong
+from ..core.store import FeedbackStats, InvalidFeedback, NotFound, PermissionDenied
 from .auth import Authenticator, Identity, RateLimited, Unauthenticated
 from .feedback import FeedbackIntake
-from .limits import InputTooLong
 from .status import StatusTable, abort_with
-from .store import FeedbackStats, InvalidFeedback, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import grpc
 from voxloop.v1 import recognizer_pb2
 
-from .logging_setup import REQUEST_ID
-from .metrics import ACTIVE_STREAMS, RPCS
+from ..core.logging_setup import REQUEST_ID
+from ..core.metrics import ACTIVE_STREAMS, RPCS
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import grpc
 from voxloop.v1 import model_admin_pb2 as pb
 from voxloop.v1 import model_admin_pb2_grpc as pb_grpc
 
+from ..core.registry import Registry, RegistryError, validate_version
 from .auth import Authenticator, Identity, Unauthenticated
-from .registry import Registry, RegistryError, validate_version
 from .servicer import headline_metrics
 from .status import StatusTable, abort_with
 from .watcher import ModelWatcher, NotPossible, UnknownVersion

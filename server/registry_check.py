@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .registry import Leftover, Registry, RegistryError, VerificationError
+from ..core.registry import Leftover, Registry, RegistryError, VerificationError
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from google.protobuf.duration_pb2 import Duration
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
+from ..core.decoder import WordTiming
+from ..core.model import MODEL_SAMPLE_RATE_HZ
 from .auth import ANONYMOUS_USER, Authenticator, Identity, Unauthenticated
 from .batcher import ModelUnavailable, ServingModel
 from .config import ServerConfig
-from .decoder import WordTiming
-from .model import MODEL_SAMPLE_RATE_HZ
 from .resample import KERNELS
 from .status import StatusTable, abort_with
 from .stream import (

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import grpc
 
-from .limits import bounded_details
+from ..core.limits import bounded_details
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..core.decoder import Hypothesis, UtteranceDecoder, WordTiming
+from ..core.limits import MAX_ID_CHARS, check_length
+from ..core.metrics import AUDIO_SECONDS, FINAL_LATENCY_SECONDS, PARTIAL_LAG_SECONDS
+from ..core.model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, State
 from .audio import (
     SampleBuffer,
     StreamingResampler,
@@ -40,11 +44,7 @@ from .audio import (
 from .auth import DEFAULT_TENANT
 from .batcher import ServingModel
 from .config import ServerConfig
-from .decoder import Hypothesis, UtteranceDecoder, WordTiming
 from .endpoint import EndpointRule, EndpointRules
-from .limits import MAX_ID_CHARS, check_length
-from .metrics import AUDIO_SECONDS, FINAL_LATENCY_SECONDS, PARTIAL_LAG_SECONDS
-from .model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, State
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..core.metrics import STORE_WRITE_LAG_SECONDS, UTTERANCES_DROPPED
+from ..core.store import UtteranceRecord
 from .auth import DEFAULT_TENANT
-from .metrics import STORE_WRITE_LAG_SECONDS, UTTERANCES_DROPPED
-from .store import UtteranceRecord
 from .stream import FinishedUtterance
 
 log = logging.getLogger(__name__)

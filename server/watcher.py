@@ -25,11 +25,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from . import metrics
+from ..core import metrics
+from ..core.registry import ROLLED_BACK, ReadFailed, Refusal, Registry, RegistryError, VerificationError, this_process
+from ..core.warmup import WarmupFailed
 from .batcher import ServingModel
 from .model_holder import ModelHolder
-from .registry import ROLLED_BACK, ReadFailed, Refusal, Registry, RegistryError, VerificationError, this_process
-from .warmup import WarmupFailed
 
 log = logging.getLogger(__name__)
 

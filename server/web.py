@@ -53,11 +53,11 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from voxloop.v1 import feedback_pb2, recognizer_pb2
 
+from ..core.metrics import WEB_CONNECTIONS, WEB_CONNECTIONS_REFUSED, WEB_MESSAGES_REFUSED
 from .batcher import ServingModel
 from .config import ServerConfig
 from .feedback_servicer import FEEDBACK_SERVICE_NAME, FeedbackServicer
 from .interceptors import observe_rpc
-from .metrics import WEB_CONNECTIONS, WEB_CONNECTIONS_REFUSED, WEB_MESSAGES_REFUSED
 from .model_holder import ModelHolder
 from .servicer import SERVICE_NAME, RecognizerServicer, model_info
 

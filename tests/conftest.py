@@ -24,7 +24,7 @@ def _ctc_base_model_seeds_empty_registries():
 def build_tiny_version(out_dir: Path, version: str, seed: int = 0) -> Path:
     """Export a tiny random-weight policy and publish it as `version` in a registry at out_dir."""
     import torch
-    from voxloop.server.registry import Registry
+    from voxloop.core.registry import Registry
     from voxloop.trainer.export import check_parity, export_onnx
     from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 
@@ -67,7 +67,7 @@ def whisper_version_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def whisper_registry(whisper_version_dir, tmp_path) -> Path:
     """A fresh registry (CURRENT = the Whisper default) that a test may modify."""
-    from voxloop.server.registry import Registry
+    from voxloop.core.registry import Registry
 
     registry = Registry(tmp_path / "registry")
     registry.seed_from(whisper_version_dir)

@@ -46,7 +46,7 @@ def chunked(data: bytes, chunk_bytes: int) -> list[bytes]:
 def build_voice_activity_version(out_dir: Path, version: str = VOICE_VERSION) -> Path:
     """Publish a tiny policy whose head says "a" on voiced frames and blank on silence; returns the registry."""
     import torch
-    from voxloop.server.registry import Registry
+    from voxloop.core.registry import Registry
     from voxloop.trainer.export import export_onnx
     from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from server_support import noise, pcm16
-from voxloop.server.registry import CARD_FILE, Registry
+from voxloop.core.registry import CARD_FILE, Registry
 
 TOKENS_TOML = """
 [[tokens]]

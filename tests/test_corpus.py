@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import soundfile
 import torch
-from voxloop.server.text import is_normalized
+from voxloop.core.text import is_normalized
 from voxloop.trainer.corpus import (
     SAMPLE_RATE_HZ,
     SPLITS,

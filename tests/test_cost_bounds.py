@@ -16,16 +16,16 @@ import grpc
 import numpy as np
 import pytest
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.limits import MAX_STATUS_DETAILS_CHARS, InputTooLong
+from voxloop.core.rewards import char_similarity, edit_distance, word_edit_reward
+from voxloop.core.store import FeedbackStore, InvalidFeedback, UtteranceRecord
+from voxloop.core.text import normalize_text
 from voxloop.server.app import BackgroundServer
 from voxloop.server.auth import Identity, RateLimiter, Role
 from voxloop.server.config import ServerConfig
 from voxloop.server.feedback import FeedbackIntake, normalized_correction
-from voxloop.server.limits import MAX_STATUS_DETAILS_CHARS, InputTooLong
-from voxloop.server.rewards import char_similarity, edit_distance, word_edit_reward
 from voxloop.server.status import status_of
-from voxloop.server.store import FeedbackStore, InvalidFeedback, UtteranceRecord
 from voxloop.server.stream import RecognitionOptions
-from voxloop.server.text import normalize_text
 
 MAX_CHARS = 1000
 DIGIT_HEAVY = " ".join(["123456789012"] * 77)[:MAX_CHARS]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from scaleout_support import free_port
 from trainer_support import add_feedback, tiny_version, tone, write_corpus
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore
 from voxloop.trainer.distributed import SINGLE, backend_for, data_parallel_from_env
 from voxloop.trainer.policies import load_policy_dir
 from voxloop.trainer.release import POLICY_DIR

@@ -5,7 +5,7 @@ alert rules and runs their unit tests; the compose file is validated against the
 (compose-spec) and the Kubernetes manifests against the API's JSON schemas (kubernetes-validate,
 strict: unknown fields fail); hadolint lints the Dockerfile. What no schema sees is checked here: the
 references between resources, the commands against the real CLI parser, the dashboard's and alerts'
-metric names against server/metrics.py, the docs against the code. A missing tool fails, never skips.
+metric names against core/metrics.py, the docs against the code. A missing tool fails, never skips.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def exposed_metric_names() -> set[str]:
-    """Every series name server/metrics.py exposes (with _total, _bucket, _sum, _count, _info suffixes)."""
-    from voxloop.server import metrics
+    """Every series name core/metrics.py exposes (with _total, _bucket, _sum, _count, _info suffixes)."""
+    from voxloop.core import metrics
 
     names = set()
     for metric in vars(metrics).values():
@@ -353,9 +353,9 @@ def test_dockerfile_passes_hadolint_and_builds_a_non_root_image_with_a_grpc_heal
 
 @pytest.mark.slow
 def test_health_check_script_reports_a_serving_server_and_fails_on_a_dead_one(tiny_registry, tmp_path):
+    from voxloop.core.metrics import start_metrics_server
     from voxloop.server.app import BackgroundServer
     from voxloop.server.config import ServerConfig
-    from voxloop.server.metrics import start_metrics_server
 
     script = str(DEPLOY / "healthcheck.py")
     config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=tiny_registry)

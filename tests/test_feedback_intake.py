@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from voxloop.core.store import InvalidFeedback
 from voxloop.server.auth import (
     ANONYMOUS,
     Authenticator,
@@ -19,7 +20,6 @@ from voxloop.server.auth import (
     load_tokens,
 )
 from voxloop.server.feedback import normalized_correction
-from voxloop.server.store import InvalidFeedback
 from voxloop.server.stream import FinishedUtterance
 from voxloop.server.utterance_writer import UtteranceWriter
 
@@ -170,9 +170,9 @@ def test_corrections_are_normalized_like_training_transcripts():
 # --- feedback on another replica's utterance ------------------------------------------------------
 
 def _intake(store_url: str, flush_wait_s: float):
+    from voxloop.core.store import FeedbackStore
     from voxloop.server.config import ServerConfig
     from voxloop.server.feedback import FeedbackIntake
-    from voxloop.server.store import FeedbackStore
 
     store = FeedbackStore.open(store_url)
     config = ServerConfig(store_flush_wait_s=flush_wait_s)
@@ -180,7 +180,7 @@ def _intake(store_url: str, flush_wait_s: float):
 
 
 def test_a_correction_for_an_utterance_another_replica_is_still_writing_waits_for_its_row(store_url):
-    from voxloop.server.store import FeedbackStore
+    from voxloop.core.store import FeedbackStore
     from voxloop.server.utterance_writer import utterance_record
 
     utterance_id = "0f" * 16  # as servers name utterances (uuid4().hex)
@@ -200,7 +200,7 @@ def test_a_correction_for_an_utterance_another_replica_is_still_writing_waits_fo
 
 
 def test_an_utterance_no_replica_wrote_is_not_found_after_store_flush_wait_s(store_url):
-    from voxloop.server.store import NotFound
+    from voxloop.core.store import NotFound
 
     store, intake = _intake(store_url, flush_wait_s=0.5)
     caller = Identity("acme", "alice", Role.USER)

@@ -17,11 +17,11 @@ import pytest
 from server_support import chunked, noise, pcm16
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.registry import MODEL_FILE, Registry
+from voxloop.core.rewards import word_edit_reward
+from voxloop.core.store import FeedbackKind, FeedbackStore, UtteranceRecord
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.registry import MODEL_FILE, Registry
-from voxloop.server.rewards import word_edit_reward
-from voxloop.server.store import FeedbackKind, FeedbackStore, UtteranceRecord
 from voxloop.trainer.lm import DecoderSettings, decoder_section, sentence_counts, write_decoder_files
 
 pytestmark = pytest.mark.slow  # a real server

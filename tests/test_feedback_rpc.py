@@ -22,11 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import chunked, noise, pcm16
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.rewards import is_suspicious, word_edit_reward
+from voxloop.core.store import FeedbackKind, FeedbackStore
+from voxloop.core.text import normalize_text
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.rewards import is_suspicious, word_edit_reward
-from voxloop.server.store import FeedbackKind, FeedbackStore
-from voxloop.server.text import normalize_text
 
 pytestmark = pytest.mark.slow  # real servers
 

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import REGISTRY
 from server_support import chunked, noise, pcm16
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.store import FeedbackStore
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.store import FeedbackStore
 
 pytestmark = pytest.mark.slow  # real servers
 
@@ -64,7 +64,7 @@ SLOW_STORE_SERVER = textwrap.dedent("""
     from pathlib import Path
     from voxloop.server.app import BackgroundServer
     from voxloop.server.config import ServerConfig
-    from voxloop.server.store import FeedbackStore
+    from voxloop.core.store import FeedbackStore
 
     original = FeedbackStore.add_utterances
     def slow(self, records):

@@ -78,7 +78,7 @@ def hf_version_dir(tiny_hf_checkpoint, tmp_path_factory) -> Path:
 
 
 def test_voxloop_export_publishes_an_hf_checkpoint_as_a_complete_version(hf_version_dir, tmp_path):
-    from voxloop.server.registry import Registry
+    from voxloop.core.registry import Registry
 
     registry = Registry(tmp_path / "registry")
     registry.seed_from(hf_version_dir)
@@ -92,9 +92,9 @@ def test_voxloop_export_publishes_an_hf_checkpoint_as_a_complete_version(hf_vers
 
 def test_the_online_trainer_fine_tunes_an_hf_checkpoint_and_publishes_a_windowed_version(hf_version_dir, tmp_path):
     from trainer_support import add_feedback, tone, write_corpus
-    from voxloop.server.model import OnnxModel
-    from voxloop.server.registry import Registry
-    from voxloop.server.store import FeedbackStore
+    from voxloop.core.model import OnnxModel
+    from voxloop.core.registry import Registry
+    from voxloop.core.store import FeedbackStore
     from voxloop.trainer.config import TrainerConfig
     from voxloop.trainer.cycle import run_cycle
     from voxloop.trainer.hf_import import HfCtcPolicy

@@ -19,10 +19,10 @@ from prometheus_client import REGISTRY
 from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voice_registry_once, voiced
 from swap_support import publish_copy, wait_for
 from voxloop.clients.client import RecognizerClient, recognition_config
+from voxloop.core.registry import CURRENT_FILE, MODEL_FILE, Registry, atomic_write_text
+from voxloop.core.warmup import PROBE_FILE, probe_card_entry
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
-from voxloop.server.registry import CURRENT_FILE, MODEL_FILE, Registry, atomic_write_text
-from voxloop.server.warmup import PROBE_FILE, probe_card_entry
 
 CHUNK_100MS = 3200  # bytes of 16 kHz LINEAR16
 NO_ENDPOINTS = dict(trailing_silence_before_speech_s=300, trailing_silence_after_speech_s=300, max_utterance_s=300)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from voxloop.server.decoder import CtcGreedyDecoder
-from voxloop.server.lm_decoder import (
+from voxloop.core.decoder import CtcGreedyDecoder
+from voxloop.core.lm_decoder import (
     BeamSettings,
     DecoderFilesError,
     LexiconLmDecoderFactory,
     decoder_factory_from_card,
 )
-from voxloop.server.registry import CARD_FILE, MODEL_FILE, Registry, sha256_file
+from voxloop.core.registry import CARD_FILE, MODEL_FILE, Registry, sha256_file
 from voxloop.trainer.lm import (
     COUNTS_FILE,
     LEXICON_FILE,

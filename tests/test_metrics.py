@@ -21,11 +21,11 @@ from conftest import TINY_VERSION
 from prometheus_client import REGISTRY
 from server_support import chunked, noise, pcm16
 from voxloop.clients.client import RecognizerClient, recognition_config
+from voxloop.core.logging_setup import JsonFormatter, RequestIdFilter, TextFormatter, configure_logging
+from voxloop.core.metrics import start_metrics_server
+from voxloop.core.store import UtteranceRecord
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.logging_setup import JsonFormatter, RequestIdFilter, TextFormatter, configure_logging
-from voxloop.server.metrics import start_metrics_server
-from voxloop.server.store import UtteranceRecord
 from voxloop.server.stream import FinishedUtterance
 from voxloop.server.utterance_writer import UtteranceWriter
 from voxloop.v1 import recognizer_pb2 as pb
@@ -264,8 +264,8 @@ def test_text_logs_append_structured_fields_and_configure_logging_checks_its_arg
 def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
     import torch
     from trainer_support import add_feedback, tiny_version, tone, write_corpus
-    from voxloop.server.registry import Registry
-    from voxloop.server.store import FeedbackStore
+    from voxloop.core.registry import Registry
+    from voxloop.core.store import FeedbackStore
     from voxloop.trainer.config import TrainerConfig
     from voxloop.trainer.cycle import run_cycle
     from voxloop.trainer.ppo import PPOConfig

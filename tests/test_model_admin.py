@@ -10,9 +10,9 @@ from server_support import noise, pcm16
 from swap_support import ADMIN_TOKEN, TENANT_ADMIN_TOKEN, TOKENS_TOML, USER_TOKEN, publish_copy
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.registry import MODEL_FILE, Registry
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.registry import MODEL_FILE, Registry
 from voxloop.v1 import model_admin_pb2 as admin_pb
 
 

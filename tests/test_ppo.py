@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from voxloop.server.rewards import char_edit_reward
+from voxloop.core.rewards import char_edit_reward
 from voxloop.trainer.ppo import (
     AdaptiveKLController,
     PPOConfig,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from voxloop.server.registry import Registry
+from voxloop.core.registry import Registry
 from voxloop.trainer.evaluate import error_rates
 from voxloop.trainer.pretrain import BEST_DIR, CHECKPOINT_DIR, HISTORY_FILE, TRAINER_STATE, PretrainConfig, pretrain
 from voxloop.trainer.release import POLICY_DIR, build_release

@@ -24,9 +24,8 @@ import pytest
 from conftest import TINY_VERSION
 from swap_support import publish_copy
 from voxloop.clients.cli import main
-from voxloop.server.lm_decoder import DecoderFilesError, decoder_factory_from_card
-from voxloop.server.model_admin import list_models
-from voxloop.server.registry import (
+from voxloop.core.lm_decoder import DecoderFilesError, decoder_factory_from_card
+from voxloop.core.registry import (
     CARD_FILE,
     LEFTOVER_GRACE_S,
     MODEL_FILE,
@@ -37,6 +36,7 @@ from voxloop.server.registry import (
     sha256_file,
     validate_version,
 )
+from voxloop.server.model_admin import list_models
 from voxloop.server.registry_check import check_registry
 from voxloop.trainer.cycle import child_version_name
 
@@ -47,7 +47,7 @@ PUBLISH_STEPS = ("after_lock", "copying_files", "before_card", "after_card", "be
 CHILD = textwrap.dedent("""
     import os, shutil, signal, sys
     from pathlib import Path
-    from voxloop.server import registry as reg
+    from voxloop.core import registry as reg
 
     root, source, version, step = sys.argv[1:5]
 
@@ -294,7 +294,7 @@ def test_a_rolled_back_version_stays_refused_whatever_happens_to_its_files(tiny_
 
 
 def test_a_read_error_is_retried_and_never_recorded_as_a_refusal(tiny_registry, tmp_path, monkeypatch):
-    from voxloop.server import registry as registry_module
+    from voxloop.core import registry as registry_module
     from voxloop.server import watcher as watcher_module
     from voxloop.server.app import load_serving_model
     from voxloop.server.watcher import load_initial

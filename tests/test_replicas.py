@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY_VERSION
 from swap_support import publish_copy, wait_for
 from voxloop.clients.client import RecognizerClient
-from voxloop.server.registry import MODEL_FILE, Registry
+from voxloop.core.registry import MODEL_FILE, Registry
 
 WATCH_INTERVAL_S = 0.25
 START_TIMEOUT_S = 120.0

@@ -29,8 +29,8 @@ from scaleout_support import Proxy, Replica, wait_for
 from server_support import chunked, noise, pcm16
 from trainer_support import tiny_version, tone, write_corpus
 from voxloop.clients.client import RecognizerClient, recognition_config
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore, feedback
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore, feedback
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 

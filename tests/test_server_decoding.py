@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from voxloop.server.decoder import CtcGreedyDecoder, Hypothesis, WordTiming
+from voxloop.core.decoder import CtcGreedyDecoder, Hypothesis, WordTiming
 from voxloop.server.endpoint import EndpointRule, EndpointRules
 
 VOCABULARY = ("<blank>", " ", "a", "b", "c", "")

@@ -22,9 +22,9 @@ from conftest import TINY_VERSION
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from server_support import chunked, noise, pcm16, silence, voice_registry_once, voiced
+from voxloop.core.registry import RegistryError
 from voxloop.server.app import BackgroundServer, create_server
 from voxloop.server.config import ServerConfig
-from voxloop.server.registry import RegistryError
 from voxloop.server.servicer import headline_metrics
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc

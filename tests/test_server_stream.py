@@ -13,13 +13,13 @@ import onnx
 import pytest
 from conftest import TINY_VERSION
 from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voice_registry_once, voiced
+from voxloop.core.decoder import CtcGreedyDecoder
+from voxloop.core.model import ModelFormatError, OnnxModel
+from voxloop.core.registry import Registry, RegistryError
 from voxloop.server.app import load_serving_model
 from voxloop.server.batcher import InferenceError
 from voxloop.server.config import ServerConfig
-from voxloop.server.decoder import CtcGreedyDecoder
 from voxloop.server.endpoint import EndpointRule
-from voxloop.server.model import ModelFormatError, OnnxModel
-from voxloop.server.registry import Registry, RegistryError
 from voxloop.server.stream import (
     EndOfSingleUtterance,
     FinishedUtterance,

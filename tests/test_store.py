@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from rapidfuzz.distance import Levenshtein
-from voxloop.server import store as store_module
-from voxloop.server.rewards import (
+from voxloop.core import store as store_module
+from voxloop.core.rewards import (
     char_edit_reward,
     char_similarity,
     edit_distance,
     is_suspicious,
     word_edit_reward,
 )
-from voxloop.server.store import (
+from voxloop.core.store import (
     AlreadyConsumed,
     FeedbackKind,
     FeedbackStore,
@@ -246,7 +246,7 @@ def test_feedback_ids_are_not_reused_after_a_deletion(store):
 
 _WRITER = """
 import os, signal, sys
-from voxloop.server.store import FeedbackStore
+from voxloop.core.store import FeedbackStore
 store = FeedbackStore.open(sys.argv[1])
 user, n = sys.argv[2], int(sys.argv[3])
 for i in range(n):

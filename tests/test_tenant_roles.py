@@ -15,10 +15,10 @@ from conftest import TINY_VERSION
 from server_support import chunked, noise, pcm16
 from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore
 
 pytestmark = pytest.mark.slow  # a real server
 

@@ -1,5 +1,5 @@
 import pytest
-from voxloop.server.text import ALPHABET, is_normalized, normalize_text, spell_out
+from voxloop.core.text import ALPHABET, is_normalized, normalize_text, spell_out
 
 
 def test_alphabet_is_space_apostrophe_and_lowercase_letters():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from trainer_support import add_feedback, speech, tiny_version, tone, write_corpus
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackKind, FeedbackStore
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackKind, FeedbackStore
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import child_version_name, is_heldout, lineage_base, run_cycle
 from voxloop.trainer.evaluate import EvalSummary
@@ -250,8 +250,8 @@ def test_published_versions_carry_the_parents_decoder_forward_and_adapt_it(tmp_p
 
 
 def test_published_version_carries_a_probe_the_servers_warm_up_reproduces(tmp_path, tiny_version_dir, toy_corpus):
-    from voxloop.server.model import OnnxModel
-    from voxloop.server.warmup import WarmupFailed, warm_up
+    from voxloop.core.model import OnnxModel
+    from voxloop.core.warmup import WarmupFailed, warm_up
 
     registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
     config = toy_config(tmp_path / "data", toy_corpus)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from trainer_support import add_feedback, tiny_version, tone, write_corpus
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import run_cycle
 from voxloop.trainer.loop import TrainerLoop, should_start, start_background

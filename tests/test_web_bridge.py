@@ -23,9 +23,9 @@ from prometheus_client import REGISTRY
 from server_support import chunked, noise, pcm16
 from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, VoxloopError
+from voxloop.core.store import FeedbackKind, FeedbackStore
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.store import FeedbackKind, FeedbackStore
 from voxloop.server.web import origin_allowed
 from web_support import open_page, run
 

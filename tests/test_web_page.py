@@ -23,10 +23,10 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+from voxloop.core.store import FeedbackKind, FeedbackStore
+from voxloop.core.text import normalize_text
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import ServerConfig
-from voxloop.server.store import FeedbackKind, FeedbackStore
-from voxloop.server.text import normalize_text
 from web_support import chromium, espeak_wav
 
 pytestmark = pytest.mark.slow  # a browser and the shipped model

@@ -14,10 +14,10 @@ import soundfile as sf
 from server_support import chunked, pcm16, silence
 from swap_support import publish_copy, wait_for
 from voxloop.clients.client import RecognizerClient, recognition_config
+from voxloop.core.registry import Registry
+from voxloop.core.whisper_decoder import WhisperSecondPass
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
-from voxloop.server.registry import Registry
-from voxloop.server.whisper_decoder import WhisperSecondPass
 from whisper_support import DATA_DIR
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ import pytest
 import soundfile as sf
 import torch
 from trainer_support import add_feedback, write_corpus
+from voxloop.core.registry import Registry
+from voxloop.core.store import FeedbackStore
 from voxloop.server.app import load_serving_model
 from voxloop.server.config import ServerConfig
-from voxloop.server.registry import Registry
-from voxloop.server.store import FeedbackStore
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import CycleOutcome, run_cycle
 from voxloop.trainer.kinds import corrected_words, vocabulary_prompt
@@ -113,7 +113,7 @@ def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_pat
 def test_the_vocabulary_prompt_keeps_the_newest_corrected_words_once():
     class Item:
         def __init__(self, shown: str, target: str):
-            from voxloop.server.store import FeedbackKind
+            from voxloop.core.store import FeedbackKind
 
             self.kind, self.shown, self.target = FeedbackKind.CORRECTION, shown, target
 

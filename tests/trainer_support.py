@@ -66,7 +66,7 @@ def add_feedback(store, samples: np.ndarray, *, kind: str = "correction", text: 
                  hypothesis: str = "", user: str | None = None, alternatives=None, chosen_index=None,
                  model_version: str = "v") -> int:
     """Store an utterance with `samples` and one feedback item on it; returns the feedback id."""
-    from voxloop.server.store import UtteranceRecord, pcm16_bytes
+    from voxloop.core.store import UtteranceRecord, pcm16_bytes
 
     utterance_id = uuid.uuid4().hex
     store.add_utterance(UtteranceRecord(

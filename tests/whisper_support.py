@@ -42,7 +42,7 @@ def tokenizer_json() -> Path:
 
 def publish_whisper_version(policy, registry_root: Path, version: str, parent: str | None = None) -> dict:
     """Export `policy` as a complete whisper-two-pass/1 version and publish it (not activated); returns its card."""
-    from voxloop.server.registry import Registry
+    from voxloop.core.registry import Registry
     from voxloop.trainer.whisper_import import write_whisper_version
 
     build = registry_root.parent / f".build-{version}"

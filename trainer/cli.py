@@ -95,7 +95,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 def _setup_logging() -> None:
     # As for `voxloop serve`: $VOXLOOP_LOG_FORMAT (text|json) and $VOXLOOP_LOG_LEVEL (the image sets json).
-    from voxloop.server.logging_setup import configure_logging
+    from voxloop.core.logging_setup import configure_logging
 
     configure_logging(os.environ.get("VOXLOOP_LOG_LEVEL", "info"), os.environ.get("VOXLOOP_LOG_FORMAT", "text"))
 
@@ -196,7 +196,7 @@ def _train_online(args: argparse.Namespace) -> int:
             return 0
         import signal
 
-        from voxloop.server.metrics import start_metrics_server
+        from voxloop.core.metrics import start_metrics_server
 
         # The standalone trainer's own endpoint (in `voxloop serve` its metrics share the server's).
         metrics = start_metrics_server(args.metrics_port, args.metrics_host) if args.metrics_port else None

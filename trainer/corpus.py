@@ -46,7 +46,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
-from voxloop.server.text import normalize_text, spell_out
+from voxloop.core.text import normalize_text, spell_out
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Utterance:
     path: Path
     """Absolute path of the WAV after `load_manifest` (the manifest stores it relative to the corpus dir)."""
     text: str
-    """Normalized transcript (see voxloop.server.text.normalize_text)."""
+    """Normalized transcript (see voxloop.core.text.normalize_text)."""
     raw_text: str
     """The sentence as the fortunes file has it."""
     voice: str

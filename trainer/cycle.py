@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
-from ..server import metrics
-from ..server.registry import MODEL_FILE, Registry, RegistryError
-from ..server.store import FeedbackStore
+from ..core import metrics
+from ..core.registry import MODEL_FILE, Registry, RegistryError
+from ..core.store import FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .distributed import SINGLE, DataParallel

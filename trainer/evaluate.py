@@ -121,8 +121,8 @@ def lm_transcriber(onnx_path: Path, decoder_dir: Path, settings: dict | None = N
 
     `settings` override the card's search knobs (e.g. {"lm_weight": 1.0} while tuning on dev).
     """
-    from ..server.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
-    from ..server.model import ModelSpec
+    from ..core.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
+    from ..core.model import ModelSpec
 
     forward, _ = onnx_log_probs(onnx_path)
     spec = ModelSpec.from_metadata(dict(_onnx_session(onnx_path).get_modelmeta().custom_metadata_map),
@@ -142,7 +142,7 @@ def lm_transcriber(onnx_path: Path, decoder_dir: Path, settings: dict | None = N
 def second_pass_transcriber(version_dir: Path) -> Transcriber | None:
     """A two-pass (Whisper) version's finals, exactly as the server decodes them (its second pass on the
     whole utterance); None for a version without a second pass."""
-    from ..server.whisper_decoder import WhisperSecondPass
+    from ..core.whisper_decoder import WhisperSecondPass
 
     card = json.loads((Path(version_dir) / "card.json").read_text())
     second_pass = WhisperSecondPass.from_card(card, Path(version_dir))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..server.whisper_decoder import SECOND_PASS_KEY
+from ..core.whisper_decoder import SECOND_PASS_KEY
 from .evaluate import EvalSummary, error_rates, lm_transcriber, onnx_transcriber, version_transcriber
 
 log = logging.getLogger(__name__)

@@ -27,11 +27,11 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from ..server.model import MODEL_SAMPLE_RATE_HZ
-from ..server.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
-from ..server.store import FeedbackKind
-from ..server.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
-from ..server.whisper_decoder import SECOND_PASS_KEY
+from ..core.model import MODEL_SAMPLE_RATE_HZ
+from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
+from ..core.store import FeedbackKind
+from ..core.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
+from ..core.whisper_decoder import SECOND_PASS_KEY
 from .base_data import BaseData, Utterance
 from .export import ParityError
 from .policies import Policy, check_policy_parity, export_policy, save_policy

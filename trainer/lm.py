@@ -1,6 +1,6 @@
 """Decoder files of a registry version: a word lexicon and an n-gram language model, built from text.
 
-A version that decodes with a lexicon and a word LM (server/lm_decoder.py) carries three files beside
+A version that decodes with a lexicon and a word LM (core/lm_decoder.py) carries three files beside
 model.onnx, listed (sha256) in its card's "files" and described by card["decoder"]:
 
     lexicon.txt      one word a line, then its spelling: "hello h e l l o |" ("|" ends a word)
@@ -29,9 +29,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..server.lm_decoder import BeamSettings
-from ..server.registry import CARD_FILE, sha256_file, version_file
-from ..server.text import normalize_text
+from ..core.lm_decoder import BeamSettings
+from ..core.registry import CARD_FILE, sha256_file, version_file
+from ..core.text import normalize_text
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..server.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
-from ..server.model import OnnxModel
-from ..server.registry import CARD_FILE, MODEL_FILE
+from ..core.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
+from ..core.model import OnnxModel
+from ..core.registry import CARD_FILE, MODEL_FILE
 from .data import read_manifest
 from .evaluate import error_rates, load_samples, onnx_log_probs
 

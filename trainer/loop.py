@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..server import metrics
-from ..server.registry import Registry
-from ..server.store import FeedbackStore
+from ..core import metrics
+from ..core.registry import Registry
+from ..core.store import FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .cycle import CycleReport, recover_activation, run_cycle

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..server.registry import CARD_FILE, MODEL_FILE, sha256_file
+from ..core.registry import CARD_FILE, MODEL_FILE, sha256_file
 from .data import read_manifest
 from .evaluate import evaluate, onnx_transcriber
 from .hf_import import HfCtcPolicy

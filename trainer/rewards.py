@@ -1,6 +1,6 @@
 """Feedback -> what training can use of it: a reward function over hypotheses and a supervised target.
 
-The edit-distance rewards themselves live in server/rewards.py (the server returns them from
+The edit-distance rewards themselves live in core/rewards.py (the server returns them from
 SubmitCorrection); this module only maps each kind of feedback onto them:
 
 | kind        | reward of a hypothesis h                                | supervised target | reference (gate) |
@@ -27,9 +27,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..server.rewards import char_edit_reward, word_edit_reward
-from ..server.store import FeedbackKind, PendingFeedback
-from ..server.text import normalize_text
+from ..core.rewards import char_edit_reward, word_edit_reward
+from ..core.store import FeedbackKind, PendingFeedback
+from ..core.text import normalize_text
 
 RewardUnit = Literal["char", "word"]
 REJECTED_REWARD = -1.0

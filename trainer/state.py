@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..server.registry import Registry, atomic_write_text
+from ..core.registry import Registry, atomic_write_text
 from .policies import Policy, load_policy_dir
 from .ppo import AdaptiveKLController, PPOConfig
 from .release import load_policy

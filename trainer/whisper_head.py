@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..server.text import normalize_text
+from ..core.text import normalize_text
 from .evaluate import error_rates
 from .export import greedy_ctc_text, serving_vocabulary
 from .tokenizer import encode_targets, make_tokenizer

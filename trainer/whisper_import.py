@@ -29,9 +29,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import WhisperForConditionalGeneration
 
-from ..server.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
-from ..server.warmup import probe_card_entry
-from ..server.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, WhisperSecondPass
+from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
+from ..core.warmup import probe_card_entry
+from ..core.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, WhisperSecondPass
 from .whisper_ct2 import (
     END_OF_TEXT,
     FIRST_TIMESTAMP,
@@ -127,7 +127,7 @@ def build_policy(recipe: ImportRecipe) -> WhisperPolicy:
 
 
 def second_pass_section(policy: WhisperPolicy, vocabulary_prompt: str = "") -> dict:
-    """The card's second_pass section (server/whisper_decoder.py reads it)."""
+    """The card's second_pass section (core/whisper_decoder.py reads it)."""
     generation = policy.model.generation_config
     return {"type": WHISPER_TYPE, "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "tokenizer": TOKENIZER_FILE,
             "prompt": [START_OF_TRANSCRIPT, NO_TIMESTAMPS], "end_of_text": END_OF_TEXT,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..server.text import normalize_text
+from ..core.text import normalize_text
 from .ppo import PPOConfig, clipped_policy_loss, entropy, group_advantages, kl_to_reference, masked_mean
 from .rewards import FeedbackItem
 from .tokenizer import encode_targets, make_tokenizer

@@ -4,8 +4,8 @@ Names follow the Prometheus conventions: the `voxloop_` prefix, base units (seco
 `_total` on counters, low-cardinality labels only (never a user, utterance or request id). The
 objects live in prometheus_client's default registry, so the in-process trainer's metrics appear on
 the server's endpoint without extra wiring; `start_metrics_server(port)` serves that registry.
-The trainer's metrics are defined here too (the trainer may import server modules, never the
-reverse), so `docs/operations.md`'s metrics reference is generated from this one module.
+The trainer's metrics are defined here too (server and trainer both import core), so
+`docs/operations.md`'s metrics reference is generated from this one module.
 """
 
 from __future__ import annotations

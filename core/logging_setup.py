@@ -20,7 +20,8 @@ import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
-from .config import LOG_FORMATS, LOG_LEVELS
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("voxloop_request_id", default=None)
 """The id of the RPC being served (from the caller's x-request-id metadata, or made up); None outside RPCs."""

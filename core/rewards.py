@@ -5,7 +5,7 @@ counted in words or in characters (docs: design.md, "The learning signal"). 0 is
 hypothesis; -1 means as many edits as the reference is long; it can go below -1 when the
 hypothesis is much longer than the reference.
 
-Callers pass transcripts already normalized with `server.text.normalize_text`, the same
+Callers pass transcripts already normalized with `core.text.normalize_text`, the same
 normalization training uses, so that "Don't" and "don't" are not an edit. The edit distance is
 rapidfuzz's (C++, bit-parallel): a pure-Python one cost 1.8 s of server CPU for one 10,000-character
 correction against a long hypothesis (issue 14); the tests check it against a naive reference.

@@ -13,7 +13,7 @@ n-best. Card section (docs/model-format.md, "whisper-two-pass/1"):
                            "vocabulary_prompt": "", "max_tokens_per_s": 12}
 
 Whisper writes cased, punctuated text with digits ("Mr. Dashwood, 10 of clubs."); voxloop's
-transcripts, corrections and rewards are normalized text (server/text.py), so each Whisper word is
+transcripts, corrections and rewards are normalized text (core/text.py), so each Whisper word is
 normalized into zero or more voxloop words that share its timing and confidence. Word timings come
 from the cross-attention of Whisper's alignment heads (the frame each token attends most, made
 monotonic); confidence is the mean probability of a word's tokens.
