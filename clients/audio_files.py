@@ -4,6 +4,9 @@ WAV, FLAC (anything libsndfile reads) at any rate the API accepts, mono or stere
 downmixed here and the audio stays at the file's own rate: the server resamples, so the client needs
 no DSP beyond a mean over channels. Pacing (`--realtime`) is the caller's business; this module
 only reads and chunks.
+
+numpy and soundfile are imported by the file-reading helpers when they run, so importing the client
+library costs neither (an application that streams its own PCM never loads them).
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import soundfile as sf
+if TYPE_CHECKING:
+    import numpy as np
 
 CHUNK_DURATION_MS = 100
 """Audio per StreamingRecognize message: small enough for live partials, large enough to be cheap."""
@@ -24,7 +28,6 @@ MAX_SAMPLE_RATE_HZ = 48000
 before a connection is opened."""
 
 BYTES_PER_SAMPLE = 2  # LINEAR16
-INT16_SCALE = 32768.0  # soundfile's float scale for 16-bit PCM: int16 -> float -> int16 is lossless
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,10 @@ def chunk_pcm(pcm: bytes, sample_rate_hz: int, chunk_ms: int = CHUNK_DURATION_MS
 
 def float_to_linear16(samples: np.ndarray) -> bytes:
     """Float samples in [-1, 1] (any shape (S,) or (S, C); channels are averaged) to mono LINEAR16."""
+    from voxloop.core.pcm import float_to_pcm16  # numpy; the conversion the server and the store use
+
     mono = samples.mean(axis=1) if samples.ndim == 2 else samples  # (S,)
-    ints = np.clip(np.round(mono * INT16_SCALE), -INT16_SCALE, INT16_SCALE - 1).astype("<i2")
-    return ints.tobytes()
+    return float_to_pcm16(mono)
 
 
 def read_audio_file(path: str | Path) -> AudioFile:
@@ -78,6 +82,8 @@ def read_audio_file(path: str | Path) -> AudioFile:
     Raises ValueError, with the file's name and what to do, when the file is missing, unreadable,
     empty, or at a sample rate the API does not accept.
     """
+    import soundfile as sf
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")

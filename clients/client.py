@@ -4,8 +4,9 @@
         result = client.transcribe_file("hello.wav")
         print(result.transcript, result.model_version)
 
-Imports only grpcio, numpy/soundfile (for files) and the `voxloop.v1` stubs, never torch,
-onnxruntime or server code: an application installs the client without them.
+Imports only grpcio and the `voxloop.v1` stubs (numpy and soundfile when it reads a file), never torch,
+onnxruntime, server or trainer code: an application installs the client without them
+(tests/test_import_rules.py imports it with those blocked).
 
 The raw calls (`streaming_recognize`, `recognize`, `get_model_info`, and the Feedback service's
 `submit_correction`, `accept_transcript`, `reject_transcript`, `choose_alternative`, `feedback_stats`,
