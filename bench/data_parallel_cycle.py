@@ -30,8 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from voxloop.core.pcm import float_to_pcm16
 from voxloop.core.registry import Registry
-from voxloop.core.store import FeedbackStore, UtteranceRecord, pcm16_bytes
+from voxloop.core.store import FeedbackStore, UtteranceRecord
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import load_samples
 from voxloop.trainer.policies import load_policy_dir
@@ -57,7 +58,7 @@ def build_template(work: Path, shipped: Path, corpus: Path, split: str, items: i
             store.add_utterance(UtteranceRecord(
                 id=utterance_id, tenant="default", user_id=None, session_id=None, model_version="bench",
                 created_at=datetime.now(UTC), duration_s=len(samples) / 16000, sample_rate_hz=16000,
-                audio=pcm16_bytes(samples), hypothesis=""))
+                audio=float_to_pcm16(samples), hypothesis=""))
             store.submit_feedback(utterance_id, tenant="default", user=f"user-{i}", kind="correction", reward=0.0,
                                   corrected_text=row["text"])
     return template

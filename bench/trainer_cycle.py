@@ -25,8 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from voxloop.core.pcm import float_to_pcm16
 from voxloop.core.registry import Registry
-from voxloop.core.store import FeedbackStore, UtteranceRecord, pcm16_bytes
+from voxloop.core.store import FeedbackStore, UtteranceRecord
 from voxloop.trainer.config import TrainerConfig
 from voxloop.trainer.cycle import run_cycle
 from voxloop.trainer.data import read_manifest
@@ -43,7 +44,7 @@ def add_corrections(store: FeedbackStore, rows: list[dict], corpus: Path) -> Non
         store.add_utterance(UtteranceRecord(
             id=utterance_id, tenant="default", user_id=None, session_id=None, model_version="bench",
             created_at=datetime.now(UTC), duration_s=len(samples) / 16000, sample_rate_hz=16000,
-            audio=pcm16_bytes(samples), hypothesis=""))
+            audio=float_to_pcm16(samples), hypothesis=""))
         store.submit_feedback(utterance_id, tenant="default", user=f"user-{len(row['id']) % 7}-{uuid.uuid4().hex[:4]}",
                               kind="correction", reward=0.0, corrected_text=row["text"])
 

@@ -40,6 +40,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from .pcm import PCM16_BYTES_PER_SAMPLE, pcm16_to_float
+
 log = logging.getLogger(__name__)
 
 PCM_SAMPLE_RATE_HZ = 16_000
@@ -149,20 +151,14 @@ class UtteranceRecord:
             raise ValueError(
                 f"sample_rate_hz must be > 0 and duration_s >= 0 (got {self.sample_rate_hz}, {self.duration_s})"
             )
-        if self.audio is not None and len(self.audio) % PCM_BYTES_PER_SAMPLE:
+        if self.audio is not None and len(self.audio) % PCM16_BYTES_PER_SAMPLE:
             raise ValueError(f"audio must be int16 PCM: an even number of bytes (got {len(self.audio)})")
 
     def samples(self) -> np.ndarray:
         """The audio as float32 samples in [-1, 1), shape (n_samples,); raises NotFound once expired."""
         if self.audio is None:
             raise NotFound(f"utterance {self.id!r} has no audio (expired, or read without it)")
-        return np.frombuffer(self.audio, dtype="<i2").astype(np.float32) / 32768.0
-
-
-def pcm16_bytes(samples: np.ndarray) -> bytes:
-    """float samples in [-1, 1], shape (n_samples,) -> little-endian int16 PCM for `UtteranceRecord.audio`."""
-    clipped = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 32767 / 32768)
-    return np.round(clipped * 32768.0).astype("<i2").tobytes()
+        return pcm16_to_float(self.audio)
 
 
 @dataclass(frozen=True)

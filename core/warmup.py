@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from .decoder import CtcGreedyDecoder
 from .model import MODEL_SAMPLE_RATE_HZ, OnnxModel
+from .pcm import read_wav
 from .registry import VerificationError, version_file
 from .whisper_decoder import WhisperSecondPass
 
@@ -70,12 +70,11 @@ def synthetic_probe() -> np.ndarray:
 def read_probe(path: Path) -> np.ndarray:
     """A probe WAV as float32 (S,) at 16 kHz mono; raises WarmupFailed for anything else."""
     try:
-        audio, rate_hz = sf.read(path, dtype="float32", always_2d=True)
-    except (OSError, RuntimeError, sf.LibsndfileError) as e:
+        return read_wav(path, MODEL_SAMPLE_RATE_HZ)
+    except ValueError as e:  # another rate
+        raise WarmupFailed("warmup", f"probe {path.name}: {e}; probes are {MODEL_SAMPLE_RATE_HZ} Hz") from e
+    except (OSError, RuntimeError) as e:  # soundfile's errors are RuntimeErrors
         raise WarmupFailed("warmup", f"probe {path.name} is unreadable: {e}") from e
-    if rate_hz != MODEL_SAMPLE_RATE_HZ:
-        raise WarmupFailed("warmup", f"probe {path.name} is {rate_hz} Hz; probes are {MODEL_SAMPLE_RATE_HZ} Hz")
-    return audio.mean(axis=1).astype(np.float32)
 
 
 def streaming_transcript(model: OnnxModel, audio: np.ndarray) -> tuple[str, int]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.pcm import pcm16_to_float
 from .resample import StreamingResampler
 
 MIN_SAMPLE_RATE_HZ = 8000
 MAX_SAMPLE_RATE_HZ = 48000
 MAX_CHANNELS = 8
-INT16_SCALE = 32768.0  # int16 -> [-1, 1)
 
 
 def validate_sample_rate(sample_rate_hz: int) -> int:
@@ -52,16 +52,10 @@ def decode_linear16(data: bytes, channels: int = 1) -> np.ndarray:
             f"LINEAR16 audio with {channels} channels must come in whole frames of {frame_bytes} bytes "
             f"(one sample per channel); got {len(data)} bytes"
         )
-    samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / INT16_SCALE  # (S * C,)
+    samples = pcm16_to_float(data)  # (S * C,)
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1)  # (S,)
     return samples
-
-
-def float_to_int16(samples: np.ndarray) -> np.ndarray:
-    """float samples in [-1, 1] (S,) -> int16 (S,), the inverse of decode_linear16 for mono audio."""
-    clipped = np.clip(samples, -1.0, (INT16_SCALE - 1) / INT16_SCALE)
-    return np.round(clipped * INT16_SCALE).astype(np.int16)
 
 
 class SampleBuffer:
@@ -105,5 +99,5 @@ class SampleBuffer:
         self._length = remaining
         self._start = position
 
-__all__ = ["SampleBuffer", "StreamingResampler", "decode_linear16", "float_to_int16", "validate_channels",
+__all__ = ["SampleBuffer", "StreamingResampler", "decode_linear16", "validate_channels",
            "validate_sample_rate"]

@@ -33,11 +33,11 @@ from ..core.decoder import Hypothesis, UtteranceDecoder, WordTiming
 from ..core.limits import MAX_ID_CHARS, check_length
 from ..core.metrics import AUDIO_SECONDS, FINAL_LATENCY_SECONDS, PARTIAL_LAG_SECONDS
 from ..core.model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, State
+from ..core.pcm import float_to_int16
 from .audio import (
     SampleBuffer,
     StreamingResampler,
     decode_linear16,
-    float_to_int16,
     validate_channels,
     validate_sample_rate,
 )

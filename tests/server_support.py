@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from voxloop.core.pcm import float_to_pcm16
 
 RATE_HZ = 16000
 VOICE_VERSION = "voice-0001"
@@ -36,7 +37,7 @@ def noise(seconds: float, seed: int = 0, rate_hz: int = RATE_HZ) -> np.ndarray:
 
 def pcm16(samples: np.ndarray) -> bytes:
     """float32 (S,) or (S, C) -> LINEAR16 bytes (interleaved when 2-D)."""
-    return np.round(np.clip(samples, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+    return float_to_pcm16(samples)
 
 
 def chunked(data: bytes, chunk_bytes: int) -> list[bytes]:

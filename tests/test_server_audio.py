@@ -12,6 +12,7 @@ import torchaudio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from server_support import pcm16
+from voxloop.core.pcm import float_to_int16
 from voxloop.server import resample
 from voxloop.server.audio import (
     MAX_SAMPLE_RATE_HZ,
@@ -19,7 +20,6 @@ from voxloop.server.audio import (
     SampleBuffer,
     StreamingResampler,
     decode_linear16,
-    float_to_int16,
     validate_sample_rate,
 )
 

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from rapidfuzz.distance import Levenshtein
 from voxloop.core import store as store_module
+from voxloop.core.pcm import float_to_pcm16
 from voxloop.core.rewards import (
     char_edit_reward,
     char_similarity,
@@ -38,7 +39,6 @@ from voxloop.core.store import (
     PermissionDenied,
     SchemaTooNew,
     UtteranceRecord,
-    pcm16_bytes,
 )
 
 TENANT = "acme"
@@ -65,7 +65,7 @@ def make_utterance(
         created_at=datetime.now(UTC) - timedelta(seconds=age_s),
         duration_s=0.1,
         sample_rate_hz=16_000,
-        audio=pcm16_bytes(samples),
+        audio=float_to_pcm16(samples),
         hypothesis=hypothesis,
         confidence=0.8,
         alternatives=alternatives,

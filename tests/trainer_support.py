@@ -66,13 +66,14 @@ def add_feedback(store, samples: np.ndarray, *, kind: str = "correction", text: 
                  hypothesis: str = "", user: str | None = None, alternatives=None, chosen_index=None,
                  model_version: str = "v") -> int:
     """Store an utterance with `samples` and one feedback item on it; returns the feedback id."""
-    from voxloop.core.store import UtteranceRecord, pcm16_bytes
+    from voxloop.core.pcm import float_to_pcm16
+    from voxloop.core.store import UtteranceRecord
 
     utterance_id = uuid.uuid4().hex
     store.add_utterance(UtteranceRecord(
         id=utterance_id, tenant="default", user_id=None, session_id=None, model_version=model_version,
         created_at=datetime.now(UTC), duration_s=len(samples) / SAMPLE_RATE_HZ, sample_rate_hz=SAMPLE_RATE_HZ,
-        audio=pcm16_bytes(samples), hypothesis=hypothesis,
+        audio=float_to_pcm16(samples), hypothesis=hypothesis,
         alternatives=tuple(alternatives) if alternatives is not None else None,
     ))
     record = store.submit_feedback(utterance_id, tenant="default", user=user or uuid.uuid4().hex[:8], kind=kind,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.pcm import int16_to_float
 from .data import load_examples, read_manifest
 from .tokenizer import encode_targets, make_tokenizer
 
@@ -45,7 +46,7 @@ class Utterance:
     target_ids: list[int]
 
     def float_samples(self) -> np.ndarray:
-        return self.samples.astype(np.float32) / 32768.0
+        return int16_to_float(self.samples)
 
 
 def has_corpus(corpus_dir: Path | None) -> bool:

@@ -46,6 +46,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
+from voxloop.core.pcm import float_to_int16
 from voxloop.core.text import normalize_text, spell_out
 
 logger = logging.getLogger(__name__)
@@ -436,7 +437,7 @@ def _render(job: _Job) -> tuple[str, float | None, str | None]:
         return job.utt_id, None, "silent"
     if duration_s > job.max_duration_s:
         return job.utt_id, None, "too long"
-    pcm = (wave.clamp(-1.0, 32767 / 32768) * 32768).round().to(torch.int16).numpy()
+    pcm = float_to_int16(wave.numpy())
     job.wav_path.parent.mkdir(parents=True, exist_ok=True)
     soundfile.write(job.wav_path, pcm, SAMPLE_RATE_HZ, subtype="PCM_16")
     return job.utt_id, duration_s, None

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
+
+from ..core.model import MODEL_SAMPLE_RATE_HZ
+from ..core.pcm import int16_to_float, read_wav
 
 IGNORE_INDEX = -100  # label padding (HF convention), ignored by the CTC loss
 
@@ -33,9 +35,7 @@ def load_examples(rows: list[dict], corpus_dir: Path, encode) -> list[Example]:
     """Read every row's audio (int16 in memory: 10 h of audio is ~1.2 GB) and encode its text."""
     examples = []
     for row in rows:
-        samples, rate = sf.read(str(corpus_dir / row["path"]), dtype="int16")
-        if rate != 16000:
-            raise ValueError(f"{row['path']}: {rate} Hz, expected 16000 (rebuild the corpus)")
+        samples = read_wav(corpus_dir / row["path"], MODEL_SAMPLE_RATE_HZ, dtype="int16")  # (S,)
         examples.append(Example(row["id"], samples, encode(row["text"]), row["text"], row.get("voice", "")))
     return examples
 
@@ -66,7 +66,7 @@ def duration_batches(
 def collate(batch: list[Example], waveforms: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Pad to (B, S) float audio in [-1, 1] and (B, U) labels padded with IGNORE_INDEX."""
     if waveforms is None:
-        waveforms = [torch.from_numpy(e.samples.astype(np.float32) / 32768.0) for e in batch]
+        waveforms = [torch.from_numpy(int16_to_float(e.samples)) for e in batch]
     lengths = torch.tensor([len(w) for w in waveforms])
     audio = torch.zeros(len(batch), int(lengths.max()))
     for i, w in enumerate(waveforms):

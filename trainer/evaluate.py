@@ -15,10 +15,11 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
-import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from ..core.model import MODEL_SAMPLE_RATE_HZ
+from ..core.pcm import read_wav
 from .export import _onnx_session, greedy_ctc_text
 from .hf_import import WINDOWED_FORMAT
 from .model import VoxloopForCTC
@@ -164,10 +165,8 @@ def version_transcriber(version_dir: Path) -> Transcriber:
 
 
 def load_samples(path: Path) -> np.ndarray:
-    samples, rate = sf.read(str(path), dtype="float32")
-    if rate != 16000:
-        raise ValueError(f"{path}: {rate} Hz; evaluation manifests must hold 16 kHz audio")
-    return samples if samples.ndim == 1 else samples.mean(axis=1)
+    """An evaluation manifest's audio: float32 (S,) mono at 16 kHz (ValueError at another rate)."""
+    return read_wav(path, MODEL_SAMPLE_RATE_HZ)
 
 
 def evaluate(

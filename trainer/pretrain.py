@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..core.pcm import int16_to_float
 from .corpus import add_noise, add_reverb, speed_perturb
 from .data import collate, duration_batches, load_examples, read_manifest
 from .evaluate import error_rates, torch_transcriber
@@ -85,7 +86,7 @@ def feature_stats(model: VoxloopForCTC, waveforms: list[torch.Tensor]) -> tuple[
 
 def augment(samples: np.ndarray, config: PretrainConfig, rng: random.Random, gen: torch.Generator) -> torch.Tensor:
     """int16 samples -> float waveform with random speed, reverberation and noise."""
-    wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)
+    wave = torch.from_numpy(int16_to_float(samples))
     if rng.random() < config.speed_perturb_prob:
         wave = speed_perturb(wave, rng.choice((0.9, 1.1)))
     if rng.random() < config.reverb_prob:
@@ -97,7 +98,7 @@ def augment(samples: np.ndarray, config: PretrainConfig, rng: random.Random, gen
 
 def evaluate_dev(model: VoxloopForCTC, dev) -> dict:
     transcribe = torch_transcriber(model)
-    hypotheses = [transcribe(e.samples.astype(np.float32) / 32768.0) for e in dev]
+    hypotheses = [transcribe(int16_to_float(e.samples)) for e in dev]
     model.train()
     return error_rates([e.text for e in dev], hypotheses).as_dict()
 
@@ -158,7 +159,7 @@ def pretrain(config: PretrainConfig) -> Path:
         scheduler.load_state_dict(saved.pop("scheduler"))
         state.update(saved)
     else:
-        mean, std = feature_stats(model, [torch.from_numpy(e.samples.astype(np.float32) / 32768.0)
+        mean, std = feature_stats(model, [torch.from_numpy(int16_to_float(e.samples))
                                           for e in rng.sample(train, min(400, len(train)))])
         model.frontend.set_feature_stats(mean, std)
     params = sum(p.numel() for p in model.parameters())
