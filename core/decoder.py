@@ -1,9 +1,16 @@
-"""Incremental CTC greedy decoding with word timings and confidences.
+"""Greedy CTC decoding: what a graph's log-probs print, streamed with timings or in one go.
 
-Chunks of per-frame log-probs (T, V) come in as the model produces them; repeats are collapsed
-across chunk boundaries (the last frame's token carries over), blanks dropped. The streaming model is
-causal and chunked, so an emitted frame never changes: every word followed by a word separator is
-final (stable), and only the trailing word, still being spelled, is tentative.
+- `CtcGreedyDecoder` (the server's streams and warm-up): chunks of per-frame log-probs (T, V) come in
+  as the model produces them; repeats are collapsed across chunk boundaries (the last frame's token
+  carries over), blanks dropped. The streaming model is causal and chunked, so an emitted frame never
+  changes: every word followed by a word separator is final (stable), and only the trailing word, still
+  being spelled, is tentative.
+- `greedy_ctc_text` / `path_text` (the trainer's parity checks, evaluation, rewards): the text of a
+  whole utterance's best path, or of any path. tests/test_core_equivalence.py checks that they print
+  what the streaming decoder prints.
+
+Both take the best path from `best_path` and print tokens by the printed vocabulary (`serving_vocabulary`:
+the blank at index 0, the word delimiter "|" as " ", <unk> and other <special> tokens as nothing).
 
 Confidence of a token: its highest frame probability; of a word: the mean over its tokens; of an
 utterance: the mean over its words (0 with no words).
@@ -11,7 +18,7 @@ utterance: the mean over its words (0 with no words).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +27,48 @@ import numpy as np
 from .model import BLANK_ID
 
 WORD_SEPARATOR = " "
+"""How the word delimiter prints."""
+BLANK_TOKEN = "<blank>"
+WORD_DELIMITER_TOKEN = "|"
+UNK_TOKEN = "<unk>"
+"""The token names of a policy's vocabulary (the tokenizer's: the CTC blank first, "|" between words)."""
+
+
+def serving_vocabulary(vocabulary: Sequence[str]) -> list[str]:
+    """The vocabulary as the server prints it (the graph's voxloop.vocabulary): the word delimiter is a space,
+    <unk> and any other <special> token print nothing; the blank (index 0, never printed) keeps its name.
+    A printed vocabulary maps to itself."""
+    def printed(token: str) -> str:
+        if token == WORD_DELIMITER_TOKEN:
+            return WORD_SEPARATOR
+        return "" if token == UNK_TOKEN or (len(token) > 2 and token[0] == "<" and token[-1] == ">") else token
+
+    return [vocabulary[0], *(printed(t) for t in vocabulary[1:])]
+
+
+def best_path(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log_probs (T, V) -> the best token of each frame (T,) and its probability (T,)."""
+    best = log_probs.argmax(axis=-1)  # (T,)
+    return best, np.exp(log_probs[np.arange(len(best)), best])
+
+
+def collapse_path(path: Sequence[int] | np.ndarray, blank: int = BLANK_ID) -> list[int]:
+    """CTC collapse of one path (its real frames only; a list, numpy or torch): merge repeats, then drop blanks."""
+    tokens = path.tolist() if hasattr(path, "tolist") else list(path)
+    return [t for i, t in enumerate(tokens) if t != blank and (i == 0 or t != tokens[i - 1])]
+
+
+def path_text(path: Sequence[int] | np.ndarray, vocabulary: Sequence[str]) -> str:
+    """A CTC path (T,) -> its text as the server prints it: words joined by single spaces.
+
+    `vocabulary`: a policy's (its token names) or a graph's printed one."""
+    printed = serving_vocabulary(vocabulary)
+    return " ".join("".join(printed[t] for t in collapse_path(path)).split())
+
+
+def greedy_ctc_text(log_probs: np.ndarray, vocabulary: Sequence[str]) -> str:
+    """Best-path text of a whole utterance's log-probs (T, V): argmax, collapse repeats, drop blanks."""
+    return path_text(best_path(log_probs)[0], vocabulary)
 
 
 @dataclass(frozen=True)
@@ -113,8 +162,7 @@ class CtcGreedyDecoder:
         """log_probs (T, V) of consecutive frames, the first at `first_frame_s` in the stream."""
         if len(log_probs) == 0:
             return
-        best = log_probs.argmax(axis=-1)  # (T,)
-        self.feed_path(best, np.exp(log_probs[np.arange(len(best)), best]), first_frame_s)
+        self.feed_path(*best_path(log_probs), first_frame_s)
 
     def feed_path(self, path: np.ndarray, probability: np.ndarray, first_frame_s: float) -> None:
         """A given CTC path: token ids (T,) and each frame's probability of its token (T,).

@@ -1,14 +1,21 @@
-"""An exported CTC policy on onnxruntime, as docs/model-format.md describes it.
+"""The model contract (docs/model-format.md): an exported CTC graph, its metadata, and how a stream feeds it.
 
 The graph takes raw 16 kHz audio (B, S) plus streaming state and returns per-frame CTC log-probs
 (B, T, V) plus the next state. Every input other than `audio` is state, with a `next_<name>` output:
 the server never looks inside it, it only stacks streams' rows into a batch and splits them again.
+
+One place for what exporter, server and trainer must agree on:
+- the formats and the `voxloop.*` metadata keys (`metadata_props` writes them, `ModelSpec` reads them);
+- how a stream windows its audio (`ModelSpec.next_window`, `ModelSpec.windows`): the server's streams, the
+  warm-up probe, the export parity check and evaluation all feed a graph the same windows;
+- how a graph is opened (`onnx_session`) and run (`OnnxModel.run`: the feeds of audio and state).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +25,17 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = ("streaming-ctc/1", "windowed-ctc/1")
+STREAMING_CTC_FORMAT = "streaming-ctc/1"
+"""A causal, chunked CTC graph whose state is its caches (voxloop's streaming Conformer)."""
+WINDOWED_CTC_FORMAT = "windowed-ctc/1"
+"""A CTC graph over a sliding window whose state is the audio history (Hugging Face CTC checkpoints, and the
+first pass of a two-pass version)."""
+WHISPER_TWO_PASS_FORMAT = "whisper-two-pass/1"
+"""A card format, not a graph's: a windowed-ctc/1 first pass (model.onnx) plus Whisper's encoder and decoder
+for the finals (whisper_decoder.py)."""
+SUPPORTED_FORMATS = (STREAMING_CTC_FORMAT, WINDOWED_CTC_FORMAT)
+METADATA_PREFIX = "voxloop."
+"""Every key of a graph's metadata_props is voxloop.<name> (voxloop.format, voxloop.vocabulary, ...)."""
 MODEL_SAMPLE_RATE_HZ = 16000
 """The only rate a model may take; client audio is resampled to it."""
 AUDIO_INPUT = "audio"
@@ -34,6 +51,28 @@ State = dict[str, np.ndarray]
 
 class ModelFormatError(ValueError):
     """The ONNX file does not follow the model contract (docs/model-format.md)."""
+
+
+def metadata_props(values: Mapping[str, object]) -> dict[str, str]:
+    """A graph's metadata_props from {name: value}: keys under METADATA_PREFIX, lists as JSON, the rest as text
+    (what ModelSpec.from_metadata reads back)."""
+    return {METADATA_PREFIX + name: json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            for name, value in values.items()}
+
+
+def onnx_session(path: Path | str, *, intra_op_threads: int = 1) -> ort.InferenceSession:
+    """How voxloop opens every graph: CPU, `intra_op_threads` threads (0: onnxruntime's default, one per core),
+    operators one after another, idle threads sleeping instead of spinning (the cores are shared with the
+    event loop and the other streams). Raises ModelFormatError when onnxruntime cannot load the file."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ModelFormatError(f"{path}: onnxruntime cannot load it: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -82,12 +121,35 @@ class ModelSpec:
             return 0
         return ((num_samples - self.window_samples) // self.hop_samples + 1) // self.subsampling
 
+    def next_window(self, start: int, end: int, *, final: bool = False) -> tuple[int, int] | None:
+        """The samples [start, stop) a stream feeds the graph next, when it holds audio up to `end`.
+
+        `start` is where the next chunk begins: the window is the chunk plus the lookback after it
+        (window_samples_per_call samples), once `end` reaches that far. With `final` (the audio is
+        over), a shorter tail [start, end) is fed too if it yields a frame. None: nothing to feed yet.
+        The next window starts chunk_samples later.
+        """
+        if start + self.window_samples_per_call <= end:
+            return start, start + self.window_samples_per_call
+        if final and self.frames_for(end - start) > 0:
+            return start, end
+        return None
+
+    def windows(self, num_samples: int) -> Iterator[tuple[int, int]]:
+        """Every window a stream feeds for `num_samples` samples of audio, tail included (next_window in turn)."""
+        start = 0
+        while (window := self.next_window(start, num_samples, final=True)) is not None:
+            yield window
+            if window[1] - window[0] < self.window_samples_per_call:
+                return  # the tail
+            start += self.chunk_samples
+
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str) -> ModelSpec:
         def get(key: str, default: str | None = None) -> str:
-            value = metadata.get(f"voxloop.{key}", default)
+            value = metadata.get(METADATA_PREFIX + key, default)
             if value is None:
-                raise ModelFormatError(f"{source}: metadata_props lacks voxloop.{key}; re-export the model")
+                raise ModelFormatError(f"{source}: metadata_props lacks {METADATA_PREFIX}{key}; re-export the model")
             return value
 
         def positive_int(key: str, default: str | None = None, minimum: int = 1) -> int:
@@ -165,16 +227,7 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no model at {self.path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle intra-op threads sleep instead of spinning: the cores are shared with the event loop.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
-            raise ModelFormatError(f"{self.path}: onnxruntime cannot load it: {e}") from e
+        self._session = onnx_session(self.path, intra_op_threads=intra_op_threads)
         self.spec = ModelSpec.from_metadata(dict(self._session.get_modelmeta().custom_metadata_map), str(self.path))
         self.loaded_at = datetime.now(UTC)
         self.state_inputs = self._read_state_inputs()

@@ -85,14 +85,7 @@ def streaming_transcript(model: OnnxModel, audio: np.ndarray) -> tuple[str, int]
     spec = model.spec
     decoder = CtcGreedyDecoder(spec.vocabulary, spec.frame_shift_s)
     state = model.initial_state(1)
-    windows = []
-    start = 0
-    while start + spec.window_samples_per_call <= len(audio):
-        windows.append((start, start + spec.window_samples_per_call))
-        start += spec.chunk_samples
-    if spec.frames_for(len(audio) - start) > 0:  # the tail, as a stream's finish() decodes it
-        windows.append((start, len(audio)))
-    for start, end in windows:
+    for start, end in spec.windows(len(audio)):  # the windows a stream feeds, the tail included
         try:
             log_probs, state = model.run(audio[None, start:end], state)  # (1, T, V)
         except Exception as e:  # onnxruntime's own error types: a graph that cannot run is refused

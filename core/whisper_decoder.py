@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .decoder import Hypothesis, WordTiming
-from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError
+from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
 from .text import normalize_text
 
@@ -86,17 +85,6 @@ class SecondPassSettings:
         return settings
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own exception types
-        raise ModelFormatError(f"{path}: onnxruntime cannot load it: {e}") from e
-
-
 @dataclass
 class _Beam:
     tokens: list[int]
@@ -122,8 +110,8 @@ class WhisperSecondPass:
     def __init__(self, encoder: Path, decoder: Path, tokenizer: Path, settings: SecondPassSettings, *,
                  intra_op_threads: int = 1):
         self.settings = settings
-        self._encoder = _session(encoder, intra_op_threads)
-        self._decoder = _session(decoder, intra_op_threads)
+        self._encoder = onnx_session(encoder, intra_op_threads=intra_op_threads)
+        self._decoder = onnx_session(decoder, intra_op_threads=intra_op_threads)
         try:
             self._tokenizer = Tokenizer.from_file(str(tokenizer))
         except Exception as e:  # tokenizers raises its own Exception type

@@ -5,7 +5,8 @@
     async for event in stream.finish(): ...          # the client half-closed: flush, last final
 
 Audio is decoded, downmixed and resampled to 16 kHz into a buffer; every time it holds
-`chunk_samples + lookback_samples` past the next chunk start, that window goes to the model (through
+`chunk_samples + lookback_samples` past the next chunk start (`ModelSpec.next_window`, the windowing
+every other caller of a graph uses too), that window goes to the model (through
 the shared batcher) with the stream's state, the log-probs to the CTC decoder, and the decoder's
 trailing blanks to the endpointer. At an endpoint the utterance is final: it gets a final result,
 its audio and transcript go to the utterance sink, and the next utterance begins at the next chunk.
@@ -240,10 +241,11 @@ class RecognitionStream:
             self.done = True
             return
         utterance = self._begin_utterance()
-        tail = self._buffer.end - self._next_chunk
-        if utterance.model.spec.frames_for(tail) > 0:
-            await self._decode(utterance, self._next_chunk, self._buffer.end)
-            AUDIO_SECONDS.inc(tail / MODEL_SAMPLE_RATE_HZ)
+        # Every full window is decoded: what is left is the tail, fed if it holds a frame.
+        tail = utterance.model.spec.next_window(self._next_chunk, self._buffer.end, final=True)
+        if tail is not None:
+            await self._decode(utterance, *tail)
+            AUDIO_SECONDS.inc((tail[1] - tail[0]) / MODEL_SAMPLE_RATE_HZ)
         self._next_chunk = self._buffer.end
         async for event in self._end_utterance(None):
             yield event
@@ -282,9 +284,10 @@ class RecognitionStream:
         while not self.done:
             utterance = self._begin_utterance()
             spec = utterance.model.spec
-            if self._buffer.end - self._next_chunk < spec.window_samples_per_call:
+            window = spec.next_window(self._next_chunk, self._buffer.end)
+            if window is None:
                 return
-            await self._decode(utterance, self._next_chunk, self._next_chunk + spec.window_samples_per_call)
+            await self._decode(utterance, *window)
             self._next_chunk += spec.chunk_samples
             AUDIO_SECONDS.inc(spec.chunk_s)
             decoder = utterance.decoder

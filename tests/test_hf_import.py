@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-from voxloop.trainer.hf_import import WINDOWED_FORMAT, WindowedCTCWrapper, export_hf_ctc, is_hf_ctc_checkpoint
+from voxloop.core.model import WINDOWED_CTC_FORMAT
+from voxloop.trainer.hf_import import WindowedCTCWrapper, export_hf_ctc, is_hf_ctc_checkpoint
 
 HF_VOCABULARY = ["<pad>", "<s>", "</s>", "<unk>", "|", "'", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
 
@@ -40,7 +41,7 @@ def test_hf_checkpoint_exports_with_the_voxloop_contract(tiny_hf_checkpoint, tmp
     path = export_hf_ctc(tiny_hf_checkpoint, tmp_path / "model.onnx", "hf-0001")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["voxloop.format"] == WINDOWED_FORMAT
+    assert meta["voxloop.format"] == WINDOWED_CTC_FORMAT
     vocabulary = json.loads(meta["voxloop.vocabulary"])
     assert vocabulary[0] == "<blank>" and vocabulary[4] == " " and vocabulary[6] == "a"
     history = int(meta["voxloop.history_samples"])
@@ -83,7 +84,7 @@ def test_voxloop_export_publishes_an_hf_checkpoint_as_a_complete_version(hf_vers
     registry = Registry(tmp_path / "registry")
     registry.seed_from(hf_version_dir)
     card = registry.verify("hf-0001")  # every file's sha256 matches the card
-    assert card["format"] == WINDOWED_FORMAT and card["model"]["architecture"] == "Wav2Vec2ForCTC"
+    assert card["format"] == WINDOWED_CTC_FORMAT and card["model"]["architecture"] == "Wav2Vec2ForCTC"
     assert card["parity"]["max_abs_logprob_diff"] <= 1e-4 and card["parity"]["greedy_transcripts_equal"]
     assert len(card["parity"]["lengths_s"]) == 2
     assert is_hf_ctc_checkpoint(hf_version_dir / "policy")  # what the trainer starts from
@@ -119,7 +120,7 @@ def test_the_online_trainer_fine_tunes_an_hf_checkpoint_and_publishes_a_windowed
     child = report.version_out
     assert registry.current_version() == child == "hf-0001-c0001"
     card = registry.verify(child)
-    assert card["format"] == WINDOWED_FORMAT and card["parent_version"] == "hf-0001"
+    assert card["format"] == WINDOWED_CTC_FORMAT and card["parent_version"] == "hf-0001"
     assert card["parity"]["max_abs_logprob_diff"] <= 1e-4
     before = Wav2Vec2ForCTC.from_pretrained(hf_version_dir / "policy").state_dict()
     after = Wav2Vec2ForCTC.from_pretrained(registry.version_dir(child) / "policy").state_dict()

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from voxloop.core.decoder import collapse_path
 from voxloop.core.rewards import char_edit_reward
 from voxloop.trainer.ppo import (
     AdaptiveKLController,
     PPOConfig,
     best_alignment,
     clipped_policy_loss,
-    collapse_path,
     entropy,
     greedy_paths,
     group_advantages,

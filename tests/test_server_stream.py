@@ -15,6 +15,7 @@ from conftest import TINY_VERSION
 from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voice_registry_once, voiced
 from voxloop.core.decoder import CtcGreedyDecoder
 from voxloop.core.model import ModelFormatError, OnnxModel
+from voxloop.core.pcm import pcm16_to_float
 from voxloop.core.registry import Registry, RegistryError
 from voxloop.server.app import load_serving_model
 from voxloop.server.batcher import InferenceError
@@ -171,7 +172,7 @@ def test_chunked_streaming_decode_equals_whole_utterance_decode(tiny_registry_te
 
 def decode_audio(samples):
     """What the server sees of float audio sent as LINEAR16."""
-    return np.frombuffer(pcm16(samples), "<i2").astype(np.float32) / 32768
+    return pcm16_to_float(pcm16(samples))
 
 
 def test_chunks_of_concurrent_streams_run_in_one_model_call_and_match_one_by_one(tiny_registry_template):

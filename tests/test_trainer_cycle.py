@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from trainer_support import add_feedback, speech, tiny_version, tone, write_corpus
+from voxloop.core.decoder import path_text
 from voxloop.core.registry import Registry
 from voxloop.core.store import FeedbackKind, FeedbackStore
 from voxloop.trainer.config import TrainerConfig
@@ -17,7 +18,7 @@ from voxloop.trainer.gate import GateConfig, decide
 from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 from voxloop.trainer.ppo import PPOConfig
 from voxloop.trainer.rewards import REJECTED_REWARD, edit_reward, feedback_item
-from voxloop.trainer.update import collect_rollout, path_text
+from voxloop.trainer.update import collect_rollout
 
 torch.set_num_threads(1)
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from voxloop.core.decoder import greedy_ctc_text, serving_vocabulary
 from voxloop.core.model import OnnxModel
 from voxloop.core.registry import Registry, sha256_file
 from voxloop.core.warmup import WarmupFailed, streaming_transcript, warm_up
 from voxloop.core.whisper_decoder import WhisperSecondPass
-from voxloop.trainer.export import ParityError, greedy_ctc_text, serving_vocabulary
+from voxloop.trainer.export import ParityError
 from voxloop.trainer.whisper_export import (
     DECODER_FILE,
     ENCODER_FILE,

@@ -1,8 +1,9 @@
 """Evaluation: WER and CER of a policy (torch checkpoint or exported ONNX) on a manifest.
 
 Both backends produce per-frame log-probs that go through the same greedy CTC decoding
-(`export.greedy_ctc_text`), so their figures are comparable. `lm_transcriber` decodes an exported
-model's log-probs with the server's lexicon + LM beam search instead (a version's card["decoder"]).
+(`core.decoder.greedy_ctc_text`), so their figures are comparable. An exported graph runs as the server
+runs it (`core.model.OnnxModel`); `lm_transcriber` decodes its log-probs with the server's lexicon + LM
+beam search instead (a version's card["decoder"]).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.model import MODEL_SAMPLE_RATE_HZ
+from ..core.decoder import greedy_ctc_text
+from ..core.model import MODEL_SAMPLE_RATE_HZ, WINDOWED_CTC_FORMAT, OnnxModel
 from ..core.pcm import read_wav
-from .export import _onnx_session, greedy_ctc_text
-from .hf_import import WINDOWED_FORMAT
 from .model import VoxloopForCTC
 
 log = logging.getLogger(__name__)
@@ -69,52 +69,30 @@ def torch_transcriber(model: VoxloopForCTC) -> Transcriber:
     return transcribe
 
 
-def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
-    """A whole-utterance forward pass of an exported model (samples -> log_probs (T, V)), and its vocabulary."""
-    session = _onnx_session(onnx_path)
-    meta = session.get_modelmeta().custom_metadata_map
-    vocabulary = json.loads(meta["voxloop.vocabulary"])
-    if meta.get("voxloop.format") == WINDOWED_FORMAT:
-        return _windowed_log_probs(session, meta, len(vocabulary)), vocabulary
-    layers, d = int(meta["voxloop.num_layers"]), int(meta["voxloop.d_model"])
-    cache_frames, conv_frames = int(meta["voxloop.cache_frames"]), int(meta["voxloop.conv_cache_frames"])
+def onnx_log_probs(onnx_path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], OnnxModel]:
+    """The log-probs (T, V) of an exported model for float32 16 kHz samples, and the loaded graph.
+
+    A streaming-ctc/1 graph is causal: one pass over the whole utterance from a fresh state gives what
+    the stream's chunks give. A windowed-ctc/1 graph attends over its audio history, not the utterance:
+    it is fed the windows a server stream feeds (the tail too, if it holds a frame), state carried."""
+    graph = OnnxModel(onnx_path, intra_op_threads=1)
+    spec = graph.spec
 
     def forward(samples: np.ndarray) -> np.ndarray:
-        feeds = {
-            "audio": samples[None].astype(np.float32),
-            "att_cache": np.zeros((1, layers, cache_frames, d), np.float32),
-            "conv_cache": np.zeros((1, layers, d, conv_frames), np.float32),
-            "cache_len": np.zeros((1,), np.int64),
-        }
-        (log_probs,) = session.run(["log_probs"], feeds)
-        return log_probs[0]
-
-    return forward, vocabulary
-
-
-def _windowed_log_probs(session, meta, vocab_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A windowed-ctc/1 graph attends over its audio history, not the utterance: decode it as the server
-    does, chunk by chunk from an empty history (the last, shorter piece too, if it holds a frame)."""
-    chunk, hop = int(meta["voxloop.chunk_samples"]), int(meta["voxloop.hop_samples"])
-    empty_history = np.zeros((1, int(meta["voxloop.history_samples"])), np.float32)
-
-    def forward(samples: np.ndarray) -> np.ndarray:
-        history, pieces = empty_history, []
-        for start in range(0, len(samples), chunk):
-            piece = samples[None, start : start + chunk].astype(np.float32)
-            if piece.shape[1] < hop:
-                break
-            log_probs, history = session.run(["log_probs", "next_audio_history"],
-                                             {"audio": piece, "audio_history": history})
+        if spec.format != WINDOWED_CTC_FORMAT:
+            return graph.run(samples[None], graph.initial_state(1))[0][0]
+        state, pieces = graph.initial_state(1), []
+        for start, end in spec.windows(len(samples)):
+            log_probs, state = graph.run(samples[None, start:end], state)
             pieces.append(log_probs[0])
-        return np.concatenate(pieces) if pieces else np.zeros((0, vocab_size), np.float32)
+        return np.concatenate(pieces) if pieces else np.zeros((0, len(spec.vocabulary)), np.float32)
 
-    return forward
+    return forward, graph
 
 
 def onnx_transcriber(onnx_path: Path) -> Transcriber:
-    forward, vocabulary = onnx_log_probs(onnx_path)
-    return lambda samples: greedy_ctc_text(forward(samples), vocabulary)
+    forward, graph = onnx_log_probs(onnx_path)
+    return lambda samples: greedy_ctc_text(forward(samples), graph.spec.vocabulary)
 
 
 def lm_transcriber(onnx_path: Path, decoder_dir: Path, settings: dict | None = None) -> Transcriber:
@@ -123,11 +101,9 @@ def lm_transcriber(onnx_path: Path, decoder_dir: Path, settings: dict | None = N
     `settings` override the card's search knobs (e.g. {"lm_weight": 1.0} while tuning on dev).
     """
     from ..core.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
-    from ..core.model import ModelSpec
 
-    forward, _ = onnx_log_probs(onnx_path)
-    spec = ModelSpec.from_metadata(dict(_onnx_session(onnx_path).get_modelmeta().custom_metadata_map),
-                                   str(onnx_path))
+    forward, graph = onnx_log_probs(onnx_path)
+    spec = graph.spec
     card = json.loads((decoder_dir / "card.json").read_text())
     lexicon, lm, beam = lm_decoder_paths(card, decoder_dir, overrides=settings)
     factory = LexiconLmDecoderFactory(spec.vocabulary, spec.frame_shift_s, lexicon, lm, beam)

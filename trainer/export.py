@@ -1,28 +1,30 @@
 """ONNX export of the policy (docs/model-format.md) with a parity check that fails loudly.
 
 The export goes through a thin wrapper with named inputs/outputs and `metadata_props` the server
-reads. Parity is checked at several lengths, and chunk by chunk: a graph that baked the traced
-length into a shape (the classic legacy-exporter failure) passes at one length and fails at others.
+reads (core/model.py's contract). Parity is checked at several lengths, and chunk by chunk through
+the windows a server stream feeds (`ModelSpec.windows`), run as the server runs them (`OnnxModel`): a
+graph that baked the traced length into a shape (the classic legacy-exporter failure) passes at one
+length and fails at others.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from .model import BLANK_TOKEN, UNK_TOKEN, WORD_DELIMITER_TOKEN, StreamingState, VoxloopForCTC
+from ..core.decoder import greedy_ctc_text, serving_vocabulary
+from ..core.model import STREAMING_CTC_FORMAT, OnnxModel, metadata_props
+from .model import StreamingState, VoxloopForCTC
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "streaming-ctc/1"
 ONNX_OPSET = 17
 INPUT_NAMES = ["audio", "att_cache", "conv_cache", "cache_len"]
 OUTPUT_NAMES = ["log_probs", "next_att_cache", "next_conv_cache", "next_cache_len"]
@@ -39,6 +41,7 @@ class ParityConfig:
     streaming_chunks: int = 6
     """Chunks decoded one by one through the caches, compared with the whole-utterance pass."""
     seed: int = 0
+    """Seed of the random audio the two are compared on."""
 
 
 @dataclass(frozen=True)
@@ -71,35 +74,24 @@ class StreamingExportWrapper(nn.Module):
         return torch.log_softmax(logits, dim=-1), state.att_cache, state.conv_cache, state.cache_len
 
 
-def serving_vocabulary(vocabulary: list[str]) -> list[str]:
-    """The vocabulary as the server prints it: the word delimiter is a space, <unk> and any other
-    <special> token print nothing; the blank (index 0, never printed) keeps its name."""
-    def printed(token: str) -> str:
-        if token == WORD_DELIMITER_TOKEN:
-            return " "
-        return "" if token == UNK_TOKEN or (len(token) > 2 and token[0] == "<" and token[-1] == ">") else token
-
-    return [vocabulary[0], *(printed(t) for t in vocabulary[1:])]
-
-
 def model_metadata(model: VoxloopForCTC, version: str) -> dict[str, str]:
     c = model.config
-    return {
-        "voxloop.format": MODEL_FORMAT,
-        "voxloop.version": version,
-        "voxloop.vocabulary": json.dumps(serving_vocabulary(c.vocabulary)),
-        "voxloop.sample_rate_hz": str(c.sample_rate_hz),
-        "voxloop.hop_samples": str(c.hop_samples),
-        "voxloop.window_samples": str(c.window_samples),
-        "voxloop.subsampling": str(c.subsampling),
-        "voxloop.chunk_frames": str(c.chunk_frames),
-        "voxloop.chunk_samples": str(c.chunk_samples),
-        "voxloop.lookback_samples": str(c.lookback_samples),
-        "voxloop.num_layers": str(c.num_layers),
-        "voxloop.d_model": str(c.d_model),
-        "voxloop.cache_frames": str(c.cache_frames),
-        "voxloop.conv_cache_frames": str(c.conv_cache_frames),
-    }
+    return metadata_props({
+        "format": STREAMING_CTC_FORMAT, "version": version, "vocabulary": serving_vocabulary(c.vocabulary),
+        "sample_rate_hz": c.sample_rate_hz, "hop_samples": c.hop_samples, "window_samples": c.window_samples,
+        "subsampling": c.subsampling, "chunk_frames": c.chunk_frames, "chunk_samples": c.chunk_samples,
+        "lookback_samples": c.lookback_samples, "num_layers": c.num_layers, "d_model": c.d_model,
+        "cache_frames": c.cache_frames, "conv_cache_frames": c.conv_cache_frames,
+    })
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add `metadata` (metadata_props) to the ONNX file at `path`, in place."""
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 def export_onnx(model: VoxloopForCTC, path: Path, version: str) -> Path:
@@ -131,37 +123,9 @@ def export_onnx(model: VoxloopForCTC, path: Path, version: str) -> Path:
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    proto = onnx.load(str(path))
-    for key, value in model_metadata(model, version).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    write_onnx_metadata(path, model_metadata(model, version))
     log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
-
-
-def greedy_ctc_text(log_probs: np.ndarray, vocabulary: list[str]) -> str:
-    """Best-path CTC decode of (T, V) scores: argmax, collapse repeats, drop blanks."""
-    best = log_probs.argmax(-1)
-    tokens = [int(t) for i, t in enumerate(best) if t != 0 and (i == 0 or t != best[i - 1])]
-    return " ".join("".join(serving_vocabulary(vocabulary)[t] for t in tokens).split())
-
-
-def _onnx_session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _run_onnx(session: ort.InferenceSession, audio: np.ndarray, state: StreamingState):
-    feeds = {
-        "audio": audio.astype(np.float32),
-        "att_cache": state.att_cache.numpy(),
-        "conv_cache": state.conv_cache.numpy(),
-        "cache_len": state.cache_len.numpy(),
-    }
-    log_probs, att, conv, cache_len = session.run(OUTPUT_NAMES, feeds)
-    return log_probs, StreamingState(torch.from_numpy(att), torch.from_numpy(conv), torch.from_numpy(cache_len))
 
 
 def check_parity(model: VoxloopForCTC, onnx_path: Path, config: ParityConfig = ParityConfig()) -> ParityReport:
@@ -174,7 +138,7 @@ def check_parity(model: VoxloopForCTC, onnx_path: Path, config: ParityConfig = P
         raise ValueError("ParityConfig.probe_seconds needs at least two lengths to catch a baked-in length")
     model = model.eval()
     c = model.config
-    session = _onnx_session(onnx_path)
+    graph = OnnxModel(onnx_path, intra_op_threads=1)
     generator = torch.Generator().manual_seed(config.seed)
     worst, transcripts_equal = 0.0, True
 
@@ -191,16 +155,15 @@ def check_parity(model: VoxloopForCTC, onnx_path: Path, config: ParityConfig = P
         for seconds in config.probe_seconds:
             audio = 0.1 * torch.randn(2, int(seconds * c.sample_rate_hz), generator=generator)
             logits, _ = model.encode(audio, model.initial_state(2))
-            onnx_log_probs, _ = _run_onnx(session, audio.numpy(), model.initial_state(2))
+            onnx_log_probs, _ = graph.run(audio.numpy(), graph.initial_state(2))
             compare(torch.log_softmax(logits, -1), onnx_log_probs, f"{seconds:.2f} s utterance")
-        # Chunk by chunk through the caches (what the server does), against the torch whole pass.
-        window = c.chunk_samples + c.lookback_samples
+        # Chunk by chunk through the caches, in the windows a server stream feeds, against the torch whole pass.
         audio = 0.1 * torch.randn(1, config.streaming_chunks * c.chunk_samples + c.lookback_samples,
                                   generator=generator)
         logits, _ = model.encode(audio, model.initial_state(1))
-        state, pieces = model.initial_state(1), []
-        for start in range(0, config.streaming_chunks * c.chunk_samples, c.chunk_samples):
-            piece, state = _run_onnx(session, audio[:, start : start + window].numpy(), state)
+        state, pieces = graph.initial_state(1), []
+        for start, end in itertools.islice(graph.spec.windows(audio.shape[1]), config.streaming_chunks):
+            piece, state = graph.run(audio[:, start:end].numpy(), state)
             pieces.append(piece)
         compare(torch.log_softmax(logits, -1), np.concatenate(pieces, axis=1), "chunked stream")
 
@@ -215,13 +178,11 @@ def check_parity(model: VoxloopForCTC, onnx_path: Path, config: ParityConfig = P
 
 
 __all__ = [
-    "BLANK_TOKEN",
-    "MODEL_FORMAT",
     "ParityConfig",
     "ParityError",
     "ParityReport",
     "check_parity",
     "export_onnx",
-    "greedy_ctc_text",
     "model_metadata",
+    "write_onnx_metadata",
 ]

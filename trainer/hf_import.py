@@ -1,7 +1,7 @@
 """Start from a local Hugging Face CTC checkpoint (e.g. `Wav2Vec2ForCTC`) instead of the shipped base.
 
 Such models attend over the whole utterance, so they cannot stream exactly. They are exported behind
-the same graph contract (docs/model-format.md, format `windowed-ctc/1`): the streaming state is the
+the same graph contract (docs/model-format.md, format `windowed-ctc/1`, core/model.py): the streaming state is the
 last `history_samples` of audio, each call re-encodes history + new chunk and returns the frames of
 the new chunk only. The server treats every non-`audio` input as opaque state, so it serves these
 graphs unchanged; the cost per chunk grows with the history window.
@@ -18,19 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from transformers import AutoModelForCTC
 from transformers.modeling_outputs import CausalLMOutput
 
-from .export import ParityConfig, ParityError, ParityReport, greedy_ctc_text, serving_vocabulary
-from .model import BLANK_TOKEN, UNK_TOKEN
+from ..core.decoder import BLANK_TOKEN, UNK_TOKEN, greedy_ctc_text, serving_vocabulary
+from ..core.model import WINDOWED_CTC_FORMAT, metadata_props, onnx_session
+from .export import ParityConfig, ParityError, ParityReport, write_onnx_metadata
 
 log = logging.getLogger(__name__)
 
-WINDOWED_FORMAT = "windowed-ctc/1"
 DEFAULT_HISTORY_SECONDS = 2.0
 CHUNK_FRAMES = 10  # frames of new audio per streaming call
 SAMPLE_RATE_HZ = 16000
@@ -128,23 +126,11 @@ def export_windowed(model: nn.Module, vocabulary: list[str], path: Path, version
             opset_version=17,
             dynamo=False,
         )
-    proto = onnx.load(str(path))
-    metadata = {
-        "voxloop.format": WINDOWED_FORMAT,
-        "voxloop.version": version,
-        "voxloop.vocabulary": json.dumps(vocabulary),
-        "voxloop.sample_rate_hz": str(SAMPLE_RATE_HZ),
-        "voxloop.hop_samples": str(hop),
-        "voxloop.subsampling": "1",
-        "voxloop.chunk_frames": str(CHUNK_FRAMES),
-        "voxloop.chunk_samples": str(chunk),
-        "voxloop.lookback_samples": "0",
-        "voxloop.history_samples": str(history_samples),
-    }
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    write_onnx_metadata(path, metadata_props({
+        "format": WINDOWED_CTC_FORMAT, "version": version, "vocabulary": vocabulary, "sample_rate_hz": SAMPLE_RATE_HZ,
+        "hop_samples": hop, "subsampling": 1, "chunk_frames": CHUNK_FRAMES, "chunk_samples": chunk,
+        "lookback_samples": 0, "history_samples": history_samples,
+    }))
     return path
 
 
@@ -154,7 +140,7 @@ def export_hf_ctc(
     """Export a local HF CTC checkpoint as a `windowed-ctc/1` graph with voxloop metadata."""
     policy = HfCtcPolicy.from_pretrained(checkpoint_dir, history_seconds=history_seconds)
     policy.export_onnx(path, version)
-    log.info("exported HF checkpoint %s as %s (%s)", checkpoint_dir, path, WINDOWED_FORMAT)
+    log.info("exported HF checkpoint %s as %s (%s)", checkpoint_dir, path, WINDOWED_CTC_FORMAT)
     return path
 
 
@@ -240,7 +226,7 @@ class HfCtcPolicy(nn.Module):
     def check_parity(self, onnx_path: Path, config: ParityConfig | None = None) -> ParityReport:
         """torch vs onnxruntime on random audio and history, at two chunk lengths; raises ParityError."""
         config = config or ParityConfig()
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = onnx_session(onnx_path, intra_op_threads=0)  # 0: onnxruntime's default threads
         wrapper = WindowedCTCWrapper(self.model.eval(), self.config.hop_samples).eval()
         generator = torch.Generator().manual_seed(config.seed)
         worst, equal, lengths = 0.0, True, []

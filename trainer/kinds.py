@@ -27,7 +27,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from ..core.model import MODEL_SAMPLE_RATE_HZ
+from ..core.model import MODEL_SAMPLE_RATE_HZ, STREAMING_CTC_FORMAT
 from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
 from ..core.store import FeedbackKind
 from ..core.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
@@ -131,7 +131,7 @@ class CtcKind:
                 (directory / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, directory / name)
         shutil.rmtree(directory / ".adapted", ignore_errors=True)
-        card = {**card, "format": parent_card.get("format", "streaming-ctc/1"),
+        card = {**card, "format": parent_card.get("format", STREAMING_CTC_FORMAT),
                 "model": {**parent_card.get("model", {}),
                           "parameters": sum(p.numel() for p in self.policy.parameters())}}
         if decoder_section is not None:

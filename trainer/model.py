@@ -28,11 +28,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..core.decoder import BLANK_TOKEN, UNK_TOKEN, WORD_DELIMITER_TOKEN
+
 # The CTC vocabulary: index 0 is the blank (HF's pad token), "|" separates words (HF's
 # word delimiter), "<unk>" is required by Wav2Vec2CTCTokenizer and never a training target.
-BLANK_TOKEN = "<blank>"
-WORD_DELIMITER_TOKEN = "|"
-UNK_TOKEN = "<unk>"
 DEFAULT_VOCABULARY = (BLANK_TOKEN, WORD_DELIMITER_TOKEN, "'", *"abcdefghijklmnopqrstuvwxyz", UNK_TOKEN)
 
 LOG_FLOOR = 1e-10  # power floor before log(): silence must not give -inf

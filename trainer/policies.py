@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .export import MODEL_FORMAT, ParityReport, check_parity, export_onnx
-from .hf_import import WINDOWED_FORMAT, HfCtcPolicy, is_hf_ctc_checkpoint
+from ..core.model import STREAMING_CTC_FORMAT, WINDOWED_CTC_FORMAT
+from .export import ParityReport, check_parity, export_onnx
+from .hf_import import HfCtcPolicy, is_hf_ctc_checkpoint
 from .model import VoxloopForCTC
 from .tokenizer import make_tokenizer
 from .whisper_model import WhisperPolicy, is_whisper_checkpoint
@@ -64,7 +65,7 @@ def check_policy_parity(policy: Policy, onnx_path: Path) -> ParityReport:
 
 def policy_format(policy: Policy) -> str:
     """The graph contract the export follows (docs/model-format.md)."""
-    return WINDOWED_FORMAT if isinstance(policy, HfCtcPolicy) else MODEL_FORMAT
+    return WINDOWED_CTC_FORMAT if isinstance(policy, HfCtcPolicy) else STREAMING_CTC_FORMAT
 
 
 def policy_card(policy: Policy) -> dict:

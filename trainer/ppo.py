@@ -153,12 +153,6 @@ def greedy_paths(log_probs: torch.Tensor) -> torch.Tensor:
     return log_probs.argmax(dim=-1)
 
 
-def collapse_path(path: list[int] | torch.Tensor, blank: int = 0) -> list[int]:
-    """CTC collapse of one path (its real frames only): merge repeats, then drop blanks."""
-    tokens = path.tolist() if isinstance(path, torch.Tensor) else list(path)
-    return [t for i, t in enumerate(tokens) if t != blank and (i == 0 or t != tokens[i - 1])]
-
-
 def best_alignment(log_probs: torch.Tensor, target: list[int], blank: int = 0) -> torch.Tensor | None:
     """The most likely CTC path that collapses to `target`: (T, V) -> (T,) long, or None if none fits.
 
@@ -280,7 +274,6 @@ __all__ = [
     "PolicyLoss",
     "best_alignment",
     "clipped_policy_loss",
-    "collapse_path",
     "entropy",
     "greedy_paths",
     "group_advantages",

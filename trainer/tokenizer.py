@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import Wav2Vec2CTCTokenizer
 
-from .model import BLANK_TOKEN, UNK_TOKEN, WORD_DELIMITER_TOKEN
+from ..core.decoder import BLANK_TOKEN, UNK_TOKEN, WORD_DELIMITER_TOKEN
 
 
 def make_tokenizer(vocabulary: list[str] | tuple[str, ...]) -> Wav2Vec2CTCTokenizer:

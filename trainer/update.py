@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..core.decoder import path_text
 from .data import IGNORE_INDEX
 from .distributed import SINGLE, DataParallel
-from .export import serving_vocabulary
 from .model import ctc_loss
 from .policies import Policy
 from .ppo import (
@@ -38,7 +38,6 @@ from .ppo import (
     PPOConfig,
     best_alignment,
     clipped_policy_loss,
-    collapse_path,
     entropy,
     greedy_paths,
     group_advantages,
@@ -104,12 +103,6 @@ class UpdateReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def path_text(path: torch.Tensor, vocabulary: Sequence[str]) -> str:
-    """A CTC path (T,) -> its normalized text, exactly as the server's greedy decoder prints it."""
-    printed = serving_vocabulary(list(vocabulary))
-    return " ".join("".join(printed[t] for t in collapse_path(path)).split())
 
 
 def _batch_audio(samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,6 +373,5 @@ __all__ = [
     "collect_rollout",
     "forward_log_probs",
     "mean_rewards",
-    "path_text",
     "ppo_update",
 ]

@@ -15,19 +15,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .export import ONNX_OPSET, ParityError, ParityReport, greedy_ctc_text, serving_vocabulary
+from ..core.decoder import greedy_ctc_text, serving_vocabulary
+from ..core.model import WINDOWED_CTC_FORMAT, metadata_props, onnx_session
+from .export import ONNX_OPSET, ParityError, ParityReport, write_onnx_metadata
 from .whisper_model import (
     ENCODER_STRIDE,
     SAMPLE_RATE_HZ,
@@ -40,7 +39,6 @@ from .whisper_model import (
 
 log = logging.getLogger(__name__)
 
-WINDOWED_FORMAT = "windowed-ctc/1"
 FIRST_PASS_FILE = "model.onnx"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -110,28 +108,14 @@ class DecoderStepWrapper(nn.Module):
         return log_probs, next_k, next_v, alignment
 
 
-def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
-    proto = onnx.load(str(path))
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-
-
 def first_pass_metadata(policy: WhisperPolicy, version: str) -> dict[str, str]:
     settings = policy.settings
-    return {
-        "voxloop.format": WINDOWED_FORMAT,
-        "voxloop.version": version,
-        "voxloop.vocabulary": json.dumps(serving_vocabulary(list(settings.ctc_vocabulary))),
-        "voxloop.sample_rate_hz": str(SAMPLE_RATE_HZ),
-        "voxloop.hop_samples": str(SAMPLES_PER_ENCODER_FRAME),
-        "voxloop.subsampling": "1",
-        "voxloop.chunk_frames": str(settings.chunk_frames),
-        "voxloop.chunk_samples": str(settings.chunk_samples),
-        "voxloop.lookback_samples": "0",
-        "voxloop.history_samples": str(settings.history_samples),
-    }
+    return metadata_props({
+        "format": WINDOWED_CTC_FORMAT, "version": version,
+        "vocabulary": serving_vocabulary(list(settings.ctc_vocabulary)), "sample_rate_hz": SAMPLE_RATE_HZ,
+        "hop_samples": SAMPLES_PER_ENCODER_FRAME, "subsampling": 1, "chunk_frames": settings.chunk_frames,
+        "chunk_samples": settings.chunk_samples, "lookback_samples": 0, "history_samples": settings.history_samples,
+    })
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -148,7 +132,7 @@ def export_first_pass(policy: WhisperPolicy, path: Path, version: str) -> Path:
             ["audio", "audio_history"], ["log_probs", "next_audio_history"],
             {"audio": {0: "batch", 1: "samples"}, "audio_history": {0: "batch"},
              "log_probs": {0: "batch", 1: "frames"}, "next_audio_history": {0: "batch"}})
-    _add_metadata(path, first_pass_metadata(policy, version))
+    write_onnx_metadata(path, first_pass_metadata(policy, version))
     return path
 
 
@@ -206,12 +190,6 @@ class WhisperParityConfig:
     seed: int = 0
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _reference_log_probs(policy: WhisperPolicy, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """transformers' own decoder on spliced encoder states: (B, V) log-probs after `tokens` (B, N)."""
     output = policy.model(encoder_outputs=(states,), decoder_input_ids=tokens)
@@ -228,9 +206,9 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
     config = config or WhisperParityConfig()
     policy = policy.eval()
     generator = torch.Generator().manual_seed(config.seed)
-    first = _session(out_dir / FIRST_PASS_FILE)
-    encoder = _session(out_dir / ENCODER_FILE)
-    decoder = _session(out_dir / DECODER_FILE)
+    first = onnx_session(out_dir / FIRST_PASS_FILE)
+    encoder = onnx_session(out_dir / ENCODER_FILE)
+    decoder = onnx_session(out_dir / DECODER_FILE)
     wrapper = FirstPassWrapper(policy)
     vocabulary = list(policy.settings.ctc_vocabulary)
     worst_ctc = worst_kv = worst_decoder = 0.0

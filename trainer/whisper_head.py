@@ -26,9 +26,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ..core.decoder import greedy_ctc_text, serving_vocabulary
 from ..core.text import normalize_text
 from .evaluate import error_rates
-from .export import greedy_ctc_text, serving_vocabulary
 from .tokenizer import encode_targets, make_tokenizer
 from .whisper_model import SAMPLE_RATE_HZ, SAMPLES_PER_ENCODER_FRAME, WhisperPolicy, run_encoder
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import WhisperForConditionalGeneration
 
+from ..core.model import WHISPER_TWO_PASS_FORMAT
 from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
 from ..core.warmup import probe_card_entry
 from ..core.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, WhisperSecondPass
@@ -51,7 +52,6 @@ from .whisper_model import CtcHead, WhisperPolicy, WhisperPolicyConfig, new_ctc_
 
 log = logging.getLogger(__name__)
 
-WHISPER_FORMAT = "whisper-two-pass/1"
 RECIPE_FILE = "import.json"
 HEAD_FILE = "ctc_head.safetensors"
 HEAD_REPORT_FILE = "ctc_head_report.json"
@@ -152,7 +152,7 @@ def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *,
     shutil.copyfile(tokenizer_json, out_dir / TOKENIZER_FILE)
     shutil.copyfile(probe_wav, out_dir / PROBE_FILE)
     policy.save_pretrained(out_dir / POLICY_DIR)
-    card = {**card, "version": version, "format": WHISPER_FORMAT,
+    card = {**card, "version": version, "format": WHISPER_TWO_PASS_FORMAT,
             SECOND_PASS_KEY: second_pass_section(policy, vocabulary_prompt), "parity": parity.as_dict(),
             "model": policy_card_section(policy)}
     card["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*"))
