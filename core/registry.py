@@ -160,6 +160,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def write_card(directory: Path, card: dict, *, indent: int = 1) -> dict:
+    """Finish a version directory: hash every file in it (card.json aside) into card["files"] and write card.json
+    atomically; returns the card.
+
+    The one way a version directory is built (`voxloop export`, the trainer's candidates): `Registry.publish`
+    copies such a directory's files in, `Registry.verify` checks the hashes."""
+    directory = Path(directory)
+    card = {**card, "files": {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+                              if p.is_file() and p.name != CARD_FILE}}
+    atomic_write_text(directory / CARD_FILE, json.dumps(card, indent=indent, sort_keys=True, default=str) + "\n")
+    return card
+
+
 def _newest_mtime(path: Path) -> float:
     """The latest mtime of `path` and, for a directory, of anything below it (0 when it is gone)."""
     try:

@@ -35,6 +35,7 @@ from voxloop.core.registry import (
     VerificationError,
     sha256_file,
     validate_version,
+    write_card,
 )
 from voxloop.server.model_admin import list_models
 from voxloop.server.registry_check import check_registry
@@ -352,3 +353,18 @@ def test_an_unreadable_current_is_logged_once_without_a_traceback(tiny_registry,
     assert len(problems) == 1 and "cannot read the registry" in problems[0].getMessage()
     assert not any(r.exc_info for r in records)
     assert any("reads again" in r.getMessage() for r in records)
+
+
+def test_write_card_hashes_every_file_of_a_version_directory_so_the_registry_verifies_it(tmp_path):
+    version_dir = tmp_path / "build" / "v-0001"
+    (version_dir / "policy").mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(b"graph")
+    (version_dir / "policy" / "weights.bin").write_bytes(b"weights")
+    card = write_card(version_dir, {"version": "v-0001", "parent_version": None})
+    assert set(card["files"]) == {"model.onnx", "policy/weights.bin"}  # card.json itself is not listed
+    assert json.loads((version_dir / "card.json").read_text()) == card
+    registry = Registry(tmp_path / "registry")
+    assert registry.seed_from(version_dir) == "v-0001" and registry.verify("v-0001")["files"] == card["files"]
+    (registry.version_dir("v-0001") / "policy" / "weights.bin").write_bytes(b"tampered")
+    with pytest.raises(VerificationError, match="sha256"):
+        registry.verify("v-0001")

@@ -16,7 +16,6 @@ and the registry publishes unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import soundfile as sf
 import torch
 
 from ..core.model import MODEL_SAMPLE_RATE_HZ, STREAMING_CTC_FORMAT
-from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
+from ..core.registry import MODEL_FILE, write_card
 from ..core.store import FeedbackKind
 from ..core.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
 from ..core.whisper_decoder import SECOND_PASS_KEY
@@ -55,14 +54,6 @@ class Candidate:
     card: dict
     parity_ok: bool
     parity_max_abs_diff: float | None
-
-
-def write_card(directory: Path, card: dict) -> dict:
-    """Hash every file of a version directory into card["files"] and write card.json (atomically)."""
-    card = {**card, "files": {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
-                              if p.is_file() and p.name != CARD_FILE}}
-    atomic_write_text(directory / CARD_FILE, json.dumps(card, indent=1, sort_keys=True, default=str) + "\n")
-    return card
 
 
 def adaptation_texts(items: Sequence[FeedbackItem]) -> list[str]:
@@ -236,4 +227,4 @@ def policy_kind(policy, version_dir: Path) -> CtcKind | WhisperKind:
 
 
 __all__ = ["Candidate", "CtcKind", "WhisperKind", "adaptation_texts", "corrected_words", "policy_kind",
-           "vocabulary_prompt", "write_card"]
+           "vocabulary_prompt"]

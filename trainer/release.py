@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..core.registry import CARD_FILE, MODEL_FILE, sha256_file
+from ..core.registry import MODEL_FILE, write_card
 from .data import read_manifest
 from .evaluate import evaluate, onnx_transcriber
 from .hf_import import HfCtcPolicy
@@ -106,13 +106,10 @@ def build_release(
             if summary.exists():
                 card["corpus"] = json.loads(summary.read_text())
             card["evaluation"] = evaluate_splits(onnx_path, corpus_dir, limit=eval_limit)
-        card["files"] = {
-            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-        }
+        card = write_card(staging, card, indent=2)  # the shipped models/base/card.json is indented by 2
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.copytree(staging, out_dir)
-    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     log.info("release %s written to %s", version, out_dir)
     return card
 
