@@ -111,7 +111,8 @@ def main() -> None:
                 "heldout_wer_serving": gate.get("heldout_wer_serving"),
                 "heldout_wer_candidate": gate.get("heldout_wer_candidate"), "heldout_n": gate.get("heldout_utterances"),
                 "reward_before": report.reward_before, "reward_after": report.reward_after,
-                "kl": report.last_step.get("kl"), "kl_coef": report.last_step.get("kl_coef"),
+                "kl": report.last_step.kl if report.last_step else None,
+                "kl_coef": report.last_step.kl_coef if report.last_step else None,
                 "peak_rss_mib": round(peak_rss_mib), "load_average": [round(v, 2) for v in os.getloadavg()],
             }
             results.append(result)

@@ -35,9 +35,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .client import AsyncRecognizerClient, RecognizerClient, VoxloopError
 from .client import Utterance as FinalResult
+
+if TYPE_CHECKING:
+    from voxloop.trainer.cycle import CycleOutcome
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +297,7 @@ class DemoConfig:
 class DemoResult:
     version_before: str
     version_after: str
-    cycle_outcome: str
+    cycle_outcome: CycleOutcome
     before: Scores
     after: Scores
     seconds: float
@@ -364,14 +368,17 @@ def _run_demo(config: DemoConfig, home: Path, out: Callable[[str], None]) -> Dem
     return result
 
 
-def _wait_for_cycle(config: DemoConfig, server: ServerProcess, cycles_before: int, version_before: str) -> str:
+def _wait_for_cycle(config: DemoConfig, server: ServerProcess, cycles_before: int,
+                    version_before: str) -> CycleOutcome:
     """Wait until the server's store records a new cycle; returns its outcome (published/gated/...)."""
+    from voxloop.trainer.cycle import CycleOutcome
+
     if config.trainer == "once":
         run = run_train_once(server.data_dir)
         report = run.report
         if report.get("version_out"):
             wait_for_version(server.target, report["version_out"], 60.0)
-        return str(report.get("outcome"))
+        return CycleOutcome(report["outcome"])
     deadline = time.monotonic() + config.timeout_s
     with _tqdm(0, "waiting for the trainer") as bar:
         bar.unit = "s"
@@ -384,7 +391,8 @@ def _wait_for_cycle(config: DemoConfig, server: ServerProcess, cycles_before: in
             bar.update(1)
     # A published cycle activates its version; the watcher swaps it in within a poll interval.
     time.sleep(4 * VERSION_POLL_S)
-    return "published" if served_version(server.target) != version_before else "gated"
+    # (the in-process trainer's report is not at hand: a cycle that changed nothing counts as gated)
+    return CycleOutcome.PUBLISHED if served_version(server.target) != version_before else CycleOutcome.GATED
 
 
 def result_table(result: DemoResult) -> list[str]:

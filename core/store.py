@@ -633,13 +633,13 @@ class FeedbackStore:
         trainer killed before this returns finds its items still pending. Raises AlreadyConsumed,
         changing nothing, if any id was consumed by an earlier cycle (no double counting). Ids that
         no longer exist (deleted by delete_user_data mid-cycle) are skipped with a warning.
-        `outcome` is the trainer's word for how the cycle ended (e.g. "published", "gate_rejected").
+        `outcome` is how the cycle ended: a trainer/cycle.py CycleOutcome ("published", "gated", "skipped").
         """
         ids = [int(i) for i in feedback_ids]
         if len(set(ids)) != len(ids):
             raise ValueError("feedback_ids contains duplicates; pass each consumed item once")
         if not outcome:
-            raise ValueError("outcome must be non-empty, e.g. 'published' or 'gate_rejected'")
+            raise ValueError("outcome must be non-empty, e.g. 'published' or 'gated'")
         finished_at = _now()
         with self._write() as conn:
             cycle_id = conn.execute(

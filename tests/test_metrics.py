@@ -295,7 +295,7 @@ def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
     assert sample("voxloop_trainer_last_cycle_timestamp_seconds") >= started
     for statistic in ("reward_mean", "approx_kl", "clip_fraction", "entropy", "kl_coef", "kl"):
         assert REGISTRY.get_sample_value("voxloop_trainer_ppo", {"statistic": statistic}) == pytest.approx(
-            report.last_step[statistic]), statistic
+            getattr(report.last_step, statistic)), statistic
     for model in ("candidate", "serving"):
         wer = REGISTRY.get_sample_value("voxloop_trainer_gate_wer", {"set": "anchor", "model": model})
         assert wer is not None and 0 <= wer <= 1.5

@@ -18,7 +18,7 @@ from voxloop.trainer.gate import GateConfig, decide
 from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 from voxloop.trainer.ppo import PPOConfig
 from voxloop.trainer.rewards import REJECTED_REWARD, edit_reward, feedback_item
-from voxloop.trainer.update import collect_rollout
+from voxloop.trainer.update import StepStats, collect_rollout
 
 torch.set_num_threads(1)
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
@@ -195,7 +195,11 @@ def test_a_cycle_raises_the_mean_reward_and_publishes_a_version(tmp_path, tiny_v
         assert cycle.outcome == "published" and cycle.model_version_out == report.version_out
         assert sorted(cycle.feedback_ids) == sorted(ids) and store.pending_count() == 0
         assert {"approx_kl", "clip_fraction", "entropy", "kl_coef", "grad_norm", "policy_loss", "ptx_loss",
-                "reward_mean", "reward_std"} <= set(report.last_step)
+                "reward_mean", "reward_std"} <= set(report.last_step.as_dict())
+        # One StepStats for the report, the card and the record (None statistics left out, e.g. no head_ctc_loss)
+        assert card["training"]["last_step"] == cycle.stats["last_step"] == report.last_step.as_dict()
+        assert report.last_step.head_ctc_loss is None and "head_ctc_loss" not in card["training"]["last_step"]
+        assert set(report.last_step.gauges()) == set(StepStats.GAUGED)
 
 
 def test_held_out_items_are_picked_by_id_and_never_trained_on(tmp_path, tiny_version_dir, toy_corpus):

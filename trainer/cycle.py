@@ -49,17 +49,19 @@ from typing import Any
 import torch
 
 from ..core import metrics
+from ..core.model import MODEL_SAMPLE_RATE_HZ
 from ..core.registry import MODEL_FILE, Registry, RegistryError
 from ..core.store import FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .distributed import SINGLE, DataParallel
+from .evaluate import EvalSummary
 from .gate import AnchorScores, GateConfig, GateDecision, GateInputs, evaluate_candidate
 from .kinds import policy_kind
 from .policies import ctc_vocabulary
 from .rewards import FeedbackItem, feedback_item
 from .state import TrainerState, clear_intent, read_intent, write_intent
-from .update import ppo_update
+from .update import StepStats, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,9 @@ class CycleOutcome(StrEnum):
     """No pending feedback; nothing recorded."""
     TRAINED = "trained"
     """A data-parallel process other than the main one did its share of the update; nothing recorded."""
+    FAILED = "failed"
+    """The cycle raised (I/O, a bug): nothing recorded, its batch stays pending; counted in the metric only
+    (loop.py)."""
 
 
 @dataclass
@@ -103,13 +108,14 @@ class CycleReport:
     """Mean reward of the serving policy on the trained items: sampled paths and the greedy path."""
     reward_after: dict[str, float] = field(default_factory=dict)
     """The same for the candidate (fresh samples)."""
-    last_step: dict[str, float] = field(default_factory=dict)
+    last_step: StepStats | None = None
+    """The update's last optimizer step (None without an update)."""
     gate: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each stage and in total."""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "last_step": self.last_step.as_dict() if self.last_step is not None else {}}
 
 
 def is_heldout(feedback_id: int, share: float) -> bool:
@@ -175,10 +181,9 @@ def _set_metrics(report: CycleReport, decision: GateDecision | None, parity: flo
     metrics.TRAINER_CYCLE_SECONDS.observe(report.seconds.get("total", 0.0))
     metrics.TRAINER_FEEDBACK_CONSUMED.inc(len(report.feedback_ids))
     metrics.TRAINER_LAST_CYCLE_TIMESTAMP.set(time.time())
-    for name in ("reward_mean", "reward_std", "approx_kl", "clip_fraction", "entropy", "kl_coef", "policy_loss",
-                 "ptx_loss", "kl", "grad_norm"):
-        if name in report.last_step:
-            metrics.TRAINER_PPO.labels(name).set(report.last_step[name])
+    if report.last_step is not None:
+        for name, value in report.last_step.gauges().items():
+            metrics.TRAINER_PPO.labels(name).set(value)
     if decision is not None:
         for set_name, cand, serv in (("heldout", decision.heldout_wer_candidate, decision.heldout_wer_serving),
                                      ("anchor", decision.anchor_wer_candidate, decision.anchor_wer_serving)):
@@ -224,6 +229,21 @@ def _update_share(state: TrainerState, train: list[FeedbackItem], base_data: Bas
                        objective=config.ppo.objective, steps=update.steps, last_step=update.last)
 
 
+class _StageClock:
+    """Wall time of each stage (report.seconds): `lap(stage)` closes the stage that ran since the last lap."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage], self._last = round(now - self._last, 3), now
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.monotonic() - self.started, 3)}
+
+
 def run_cycle(
     store: FeedbackStore,
     registry: Registry,
@@ -241,39 +261,18 @@ def run_cycle(
     out, they are loaded (checkpoint or CURRENT; corpus) for this call. Under data parallelism every
     process calls this at once (`should_stop` must then answer alike in all of them).
     """
-    started, started_at = time.monotonic(), datetime.now(UTC)
-    seconds: dict[str, float] = {}
-
-    def lap(stage: str, since: float) -> float:
-        now = time.monotonic()
-        seconds[stage] = round(now - since, 3)
-        return now
-
-    trainer_dir = config.trainer_dir
-    trainer_dir.mkdir(parents=True, exist_ok=True)
+    clock, started_at = _StageClock(), datetime.now(UTC)
+    config.trainer_dir.mkdir(parents=True, exist_ok=True)
     main = data_parallel.is_main
     # 1. recover
     if main:
-        recover_activation(store, registry, trainer_dir)
+        recover_activation(store, registry, config.trainer_dir)
     data_parallel.barrier()  # every process loads the state after the recovery
     if state is None or state.version != registry.current_version():
-        state = TrainerState.load(trainer_dir, registry, config.ppo)
+        state = TrainerState.load(config.trainer_dir, registry, config.ppo)
     parent = state.version
     # 2. read (the main process; the others get the items to train on from it)
-    pending, items, unusable = [], [], []
-    if main:
-        pending = store.pending_feedback(config.max_batch, max_share_per_user=config.max_share_per_user)
-    for p in pending:
-        try:
-            item = feedback_item(p)
-        except ValueError as e:
-            log.warning("feedback %d is not usable: %s", p.feedback.id, e)
-            unusable.append(p.feedback.id)
-            continue
-        if len(item.samples) > config.max_utterance_s * 16_000:
-            unusable.append(item.feedback_id)
-            continue
-        items.append(item)
+    pending, items, unusable = _read(store, config) if main else ([], [], [])
     # 3. split
     train, heldout = _split(items, config.heldout_share)
     train = data_parallel.broadcast(train)
@@ -284,78 +283,118 @@ def run_cycle(
     report = CycleReport(CycleOutcome.SKIPPED, version_in=parent, feedback_ids=[p.feedback.id for p in pending],
                          trained_ids=[i.feedback_id for i in train], heldout_ids=[i.feedback_id for i in heldout],
                          unusable_ids=unusable, objective=config.ppo.objective)
-    t = lap("read", started)
+    clock.lap("read")
     log.info("cycle on %s: %d items (%d train, %d held out, %d unusable), objective %s", parent, len(pending),
              len(train), len(heldout), len(unusable), config.ppo.objective)
     if not train:
-        report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, None,
-                                             {"report": report.as_dict()}, started_at=started_at)
-        state.cycles += 1
-        state.save(trainer_dir)
-        report.seconds = {**seconds, "total": round(time.monotonic() - started, 3)}
-        _set_metrics(report, None, None)
-        return report
-
+        return _record_unpublished(report, None, store, state, config, clock, started_at)
     # 4. update
     base_data = base_data or _load_base_data(config, state, data_parallel)
     snapshot = state.snapshot()
     kind = policy_kind(state.policy, registry.version_dir(parent))
-    generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel)
-    report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
-    report.steps, report.last_step = update.steps, update.last
-    sampled_after, greedy_after = kind.mean_rewards(train, config.ppo, generator)
-    report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}
-    t = lap("update", t)
-    log.info("cycle update (%s): %d steps; reward of the trained items (sampled / greedy) %.3f / %.3f -> "
-             "%.3f / %.3f", kind.name, update.steps, rollout.sampled_reward_mean, rollout.greedy_reward_mean,
-             sampled_after, greedy_after)
-    stats = {"parent_version": parent, "objective": config.ppo.objective, "policy_kind": kind.name,
-             "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
-             "unusable_feedback_ids": unusable, "steps": update.steps, "reward_before": report.reward_before,
-             "reward_after": report.reward_after, "last_step": update.last}
-
-    with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=trainer_dir) as tmp:
+    stats = _train(report, state, kind, train, base_data, config, should_stop, data_parallel)
+    clock.lap("update")
+    with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=config.trainer_dir) as tmp:
         cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
         version = child_version_name(registry, parent, cycle_number)
         # 5. export + parity: the candidate as a complete version directory (with its adapted text side)
         parent_dir, parent_card = registry.version_dir(parent), registry.load_card(parent)
         candidate = kind.build_candidate(Path(tmp) / version, version, parent_dir, parent_card, train,
                                          base_data.anchor, {"parent_version": parent}, config.adapt_lexicon)
-        t = lap("export", t)
+        clock.lap("export")
         # 6. gate
         anchor_scores = anchor_scores or AnchorScores()
-        base = lineage_base(registry, parent)
-        inputs = GateInputs(candidate.directory, (parent, parent_dir), (base, registry.version_dir(base)),
-                            [(i.samples, i.reference) for i in heldout],
-                            [(u.float_samples(), u.text) for u in base_data.anchor])
-        decision, anchor_candidate = evaluate_candidate(inputs, GateConfig.of(config), parity_ok=candidate.parity_ok,
-                                                        parity_max_abs_diff=candidate.parity_max_abs_diff,
-                                                        anchor_scores=anchor_scores)
+        decision, anchor_candidate = _gate(registry, parent, version, candidate, heldout, base_data, config,
+                                           anchor_scores)
         report.gate = stats["gate"] = decision.as_dict()
-        t = lap("gate", t)
-        _log_gate(decision, version, base, candidate.parity_max_abs_diff)
+        clock.lap("gate")
         if not decision.passed:
             report.outcome = CycleOutcome.GATED
-            report.seconds = {**seconds, "total": round(time.monotonic() - started, 3)}
-            report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, None,
-                                                 {**stats, "seconds": report.seconds}, started_at=started_at)
-            state.restore(snapshot)
-            state.cycles += 1
-            state.save(trainer_dir)
-            _set_metrics(report, decision, candidate.parity_max_abs_diff)
-            return report
+            return _record_unpublished(report, stats, store, state, config, clock, started_at, decision=decision,
+                                       parity=candidate.parity_max_abs_diff, restore=snapshot)
         # 7. publish (not yet active)
-        card = {**candidate.card,
-                "description": f"online {config.ppo.objective} cycle {cycle_number} on {len(train)} feedback items",
-                "training": {"kind": "online", "cycle_number": cycle_number, **stats,
-                             "ppo_config": json.loads(json.dumps(asdict(config.ppo), default=str))},
-                "gate": report.gate}
-        files = {name: candidate.directory / name for name in candidate.card["files"]}
-        registry.publish(version, files, {k: v for k, v in card.items() if k != "files"}, activate=False)
+        _publish(registry, version, candidate, cycle_number, len(train), stats, report.gate, config)
     # 8. record, then activate
-    write_intent(trainer_dir, version)
+    _record_and_activate(report, version, stats, store, registry, state, config, clock, started_at)
+    if anchor_candidate is not None:
+        anchor_scores.put(version, anchor_candidate)
+    _set_metrics(report, decision, candidate.parity_max_abs_diff)
+    log.info("cycle %d published %s (CURRENT); consumed %d feedback items in %.1f s", report.cycle_id, version,
+             len(report.feedback_ids), report.seconds["total"])
+    return report
+
+
+def _read(store: FeedbackStore, config: TrainerConfig) -> tuple[list, list[FeedbackItem], list[int]]:
+    """Stage 2: up to max_batch pending items as FeedbackItems; the ids of those training cannot use."""
+    pending = store.pending_feedback(config.max_batch, max_share_per_user=config.max_share_per_user)
+    items, unusable = [], []
+    for p in pending:
+        try:
+            item = feedback_item(p)
+        except ValueError as e:
+            log.warning("feedback %d is not usable: %s", p.feedback.id, e)
+            unusable.append(p.feedback.id)
+            continue
+        if len(item.samples) > config.max_utterance_s * MODEL_SAMPLE_RATE_HZ:
+            unusable.append(item.feedback_id)
+            continue
+        items.append(item)
+    return pending, items, unusable
+
+
+def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData,
+           config: TrainerConfig, should_stop, data_parallel: DataParallel) -> dict[str, Any]:
+    """Stage 4 in the main process: the update and the trained items' reward before and after (into `report`);
+    returns the cycle's stats for its record and card."""
+    generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel)
+    report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
+    report.steps, report.last_step = update.steps, update.last
+    sampled_after, greedy_after = kind.mean_rewards(train, config.ppo, generator)
+    report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}
+    log.info("cycle update (%s): %d steps; reward of the trained items (sampled / greedy) %.3f / %.3f -> "
+             "%.3f / %.3f", kind.name, update.steps, rollout.sampled_reward_mean, rollout.greedy_reward_mean,
+             sampled_after, greedy_after)
+    return {"parent_version": report.version_in, "objective": config.ppo.objective, "policy_kind": kind.name,
+            "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
+            "unusable_feedback_ids": report.unusable_ids, "steps": update.steps, "reward_before": report.reward_before,
+            "reward_after": report.reward_after, "last_step": update.last.as_dict() if update.last else {}}
+
+
+def _gate(registry: Registry, parent: str, version: str, candidate, heldout: list[FeedbackItem],
+          base_data: BaseData, config: TrainerConfig,
+          anchor_scores: AnchorScores) -> tuple[GateDecision, EvalSummary | None]:
+    """Stage 6: the candidate against the serving version and the lineage's base (gate.py); logged."""
+    base = lineage_base(registry, parent)
+    inputs = GateInputs(candidate.directory, (parent, registry.version_dir(parent)), (base, registry.version_dir(base)),
+                        [(i.samples, i.reference) for i in heldout],
+                        [(u.float_samples(), u.text) for u in base_data.anchor])
+    decision, anchor_candidate = evaluate_candidate(inputs, GateConfig.of(config), parity_ok=candidate.parity_ok,
+                                                    parity_max_abs_diff=candidate.parity_max_abs_diff,
+                                                    anchor_scores=anchor_scores)
+    _log_gate(decision, version, base, candidate.parity_max_abs_diff)
+    return decision, anchor_candidate
+
+
+def _publish(registry: Registry, version: str, candidate, cycle_number: int, trained: int, stats: dict,
+             gate: dict, config: TrainerConfig) -> None:
+    """Stage 7: the candidate's directory as a new immutable version, not yet active, its card telling how it
+    was made."""
+    card = {**candidate.card,
+            "description": f"online {config.ppo.objective} cycle {cycle_number} on {trained} feedback items",
+            "training": {"kind": "online", "cycle_number": cycle_number, **stats,
+                         "ppo_config": json.loads(json.dumps(asdict(config.ppo), default=str))},
+            "gate": gate}
+    files = {name: candidate.directory / name for name in candidate.card["files"]}
+    registry.publish(version, files, {k: v for k, v in card.items() if k != "files"}, activate=False)
+
+
+def _record_and_activate(report: CycleReport, version: str, stats: dict, store: FeedbackStore, registry: Registry,
+                         state: TrainerState, config: TrainerConfig, clock: _StageClock, started_at: datetime) -> None:
+    """Stage 8: the cycle recorded (its batch consumed), then CURRENT -> version; the intent file bridges a crash
+    between the two (stage 1 of the next cycle finishes it)."""
+    write_intent(config.trainer_dir, version)
     report.outcome, report.version_out = CycleOutcome.PUBLISHED, version
-    report.seconds = {**seconds, "total": round(time.monotonic() - started, 3)}
+    report.seconds = clock.total()
     report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, version,
                                          {**stats, "seconds": report.seconds}, started_at=started_at)
     try:
@@ -363,15 +402,26 @@ def run_cycle(
     except RegistryError:
         log.exception("published %s but could not activate it; the next cycle retries", version)
         raise
-    clear_intent(trainer_dir)
+    clear_intent(config.trainer_dir)
     state.version = version
     state.cycles += 1
-    state.save(trainer_dir)
-    if anchor_candidate is not None:
-        anchor_scores.put(version, anchor_candidate)
-    _set_metrics(report, decision, candidate.parity_max_abs_diff)
-    log.info("cycle %d published %s (CURRENT); consumed %d feedback items in %.1f s", report.cycle_id, version,
-             len(report.feedback_ids), report.seconds["total"])
+    state.save(config.trainer_dir)
+
+
+def _record_unpublished(report: CycleReport, stats: dict | None, store: FeedbackStore, state: TrainerState,
+                        config: TrainerConfig, clock: _StageClock, started_at: datetime, *,
+                        decision: GateDecision | None = None, parity: float | None = None,
+                        restore: dict | None = None) -> CycleReport:
+    """A cycle that publishes nothing (skipped: nothing trainable; gated): its batch consumed with its record, the
+    trainer's weights back to `restore` (the serving version's), its metrics."""
+    report.seconds = clock.total()
+    recorded = {"report": report.as_dict()} if stats is None else {**stats, "seconds": report.seconds}
+    report.cycle_id = store.record_cycle(report.feedback_ids, report.outcome, None, recorded, started_at=started_at)
+    if restore is not None:
+        state.restore(restore)
+    state.cycles += 1
+    state.save(config.trainer_dir)
+    _set_metrics(report, decision, parity)
     return report
 
 

@@ -29,7 +29,7 @@ from ..core.registry import Registry
 from ..core.store import FeedbackStore
 from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
-from .cycle import CycleReport, recover_activation, run_cycle
+from .cycle import CycleOutcome, CycleReport, recover_activation, run_cycle
 from .distributed import SINGLE, DataParallel
 from .gate import AnchorScores
 from .policies import ctc_vocabulary
@@ -132,7 +132,7 @@ class TrainerLoop:
                 except Exception:
                     log.exception("trainer cycle failed; its feedback stays pending; retrying in %.0f s",
                                   self.config.failure_backoff_s)
-                    metrics.TRAINER_CYCLES.labels("failed").inc()
+                    metrics.TRAINER_CYCLES.labels(CycleOutcome.FAILED).inc()
                     metrics.TRAINER_LAST_CYCLE_TIMESTAMP.set(time.time())
                     self._wake.wait(self.config.failure_backoff_s)
                     continue

@@ -23,7 +23,8 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -90,19 +91,78 @@ class Rollout:
     greedy_reward_mean: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class StepStats:
+    """One optimizer step's statistics (cleanrl's and TRL's names): each step's log line, and the last step's in
+    the cycle's report and card (`last_step`) and in voxloop_trainer_ppo{statistic} (`gauges`).
+
+    The fields from `kl` to `head_ctc_loss` are means over the step's minibatches that reported them (a policy
+    kind's MinibatchGradients returns them by these names); None when none did (no PPO terms under objective
+    sft, no replay without replay_coef, no first-pass head but a two-pass policy's)."""
+
+    epoch: int
+    """Pass over the rollout, from 0."""
+    kl: float | None = None
+    """Exact KL to the frozen reference policy, mean per frame (per token for a two-pass policy), nats."""
+    entropy: float | None = None
+    """Mean per-frame (per-token) entropy of the policy, nats."""
+    ptx_loss: float | None = None
+    """The supervised terms, weighted: sft_coef x sft_loss + replay_coef x replay_loss (+ head_ctc_coef x
+    head_ctc_loss)."""
+    loss: float | None = None
+    """What the step descended: the PPO terms (clipped surrogate, KL penalty, entropy bonus) plus ptx_loss."""
+    policy_loss: float | None = None
+    """The clipped surrogate (PPO's policy-gradient loss)."""
+    clip_fraction: float | None = None
+    """Share of the candidates' frames (tokens) whose probability ratio the clip held."""
+    approx_kl: float | None = None
+    """pi_old vs pi_theta on the candidates' frames (the k3 estimator): how far the step moved the policy."""
+    sft_loss: float | None = None
+    """CTC (cross-entropy for a two-pass decoder) on the feedback targets."""
+    replay_loss: float | None = None
+    """The same on replayed base-corpus utterances (PPO-ptx)."""
+    head_ctc_loss: float | None = None
+    """CTC of a two-pass policy's first-pass head on the feedback targets."""
+    step: int
+    """Optimizer steps before this one in the update, from 0."""
+    reward_mean: float
+    """Mean reward over every candidate of the rollout (the same for every step of an update)."""
+    reward_std: float
+    kl_coef: float
+    """The adaptive KL coefficient this step used."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+
+    GAUGED: ClassVar[tuple[str, ...]] = ("reward_mean", "reward_std", "approx_kl", "clip_fraction", "entropy",
+                                         "kl_coef", "policy_loss", "ptx_loss", "kl", "grad_norm")
+    """What voxloop_trainer_ppo{statistic} exports (core/metrics.py documents the label values)."""
+
+    @classmethod
+    def minibatch_statistics(cls) -> tuple[str, ...]:
+        """The fields a step averages over its minibatches' figures."""
+        return tuple(f.name for f in fields(cls) if f.default is None)
+
+    def as_dict(self) -> dict[str, float]:
+        """The statistics a step has (None left out): the card's and the report's form."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+    def gauges(self) -> dict[str, float]:
+        """The GAUGED statistics this step has."""
+        return {name: value for name in self.GAUGED if (value := getattr(self, name)) is not None}
+
+
 @dataclass
 class UpdateReport:
     steps: int = 0
-    history: list[dict] = field(default_factory=list)
-    """Per-step statistics (reward_mean, reward_std, approx_kl, kl, clip_fraction, entropy, policy_loss,
-    sft_loss, replay_loss, ptx_loss, kl_coef, grad_norm)."""
+    history: list[StepStats] = field(default_factory=list)
+    """Every step's statistics, in order."""
 
     @property
-    def last(self) -> dict:
-        return self.history[-1] if self.history else {}
+    def last(self) -> StepStats | None:
+        return self.history[-1] if self.history else None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"steps": self.steps, "history": [stats.as_dict() for stats in self.history]}
 
 
 def _batch_audio(samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,11 +292,6 @@ ReplaySampler = Callable[[int, random.Random], list[tuple[np.ndarray, list[int]]
 """(count, rng) -> `count` base-corpus utterances as (float32 samples, target ids)."""
 
 
-_STEP_STATISTICS = ("kl", "entropy", "ptx_loss", "loss", "policy_loss", "clip_fraction", "approx_kl", "sft_loss",
-                    "replay_loss", "head_ctc_loss")
-"""Per-minibatch figures a step reports as their mean over the step's minibatches (those that have them)."""
-
-
 def _minibatch_loss(policy: Policy, batch: Sequence[ItemRollout], drawn: list | None, kl_coef: float,
                     config: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Stages 1-3 for one minibatch: its loss (a scalar tensor with its graph) and its figures."""
@@ -277,8 +332,9 @@ def _minibatch_loss(policy: Policy, batch: Sequence[ItemRollout], drawn: list | 
 
 
 MinibatchGradients = Callable[[Policy, Sequence, list | None, float, PPOConfig, float], dict[str, float]]
-"""(policy, minibatch of item rollouts, replay draws, kl_coef, config, scale) -> the minibatch's figures, having
-added scale x the gradient of its loss to the parameters' .grad (a policy kind's stages 1-3)."""
+"""(policy, minibatch of item rollouts, replay draws, kl_coef, config, scale) -> the minibatch's figures (named as
+StepStats.minibatch_statistics), having added scale x the gradient of its loss to the parameters' .grad (a policy
+kind's stages 1-3)."""
 
 
 def ctc_minibatch_gradients(policy: Policy, batch: Sequence[ItemRollout], drawn: list | None, kl_coef: float,
@@ -318,6 +374,7 @@ def ppo_update(
     policy.eval()  # see stage 1 in the module docstring
     per_step = config.gradient_accumulation_steps * data_parallel.world_size
     draws_replay = replay is not None and config.replay_coef > 0 and config.replay_per_minibatch > 0
+    averaged = StepStats.minibatch_statistics()
     for epoch in range(config.epochs):
         rng.shuffle(items)
         minibatches = [items[s : s + config.minibatch_size] for s in range(0, len(items), config.minibatch_size)]
@@ -327,37 +384,36 @@ def ppo_update(
             step = minibatches[first : first + per_step]
             kl_coef = kl_controller.value
             optimizer.zero_grad(set_to_none=True)
-            sums, counts = [0.0] * len(_STEP_STATISTICS), [0.0] * len(_STEP_STATISTICS)
+            sums, counts = [0.0] * len(averaged), [0.0] * len(averaged)
             for j, batch in enumerate(step):
                 drawn = replay(config.replay_per_minibatch, rng) if draws_replay else None
                 if not data_parallel.owns(j):
                     continue
                 # The step follows the mean loss of its minibatches.
                 figures = minibatch_gradients(policy, batch, drawn, kl_coef, config, 1.0 / len(step))
-                for k, name in enumerate(_STEP_STATISTICS):
+                for k, name in enumerate(averaged):
                     if name in figures:
                         sums[k] += figures[name]
                         counts[k] += 1
             # 4. step
             data_parallel.sum_gradients(policy.parameters())
             totals = data_parallel.sum(sums + counts)
-            means = {name: totals[k] / totals[len(sums) + k] for k, name in enumerate(_STEP_STATISTICS)
+            means = {name: totals[k] / totals[len(sums) + k] for k, name in enumerate(averaged)
                      if totals[len(sums) + k] > 0}
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
             optimizer.step()
-            stats: dict[str, float] = {"epoch": epoch, **means}
-            stats.update(step=report.steps, reward_mean=rollout.reward_mean, reward_std=rollout.reward_std,
-                         kl_coef=kl_coef, grad_norm=float(grad_norm))
+            stats = StepStats(epoch=epoch, **means, step=report.steps, reward_mean=rollout.reward_mean,
+                              reward_std=rollout.reward_std, kl_coef=kl_coef, grad_norm=float(grad_norm))
             if config.uses_rewards:
-                kl_controller.update(means["kl"])
+                kl_controller.update(stats.kl)
             report.history.append(stats)
             report.steps += 1
             log.info(
                 "ppo step %d (epoch %d): reward %.3f±%.3f kl %.4f approx_kl %.4f clip %.3f entropy %.3f "
                 "policy_loss %.4f ptx_loss %.4f kl_coef %.4f grad_norm %.3f",
-                report.steps, epoch, rollout.reward_mean, rollout.reward_std, stats["kl"], stats.get("approx_kl", 0.0),
-                stats.get("clip_fraction", 0.0), stats["entropy"], stats.get("policy_loss", 0.0), stats["ptx_loss"],
-                stats["kl_coef"], stats["grad_norm"],
+                report.steps, epoch, rollout.reward_mean, rollout.reward_std, stats.kl, stats.approx_kl or 0.0,
+                stats.clip_fraction or 0.0, stats.entropy, stats.policy_loss or 0.0, stats.ptx_loss, stats.kl_coef,
+                stats.grad_norm,
             )
     return report
 
@@ -368,6 +424,7 @@ __all__ = [
     "ctc_minibatch_gradients",
     "ReplaySampler",
     "Rollout",
+    "StepStats",
     "UpdateAborted",
     "UpdateReport",
     "collect_rollout",
