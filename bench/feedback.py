@@ -92,6 +92,7 @@ class FeedbackBenchConfig:
     model_dir: Path | None = None
     """The registry to serve; None serves the shipped base model (models/base)."""
     seed: int = 0
+    """Seeds the synthetic clips and each client's choice of feedback."""
 
     def __post_init__(self):
         if not 1 <= self.clients <= MAX_CLIENTS:

@@ -81,6 +81,7 @@ class BenchConfig:
     chunk_ms: int = CHUNK_DURATION_MS
     """Audio per message."""
     seed: int = 0
+    """Seeds the synthetic audio and the streams' start offsets."""
     token: str | None = None
     """Bearer token sent with every call (servers with a tokens_file); None calls anonymously."""
 

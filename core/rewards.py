@@ -17,6 +17,11 @@ from collections.abc import Hashable, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
+REJECTION_REWARD = -1.0
+"""Reward of a transcript a user rejected (no text given): as bad as an edit-distance reward of an equal-length
+text gets. The default of ServerConfig.rejection_reward (what the server stores and returns) and the reward the
+trainer gives the rejected text (trainer/rewards.py)."""
+
 
 def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
     """Levenshtein distance (substitutions, insertions, deletions all cost 1) between two sequences.

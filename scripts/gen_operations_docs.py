@@ -5,7 +5,8 @@
 
 Sections between `<!-- generated:NAME begin -->` and `<!-- generated:NAME end -->` are replaced:
 - config: every ServerConfig field (server/config.py) with its environment variable, flag, default and
-  the one-line doc under the field; the same for TrainerConfig (trainer/config.py) when present;
+  the doc under the field; the same for the trainer's configs (trainer/config.py: TrainerConfig and its
+  PPOConfig, CorpusConfig, PretrainConfig), their flags from trainer/cli.py's tables;
 - metrics: every metric object of core/metrics.py: exposed name, type, labels, help, and the doc
   string under the definition (label values);
 - alerts: every rule of deploy/prometheus/alerts.yml with its severity, `for` and runbook anchor.
@@ -15,13 +16,13 @@ Everything else in the file (the runbooks, the prose) is written by hand.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import re
 import sys
 from pathlib import Path
 
 import yaml
+from voxloop.core.attribute_docs import attribute_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "operations.md"
@@ -29,30 +30,13 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 _SECTION = re.compile(r"(<!-- generated:(\w+) begin -->\n)(.*?)(<!-- generated:\2 end -->)", re.S)
 
 
-def attribute_docs(path: Path, class_name: str | None = None) -> dict[str, str]:
-    """The string literal right under each assignment (of a class body, or of the module): name -> doc."""
-    tree = ast.parse(path.read_text())
-    body = tree.body
-    if class_name is not None:
-        body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name).body
-    docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        target = None
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            target = node.target.id
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            target = node.targets[0].id
-        if (target and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[target] = " ".join(following.value.value.split())
-    return docs
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def _default(value) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
     if value is None:
         return "none"
     if isinstance(value, Path):
@@ -71,7 +55,7 @@ def server_config_table() -> str:
     from voxloop.clients.cli import SERVE_FLAGS
     from voxloop.server.config import ServerConfig, env_name
 
-    docs = attribute_docs(ROOT / "server" / "config.py", "ServerConfig")
+    docs = attribute_docs(ServerConfig)
     flags = {field: flag for flag, field, _, _ in SERVE_FLAGS}
     rows = ["| setting (TOML key) | environment | `voxloop serve` flag | default | meaning |", "|---|---|---|---|---|"]
     for f in dataclasses.fields(ServerConfig):
@@ -81,35 +65,67 @@ def server_config_table() -> str:
     return "\n".join(rows)
 
 
-def trainer_config_table() -> str:
-    path = ROOT / "trainer" / "config.py"
-    if not path.is_file():
-        return "(the trainer is not installed)"
-    docs = attribute_docs(path, "TrainerConfig")
-    tree = ast.parse(path.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainerConfig")
-    rows = ["| field | default | meaning |", "|---|---|---|"]
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            default = ast.unparse(node.value) if node.value is not None else ""
-            rows.append(f"| `{node.target.id}` | `{_cell(default)}` | {_cell(docs.get(node.target.id, ''))} |")
+def _flags(table) -> dict[str, str]:
+    """field -> its flag (and the flag's own default, where the field is required)."""
+    return {flag.field: f"`{flag.flag}`" + (f" (default {_default(flag.default)})" if flag.default is not None else "")
+            for flag in table}
+
+
+def _dataclass_table(config_class, flags: dict[str, str], *, prefix: str = "", environment=None) -> str:
+    """One row per field: name, [environment,] flag, default, the doc under the field."""
+    docs = attribute_docs(config_class)
+    header = ["field", *(["environment"] if environment else []), "flag", "default", "meaning"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for f in dataclasses.fields(config_class):
+        name = prefix + f.name
+        if f.default_factory is not dataclasses.MISSING:
+            default = f"{f.default_factory.__name__}()"
+            default = f"`{default}`" if not dataclasses.is_dataclass(f.default_factory) else f"below ({default})"
+        else:
+            default = _default(f.default)
+        env = [environment(name)] if environment else []
+        rows.append("| " + " | ".join([f"`{name}`", *env, flags.get(name, ""), default, _cell(docs.get(f.name, ""))])
+                    + " |")
     return "\n".join(rows)
 
 
-def config_section() -> str:
-    return ("### `voxloop serve` (ServerConfig)\n\n" + server_config_table()
-            + "\n\n### The online trainer (TrainerConfig)\n\n"
+def trainer_config_tables() -> str:
+    from voxloop.core.data_dir import HOME_ENV
+    from voxloop.trainer import cli
+    from voxloop.trainer.config import ENV_PREFIX, CorpusConfig, PPOConfig, PretrainConfig, TrainerConfig
+
+    def environment(name: str) -> str:
+        if name == "data_dir":
+            return f"`{HOME_ENV}`"
+        if name in ("store_url", "registry_dir", "ppo"):
+            return "(the server's)" if name != "ppo" else ""
+        if name.startswith("ppo."):
+            return f"`{ENV_PREFIX}OBJECTIVE`" if name == "ppo.objective" else ""
+        return f"`{ENV_PREFIX}{name.upper()}`"
+
+    train_flags = _flags(cli.TRAIN_FLAGS)
+    return ("### The online trainer (TrainerConfig)\n\n"
             "`voxloop train` flags map onto these fields (trainer/cli.py); the in-process trainer of `voxloop serve`\n"
             "takes them from `VOXLOOP_TRAINER_<FIELD>` (e.g. `VOXLOOP_TRAINER_MIN_FEEDBACK=16`,\n"
-            "`VOXLOOP_TRAINER_OBJECTIVE=sft`); `VOXLOOP_TRAINER=off` turns it off.\n\n"
-            + trainer_config_table())
+            "`VOXLOOP_TRAINER_OBJECTIVE=sft`); `VOXLOOP_TRAINER=off` turns it off. Flags win over variables.\n\n"
+            + _dataclass_table(TrainerConfig, train_flags, environment=environment)
+            + "\n\n#### Its update (TrainerConfig.ppo, PPOConfig)\n\n"
+            + _dataclass_table(PPOConfig, train_flags, prefix="ppo.", environment=environment)
+            + "\n\n### The synthetic corpus (`voxloop pretrain corpus`, CorpusConfig)\n\n"
+            + _dataclass_table(CorpusConfig, _flags(cli.CORPUS_FLAGS))
+            + "\n\n### Base-model pretraining (`voxloop pretrain train`, PretrainConfig)\n\n"
+            + _dataclass_table(PretrainConfig, _flags(cli.PRETRAIN_FLAGS)))
+
+
+def config_section() -> str:
+    return "### `voxloop serve` (ServerConfig)\n\n" + server_config_table() + "\n\n" + trainer_config_tables()
 
 
 def metrics_section() -> str:
     from prometheus_client.metrics import MetricWrapperBase
     from voxloop.core import metrics
 
-    docs = attribute_docs(ROOT / "core" / "metrics.py")
+    docs = attribute_docs(metrics)
     suffix = {"counter": "_total", "info": "_info"}
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for attribute, metric in vars(metrics).items():

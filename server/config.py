@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..core.data_dir import DEFAULT_DATA_DIR, HOME_ENV, REGISTRY_SUBDIR, STORE_FILE
 from ..core.logging_setup import LOG_FORMATS, LOG_LEVELS
+from ..core.rewards import REJECTION_REWARD
 
 ENV_PREFIX = "VOXLOOP_"
-HOME_ENV = "VOXLOOP_HOME"
-DEFAULT_DATA_DIR = Path("~/.local/share/voxloop")
-REGISTRY_SUBDIR = "registry"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # What an empty registry is seeded with: Whisper tiny.en (two-pass), built on first start from its
 # import recipe, since its weights are not in git (`voxloop models import`).
@@ -34,7 +33,6 @@ SHIPPED_MODEL_DIR = MODELS_DIR / "whisper-tiny.en"
 BASE_MODEL_DIR = MODELS_DIR / "base"
 MIB = 1 << 20
 MAX_UTTERANCE_LIMIT_S = 300.0  # an utterance's audio is held in memory until its endpoint
-STORE_FILE = "feedback.sqlite3"
 DAY_S = 86_400.0
 FLAG_FIELDS = frozenset({"host", "port", "metrics_port", "web_port", "data_dir", "model_dir", "workers"})
 """The fields `voxloop serve` has a flag for (`--metrics-port`...; clients/cli.py SERVE_FLAGS maps them, and a
@@ -108,7 +106,7 @@ class ServerConfig:
     """Longest corrected_text accepted, before and after normalization (numbers spelled out)."""
     flag_similarity_threshold: float = 0.2
     """Corrections whose character similarity to the hypothesis is below this (0..1) are flagged."""
-    rejection_reward: float = -1.0
+    rejection_reward: float = REJECTION_REWARD
     """Reward of a rejected transcript (RejectTranscript: wrong, no text given); -1 is as bad as every word wrong."""
     feedback_rate_per_s: float = 1.0
     """Per-user feedback rate (token bucket refill); past it, RESOURCE_EXHAUSTED."""

@@ -6,10 +6,10 @@ import pytest
 import soundfile
 import torch
 from voxloop.core.text import is_normalized
+from voxloop.trainer.config import CorpusConfig
 from voxloop.trainer.corpus import (
     SAMPLE_RATE_HZ,
     SPLITS,
-    CorpusConfig,
     add_noise,
     add_reverb,
     build_corpus,
@@ -229,7 +229,8 @@ def test_add_reverb_keeps_shape_dtype_and_loudness_but_smears_the_signal():
 
 
 def test_a_subset_plan_keeps_the_full_corpus_sentence_separation(tmp_path):
-    from voxloop.trainer.corpus import CorpusConfig, plan_subset
+    from voxloop.trainer.config import CorpusConfig
+    from voxloop.trainer.corpus import plan_subset
 
     config = CorpusConfig(out_dir=tmp_path / "c", num_sentences=400, dev_fraction=0.1, test_fraction=0.05)
     subset = plan_subset(config, {"train": 30, "dev": 12})

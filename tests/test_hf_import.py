@@ -96,10 +96,9 @@ def test_the_online_trainer_fine_tunes_an_hf_checkpoint_and_publishes_a_windowed
     from voxloop.core.model import OnnxModel
     from voxloop.core.registry import Registry
     from voxloop.core.store import FeedbackStore
-    from voxloop.trainer.config import TrainerConfig
+    from voxloop.trainer.config import PPOConfig, TrainerConfig
     from voxloop.trainer.cycle import run_cycle
     from voxloop.trainer.hf_import import HfCtcPolicy
-    from voxloop.trainer.ppo import PPOConfig
     from voxloop.trainer.state import TrainerState
 
     torch.set_num_threads(1)

@@ -266,9 +266,8 @@ def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
     from trainer_support import add_feedback, tiny_version, tone, write_corpus
     from voxloop.core.registry import Registry
     from voxloop.core.store import FeedbackStore
-    from voxloop.trainer.config import TrainerConfig
+    from voxloop.trainer.config import PPOConfig, TrainerConfig
     from voxloop.trainer.cycle import run_cycle
-    from voxloop.trainer.ppo import PPOConfig
 
     torch.set_num_threads(1)
     registry = Registry(tmp_path / "registry")

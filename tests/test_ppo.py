@@ -8,9 +8,9 @@ import pytest
 import torch
 from voxloop.core.decoder import collapse_path
 from voxloop.core.rewards import char_edit_reward
+from voxloop.trainer.config import PPOConfig
 from voxloop.trainer.ppo import (
     AdaptiveKLController,
-    PPOConfig,
     best_alignment,
     clipped_policy_loss,
     entropy,

@@ -10,8 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 from voxloop.core.registry import Registry
+from voxloop.trainer.config import PretrainConfig
 from voxloop.trainer.evaluate import error_rates
-from voxloop.trainer.pretrain import BEST_DIR, CHECKPOINT_DIR, HISTORY_FILE, TRAINER_STATE, PretrainConfig, pretrain
+from voxloop.trainer.pretrain import BEST_DIR, CHECKPOINT_DIR, HISTORY_FILE, TRAINER_STATE, pretrain
 from voxloop.trainer.release import POLICY_DIR, build_release
 
 TEXTS = ["a bee", "see a dee", "bee see", "a dee a"]

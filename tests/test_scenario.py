@@ -6,7 +6,8 @@ import json
 
 import pytest
 import soundfile as sf
-from voxloop.trainer.corpus import CorpusConfig, load_sentences
+from voxloop.trainer.config import CorpusConfig
+from voxloop.trainer.corpus import load_sentences
 from voxloop.trainer.scenario import (
     DEPLOYMENT_VOICES,
     TARGET_WORDS,

@@ -48,3 +48,63 @@ def test_standalone_train_reads_the_same_variables_and_its_flags_win(tmp_path):
     assert (config.heldout_share, config.min_feedback, config.ppo.objective) == (0.0, 8, "sft")
     args = build_parser().parse_args(["train", "--objective", "ppo"])
     assert trainer_config_from_args(args, env).ppo.objective == "ppo"
+
+
+def _subparser(*path: str):
+    from voxloop.clients.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")  # no public API
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize(("command", "config_class", "flags"), [
+    (("pretrain", "corpus"), "CorpusConfig", "CORPUS_FLAGS"),
+    (("pretrain", "train"), "PretrainConfig", "PRETRAIN_FLAGS"),
+    (("train",), "TrainerConfig", "TRAIN_FLAGS"),
+])
+def test_every_config_flag_takes_its_default_type_and_help_from_its_field(command, config_class, flags):
+    from voxloop.core.attribute_docs import attribute_docs
+    from voxloop.trainer import cli, config
+    from voxloop.trainer.config_flags import field_info
+
+    parser = _subparser(*command)
+    actions = {a.dest: a for a in parser._actions}
+    for flag in getattr(cli, flags):
+        info = field_info(getattr(config, config_class), flag.field)
+        action = actions[flag.dest]
+        assert info.doc and info.doc == attribute_docs(info.owner)[info.name]
+        assert info.doc in action.help.replace("%%", "%"), flag.flag
+        default = flag.default if flag.default is not None else info.default
+        if default is not None and info.kind is not bool:
+            assert f"(default: {default})" in action.help, flag.flag
+        if command != ("train",):  # the pretraining commands build their config from the flags alone
+            assert action.default == default, flag.flag
+
+
+def test_pretraining_flags_build_the_config_with_the_fields_defaults_elsewhere(tmp_path):
+    from voxloop.trainer import cli
+    from voxloop.trainer.config import CorpusConfig, PretrainConfig
+    from voxloop.trainer.config_flags import build_config, flag_values
+
+    args = _subparser("pretrain", "train").parse_args(["--epochs", "3", "--out", str(tmp_path)])
+    config = build_config(PretrainConfig, flag_values(args, cli.PRETRAIN_FLAGS))
+    assert config == PretrainConfig(corpus_dir=Path("corpus"), out_dir=tmp_path, epochs=3)
+    args = _subparser("pretrain", "corpus").parse_args(["--sentences", "40"])
+    assert build_config(CorpusConfig, flag_values(args, cli.CORPUS_FLAGS)) == \
+        CorpusConfig(out_dir=Path("corpus"), num_sentences=40)
+
+
+def test_train_flags_reach_nested_and_boolean_fields(tmp_path):
+    from voxloop.clients.cli import build_parser
+    from voxloop.trainer.cli import trainer_config_from_args
+
+    args = build_parser().parse_args(["train", "--no-adapt-lexicon", "--gradient-accumulation-steps", "3",
+                                      "--store", "postgresql+psycopg://db/voxloop"])
+    config = trainer_config_from_args(args, {"VOXLOOP_HOME": str(tmp_path)})
+    assert (config.adapt_lexicon, config.ppo.gradient_accumulation_steps) == (False, 3)
+    assert (config.store_url, config.data_dir) == ("postgresql+psycopg://db/voxloop", tmp_path)
+    untouched = trainer_config_from_args(build_parser().parse_args(["train"]), {})
+    assert untouched == type(untouched)()

@@ -10,14 +10,14 @@ import torch
 from trainer_support import add_feedback, speech, tiny_version, tone, write_corpus
 from voxloop.core.decoder import path_text
 from voxloop.core.registry import Registry
+from voxloop.core.rewards import REJECTION_REWARD
 from voxloop.core.store import FeedbackKind, FeedbackStore
-from voxloop.trainer.config import TrainerConfig
+from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import child_version_name, is_heldout, lineage_base, run_cycle
 from voxloop.trainer.evaluate import EvalSummary
 from voxloop.trainer.gate import GateConfig, decide
 from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
-from voxloop.trainer.ppo import PPOConfig
-from voxloop.trainer.rewards import REJECTED_REWARD, edit_reward, feedback_item
+from voxloop.trainer.rewards import edit_reward, feedback_item
 from voxloop.trainer.update import StepStats, collect_rollout
 
 torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def test_each_feedback_kind_maps_to_its_reward_and_target(tmp_path):
     assert items[FeedbackKind.ACCEPTANCE].reward("good morning") == 0.0
     rejection = items[FeedbackKind.REJECTION]
     assert rejection.target is None and rejection.reference is None
-    assert rejection.reward("wrong words") == REJECTED_REWARD and rejection.reward("other words") == 0.0
+    assert rejection.reward("wrong words") == REJECTION_REWARD and rejection.reward("other words") == 0.0
     assert rejection.alternatives == ("wrong words",)
     choice = items[FeedbackKind.CHOICE]
     assert choice.target == "wreck a nice beach"
@@ -95,7 +95,7 @@ def test_a_rejected_transcript_joins_its_group_and_is_pushed_below_the_others(tm
     group = rollout.items[0]
     texts = [path_text(p, policy.config.vocabulary) for p in group.paths]
     rejected = texts.index("the wrong words")
-    assert group.rewards[rejected] == REJECTED_REWARD
+    assert group.rewards[rejected] == REJECTION_REWARD
     assert group.advantages[rejected] < 0 < group.advantages[0]
 
 

@@ -13,10 +13,9 @@ import torch
 from trainer_support import add_feedback, tiny_version, tone, write_corpus
 from voxloop.core.registry import Registry
 from voxloop.core.store import FeedbackStore
-from voxloop.trainer.config import TrainerConfig
+from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import run_cycle
 from voxloop.trainer.loop import TrainerLoop, should_start, start_background
-from voxloop.trainer.ppo import PPOConfig
 from voxloop.trainer.state import read_intent
 from voxloop.trainer.update import UpdateAborted
 

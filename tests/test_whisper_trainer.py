@@ -15,14 +15,15 @@ import soundfile as sf
 import torch
 from trainer_support import add_feedback, write_corpus
 from voxloop.core.registry import Registry
+from voxloop.core.rewards import REJECTION_REWARD
 from voxloop.core.store import FeedbackStore
 from voxloop.server.app import load_serving_model
 from voxloop.server.config import ServerConfig
-from voxloop.trainer.config import TrainerConfig
+from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import CycleOutcome, run_cycle
 from voxloop.trainer.kinds import corrected_words, vocabulary_prompt
-from voxloop.trainer.ppo import PPOConfig, kl_to_reference
-from voxloop.trainer.rewards import REJECTED_REWARD, feedback_item
+from voxloop.trainer.ppo import kl_to_reference
+from voxloop.trainer.rewards import feedback_item
 from voxloop.trainer.state import TrainerState
 from voxloop.trainer.whisper_model import WhisperPolicy
 from voxloop.trainer.whisper_update import (
@@ -103,7 +104,7 @@ def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_pat
     assert correction.rewards[-1] == 0.0 and correction.target == correction.candidates[-1]
     assert abs(float(correction.advantages.sum())) < 1e-5  # relative to the group's mean
     assert context.tokenizer.normalized(rejection.candidates[-1]) == "a wrong transcript"
-    assert rejection.rewards[-1] == REJECTED_REWARD and rejection.advantages[-1] < 0 and rejection.target is None
+    assert rejection.rewards[-1] == REJECTION_REWARD and rejection.advantages[-1] < 0 and rejection.target is None
     texts = [context.tokenizer.normalized(c) for c in choice.candidates[-2:]]
     assert texts == ["the red car", "the bed car"]  # the chosen alternative (the target), then the other one
     assert choice.rewards[-2] == 0.0 and choice.rewards[-1] < 0

@@ -60,7 +60,8 @@ def ensure_corpus(corpus_dir: Path | None, trainer_dir: Path, fallback_sentences
     fallback = trainer_dir / FALLBACK_CORPUS_DIR
     if has_corpus(fallback) and (fallback / "corpus.json").is_file():
         return fallback
-    from .corpus import CorpusConfig, build_corpus, plan_subset  # imports the synthesizers only when needed
+    from .config import CorpusConfig
+    from .corpus import build_corpus, plan_subset  # imports the synthesizers only when needed
 
     log.warning("no corpus at %s: synthesizing a small anchor/replay corpus (%d sentences) in %s",
                 corpus_dir, fallback_sentences, fallback)

@@ -1,7 +1,9 @@
 """The trainer's `voxloop` subcommands: pretrain corpus|train, export, eval, train (the online trainer).
 
 Importing this module imports no torch: the client-only install keeps a fast, working CLI. Each
-command imports what it needs when it runs.
+command imports what it needs when it runs. The flags that set config fields are generated from the
+configs (trainer/config.py, torch-free) by trainer/config_flags.py: their types, defaults and help are
+the fields'; the tables below only say which flag sets which field (docs/operations.md shows them too).
 """
 
 from __future__ import annotations
@@ -12,8 +14,28 @@ import os
 import sys
 from pathlib import Path
 
+from ..core.data_dir import HOME_ENV
+from .config import CorpusConfig, PretrainConfig, TrainerConfig
+from .config_flags import ConfigFlag, add_config_flags, build_config, flag_values
+
 DEFAULT_CORPUS_DIR = Path("corpus")
 DEFAULT_RUN_DIR = Path("runs/base")
+
+CORPUS_FLAGS = (ConfigFlag("--out", "out_dir", default=DEFAULT_CORPUS_DIR), ConfigFlag("--seed", "seed"),
+                ConfigFlag("--sentences", "num_sentences"), ConfigFlag("--workers", "workers"))
+"""`voxloop pretrain corpus` -> CorpusConfig."""
+PRETRAIN_FLAGS = (ConfigFlag("--corpus", "corpus_dir", default=DEFAULT_CORPUS_DIR),
+                  ConfigFlag("--out", "out_dir", default=DEFAULT_RUN_DIR), ConfigFlag("--epochs", "epochs"),
+                  ConfigFlag("--max-minutes", "max_minutes"), ConfigFlag("--threads", "num_threads"),
+                  ConfigFlag("--seed", "seed"))
+"""`voxloop pretrain train` -> PretrainConfig."""
+TRAIN_FLAGS = (ConfigFlag("--objective", "ppo.objective"), ConfigFlag("--data-dir", "data_dir"),
+               ConfigFlag("--store", "store_url"), ConfigFlag("--registry", "registry_dir"),
+               ConfigFlag("--corpus", "corpus_dir"), ConfigFlag("--min-feedback", "min_feedback"),
+               ConfigFlag("--max-wait-s", "max_wait_s"), ConfigFlag("--threads", "num_threads"),
+               ConfigFlag("--no-adapt-lexicon", "adapt_lexicon"),
+               ConfigFlag("--gradient-accumulation-steps", "ppo.gradient_accumulation_steps", metavar="N"))
+"""`voxloop train` -> TrainerConfig. A flag left out leaves the field to VOXLOOP_TRAINER_<FIELD> or its default."""
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -21,19 +43,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     steps = pretrain.add_subparsers(dest="pretrain_command", required=True)
 
     corpus = steps.add_parser("corpus", help="synthesize the speech corpus with espeak-ng and flite")
-    corpus.add_argument("--out", type=Path, default=DEFAULT_CORPUS_DIR, help="corpus directory (default: corpus)")
-    corpus.add_argument("--seed", type=int, default=0)
-    corpus.add_argument("--sentences", type=int, default=None, help="number of sentences (default: the config's)")
-    corpus.add_argument("--workers", type=int, default=2)
+    add_config_flags(corpus, CorpusConfig, CORPUS_FLAGS, with_defaults=True)
     corpus.set_defaults(handler=_pretrain_corpus)
 
     train = steps.add_parser("train", help="CTC pretraining of the base policy on the corpus (resumes)")
-    train.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
-    train.add_argument("--out", type=Path, default=DEFAULT_RUN_DIR, help="run directory (checkpoints, best/)")
-    train.add_argument("--epochs", type=int, default=12)
-    train.add_argument("--max-minutes", type=float, default=120.0)
-    train.add_argument("--threads", type=int, default=2)
-    train.add_argument("--seed", type=int, default=0)
+    add_config_flags(train, PretrainConfig, PRETRAIN_FLAGS, with_defaults=True)
     train.set_defaults(handler=_pretrain_train)
 
     export = subparsers.add_parser("export", help="export a checkpoint to ONNX, check parity, write a model card")
@@ -49,26 +63,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train_online = subparsers.add_parser(
         "train", help="the online trainer: PPO cycles on user feedback, gated, published to the registry")
     train_online.add_argument("--once", action="store_true", help="run one cycle on what is pending, then exit")
-    train_online.add_argument("--objective", choices=("ppo", "sft", "ppo+sft"), default=None,
-                              help="update objective (default: the config's, ppo+sft)")
-    train_online.add_argument("--data-dir", type=Path, default=None,
-                              help="state directory, as for serve (default: $VOXLOOP_HOME or ~/.local/share/voxloop)")
-    train_online.add_argument("--store", default=None,
-                              help="feedback store path or URL (default <data-dir>/feedback.sqlite3)")
-    train_online.add_argument("--registry", type=Path, default=None,
-                              help="model registry (default <data-dir>/registry)")
-    train_online.add_argument("--corpus", type=Path, default=None,
-                              help="base corpus for anchor set and replay (default: corpus; synthesized if missing)")
-    train_online.add_argument("--min-feedback", type=int, default=None, help="items that start a cycle (default 64)")
-    train_online.add_argument("--max-wait-s", type=float, default=None,
-                              help="seconds after which any pending item starts a cycle (default 600)")
-    train_online.add_argument("--threads", type=int, default=None,
-                              help="torch intra-op threads (default 1, as inside `voxloop serve`)")
-    train_online.add_argument("--no-adapt-lexicon", action="store_true",
-                              help="do not teach the decoder's lexicon/LM the corrections' words")
-    train_online.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
-                              help="minibatches per optimizer step (default 1; under torchrun with P processes a "
-                                   "step takes P times N, so one process with P x N makes the same update)")
+    add_config_flags(train_online, TrainerConfig, TRAIN_FLAGS, with_defaults=False)
     train_online.add_argument("--json", action="store_true", help="with --once: print the cycle report as JSON")
     train_online.add_argument("--metrics-port", type=int, default=9401,
                               help="Prometheus metrics port of the running trainer (0 turns it off; default 9401)")
@@ -101,21 +96,19 @@ def _setup_logging() -> None:
 
 
 def _pretrain_corpus(args: argparse.Namespace) -> int:
-    from .corpus import CorpusConfig, build_corpus
+    from .corpus import build_corpus
 
     _setup_logging()
-    overrides = {"num_sentences": args.sentences} if args.sentences else {}
-    config = CorpusConfig(out_dir=args.out, seed=args.seed, workers=args.workers, **overrides)
+    config = build_config(CorpusConfig, flag_values(args, CORPUS_FLAGS))
     print(f"corpus written to {build_corpus(config)}")
     return 0
 
 
 def _pretrain_train(args: argparse.Namespace) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import pretrain
 
     _setup_logging()
-    config = PretrainConfig(corpus_dir=args.corpus, out_dir=args.out, epochs=args.epochs,
-                            max_minutes=args.max_minutes, num_threads=args.threads, seed=args.seed)
+    config = build_config(PretrainConfig, flag_values(args, PRETRAIN_FLAGS))
     print(f"best weights in {pretrain(config)}")
     return 0
 
@@ -132,30 +125,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def trainer_config_from_args(args: argparse.Namespace, environ=None):
+def trainer_config_from_args(args: argparse.Namespace, environ=None) -> TrainerConfig:
     """TrainerConfig from `voxloop train` flags, over `VOXLOOP_TRAINER_*` variables (as for the in-process
-    trainer), over the defaults; data dir as for serve."""
-    import dataclasses
-    import os
-
-    from .config import ENV_PREFIX, TrainerConfig, overrides_from_env
+    trainer), over the defaults; data dir as for serve ($VOXLOOP_HOME)."""
+    from .config import ENV_PREFIX, overrides_from_env
 
     environ = os.environ if environ is None else environ
-    overrides: dict = overrides_from_env(environ)
-    data_dir = args.data_dir or (Path(environ["VOXLOOP_HOME"]) if environ.get("VOXLOOP_HOME") else None)
-    for field, value in (("data_dir", data_dir), ("store_url", args.store), ("registry_dir", args.registry),
-                         ("corpus_dir", args.corpus), ("min_feedback", args.min_feedback),
-                         ("max_wait_s", args.max_wait_s), ("num_threads", args.threads)):
-        if value is not None:
-            overrides[field] = value
-    if args.no_adapt_lexicon:
-        overrides["adapt_lexicon"] = False
-    config = TrainerConfig(**overrides)
-    if args.gradient_accumulation_steps is not None:
-        config = dataclasses.replace(config, ppo=dataclasses.replace(
-            config.ppo, gradient_accumulation_steps=args.gradient_accumulation_steps))
-    objective = args.objective or environ.get(ENV_PREFIX + "OBJECTIVE", "").strip()
-    return config.with_objective(objective) if objective else config
+    values: dict = overrides_from_env(environ)
+    if environ.get(HOME_ENV):
+        values["data_dir"] = Path(environ[HOME_ENV])
+    if objective := environ.get(ENV_PREFIX + "OBJECTIVE", "").strip():
+        values["ppo.objective"] = objective
+    return build_config(TrainerConfig, {**values, **flag_values(args, TRAIN_FLAGS)})
 
 
 def _train_online(args: argparse.Namespace) -> int:

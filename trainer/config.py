@@ -1,7 +1,13 @@
-"""TrainerConfig: every knob of the online trainer (loop, cycle, gate), in one frozen dataclass.
+"""The trainer's configs, one frozen dataclass per component, every field documented under it:
 
-`voxloop train` flags and the in-process trainer of `voxloop serve` map onto it (trainer/cli.py);
-the PPO update's own knobs are its `ppo` field (trainer/ppo.py PPOConfig).
+- TrainerConfig: the online trainer (loop, cycle, gate); `voxloop train` flags and the in-process trainer of
+  `voxloop serve` (VOXLOOP_TRAINER_<FIELD>) map onto it; the PPO update's own knobs are its `ppo` field
+  (PPOConfig; the maths is trainer/ppo.py);
+- CorpusConfig: the synthetic corpus (`voxloop pretrain corpus`, trainer/corpus.py);
+- PretrainConfig: base-model pretraining (`voxloop pretrain train`, trainer/pretrain.py).
+
+This module imports no torch, so the CLI builds its flags from these classes (trainer/config_flags.py) at
+no cost, and docs/operations.md's reference tables are generated from them (scripts/gen_operations_docs.py).
 """
 
 from __future__ import annotations
@@ -11,24 +17,111 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from .ppo import PPOConfig
+from ..core.data_dir import DEFAULT_DATA_DIR, REGISTRY_SUBDIR, STORE_FILE, TRAINER_SUBDIR
 
-TRAINER_SUBDIR = "trainer"
-"""Under data_dir: the trainer's checkpoint, intent file and fallback corpus."""
-STORE_FILE = "feedback.sqlite3"  # the server's default store file name under data_dir (server/config.py)
-REGISTRY_SUBDIR = "registry"  # the server's default registry under data_dir (server/config.py)
 ENV_PREFIX = "VOXLOOP_TRAINER_"
 """`VOXLOOP_TRAINER_<FIELD>` sets a scalar field of the in-process trainer (e.g. VOXLOOP_TRAINER_MIN_FEEDBACK=16);
 VOXLOOP_TRAINER_OBJECTIVE sets ppo.objective. Where data, store and registry live follows the server's config."""
 _ENV_EXCLUDED = ("data_dir", "store_url", "registry_dir", "ppo")
 
 
+Objective = Literal["ppo", "sft", "ppo+sft"]
+OBJECTIVES: tuple[str, ...] = ("ppo", "sft", "ppo+sft")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Every knob of one cycle's policy update (PPO and its ptx terms)."""
+
+    objective: Objective = "ppo+sft"
+    """ppo: reward terms only; sft: supervised CTC on feedback targets only; ppo+sft: both (PPO-ptx)."""
+    samples_per_utterance: int = 4
+    """K: CTC paths sampled from pi_old per utterance (the greedy path and target alignment come on top)."""
+    sampling_temperature: float = 1.0
+    """Temperature of the per-frame distributions paths are sampled from (1 = the policy itself)."""
+    include_greedy: bool = True
+    """Add the greedy (best-path) candidate: usually what the user was shown."""
+    include_target_alignment: bool = True
+    """Add the Viterbi alignment of the feedback target: a candidate that spells the right answer."""
+    reward_unit: Literal["char", "word"] = "char"
+    """Edit-distance reward counted in characters (denser signal) or words (what WER counts)."""
+    normalize_advantages: bool = False
+    """Divide group advantages by the group std (GRPO); off: measured to drift more (issue #5)."""
+    clip_range: float = 0.2
+    """epsilon of the clipped ratio: the ratio is clipped to [1 - eps, 1 + eps]."""
+    init_kl_coef: float = 1.0
+    """beta at the first cycle: weight of the exact per-frame KL to the reference policy."""
+    target_kl: float | None = 0.02
+    """nats/frame the adaptive controller steers the KL to; None keeps beta fixed."""
+    kl_horizon: int = 200
+    """Updates over which the controller may change beta by about e^(0.2) (Ziegler et al.)."""
+    entropy_coef: float = 0.001
+    """Weight of the per-frame entropy bonus."""
+    sft_coef: float = 1.0
+    """Weight of the CTC loss on feedback targets (corrections, acceptances, chosen alternatives)."""
+    replay_coef: float = 1.0
+    """Weight of the CTC loss on replayed base-corpus utterances (0 = no replay)."""
+    replay_per_minibatch: int = 8
+    """Base-corpus utterances replayed with each minibatch."""
+    epochs: int = 2
+    """Passes over the rollouts (with 4 the shipped model broke the 1-point anchor margin; bench/trainer_cycle.py)."""
+    minibatch_size: int = 16
+    """Feedback utterances per minibatch (per gradient step, without accumulation)."""
+    head_ctc_coef: float = 1.0
+    """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
+    (objective sft, ppo+sft; its interim results learn the corrected words too)."""
+    rows_per_forward: int = 16
+    """A two-pass policy's minibatch runs its decoder on at most this many candidate transcripts at a time
+    (each holds full distributions over Whisper's 51,864 tokens: this bounds the update's memory)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches one optimizer step sums the gradients of (their mean loss). Under torchrun with N processes a
+    step takes N times as many, one share per process: N processes update exactly as one process with N times
+    the accumulation (trainer/distributed.py)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant within and across cycles; 3e-4 regressed the anchor set by 1.4-1.7 points)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0: pull toward the reference is the KL term's job)."""
+    grad_clip_norm: float = 1.0
+    """Global gradient-norm clip."""
+    seed: int = 0
+    """Seed of path sampling, minibatch order and replay draws."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} (got {self.objective!r})")
+        if self.samples_per_utterance < 0 or (self.samples_per_utterance == 0 and not self.include_greedy):
+            raise ValueError("samples_per_utterance must be >= 0, and > 0 unless include_greedy is on")
+        if self.sampling_temperature <= 0:
+            raise ValueError(f"sampling_temperature must be > 0 (got {self.sampling_temperature})")
+        if not 0 < self.clip_range < 1:
+            raise ValueError(f"clip_range must be in (0, 1), e.g. 0.2 (got {self.clip_range})")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError("target_kl must be > 0 nats/frame, or None for a fixed KL coefficient")
+        if min(self.init_kl_coef, self.entropy_coef, self.sft_coef, self.replay_coef, self.head_ctc_coef) < 0:
+            raise ValueError("init_kl_coef, entropy_coef, sft_coef, replay_coef and head_ctc_coef must be >= 0")
+        if self.rows_per_forward < 1:
+            raise ValueError("rows_per_forward must be >= 1")
+        if self.epochs < 1 or self.minibatch_size < 1 or self.kl_horizon < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("epochs, minibatch_size, gradient_accumulation_steps and kl_horizon must be >= 1")
+        if self.learning_rate <= 0 or self.grad_clip_norm <= 0:
+            raise ValueError("learning_rate and grad_clip_norm must be > 0")
+
+    @property
+    def uses_rewards(self) -> bool:
+        return self.objective in ("ppo", "ppo+sft")
+
+    @property
+    def uses_targets(self) -> bool:
+        return self.objective in ("sft", "ppo+sft")
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """The online trainer: when a cycle starts, what it reads, how it updates, gates and publishes."""
 
-    data_dir: Path = Path("~/.local/share/voxloop")
+    data_dir: Path = DEFAULT_DATA_DIR
     """Root of the server's and trainer's state ($VOXLOOP_HOME); the trainer keeps <data_dir>/trainer/."""
     store_url: str | Path | None = None
     """Feedback store (SQLite path or SQLAlchemy URL); None: <data_dir>/feedback.sqlite3, the server's."""
@@ -111,6 +204,173 @@ class TrainerConfig:
         return dataclasses.replace(self, ppo=dataclasses.replace(self.ppo, objective=objective))
 
 
+# --- `voxloop pretrain`: the synthetic corpus and the base model ---
+
+# espeak-ng English voices whose synthesis ships with espeak-ng itself (the mb-* voices need mbrola).
+ESPEAK_LANGUAGES = (
+    "en-us",
+    "en",
+    "en-gb-x-rp",
+    "en-gb-scotland",
+    "en-029",
+    "en-us-nyc",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+)
+# Variants from `espeak-ng --voices=variant` that sound distinct from each other ("" is the
+# language's own default). klatt6 is left out: it renders identically to klatt. The novelty
+# variants (whisper, croak, Demonic, ...) are left out on purpose: nobody talks to an ASR like that.
+ESPEAK_VARIANTS = (
+    "", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "Alex", "Andy", "Annie", "adam", "Alicia",
+    "Andrea", "belinda", "benjamin", "david", "ed", "edward", "linda", "max", "Michael", "paul",
+    "quincy", "steph", "travis", "victor", "zac", "norbert",
+)  # fmt: skip
+# Every voice `flite -lv` lists except awb_time, a limited-domain voice that can only tell the time.
+FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How `build_corpus` builds the synthetic corpus."""
+
+    out_dir: Path
+    """Directory the corpus is written to; must be empty or not exist yet."""
+    seed: int = 0
+    """Seeds sentence order, split assignment and every utterance's voice, speed and pitch."""
+    num_sentences: int = 12000
+    """Distinct sentences to use (all available ones if fewer pass the filters)."""
+    min_words: int = 3
+    """Fewest words a normalized sentence may have."""
+    max_words: int = 20
+    """Most words a normalized sentence may have."""
+    dev_fraction: float = 0.05
+    """Share of sentences in dev (at least one)."""
+    test_fraction: float = 0.05
+    """Share of sentences in the test splits (at least one)."""
+    train_utterances_per_sentence: int = 1
+    """Readings of each train sentence, each in a different training voice."""
+    flite_fraction: float = 0.3
+    """Share of training-voice utterances read by flite rather than espeak-ng."""
+    heldout_espeak_voice: str = "en-gb-x-gbcwmd+f3"
+    """espeak-ng language+variant for test_heldout_espeak; neither part is used in train/dev/test."""
+    heldout_flite_voice: str = "rms"
+    """flite voice for test_heldout_flite, never used in train/dev/test."""
+    espeak_speed_wpm: tuple[int, int] = (130, 190)
+    """Inclusive range of espeak-ng speaking rates (`-s`, words per minute)."""
+    espeak_pitch: tuple[int, int] = (30, 70)
+    """Inclusive range of espeak-ng base pitch (`-p`, 0..99)."""
+    flite_duration_stretch: tuple[float, float] = (0.85, 1.2)
+    """Range of flite's duration_stretch (>1 is slower), the counterpart of espeak-ng's speed."""
+    max_duration_s: float = 12.0
+    """Utterances longer than this after trimming are dropped."""
+    max_edge_silence_s: float = 0.15
+    """Leading/trailing silence kept at most, in seconds."""
+    workers: int = 2
+    """Synthesis processes; 1 synthesizes in this process."""
+    fortunes_dir: Path = Path("/usr/share/games/fortunes")
+    """Debian fortunes files (package fortune-mod and the fortunes* packages)."""
+
+    def __post_init__(self) -> None:
+        # Accept str paths from CLIs and notebooks; the dataclass is frozen, hence object.__setattr__.
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "fortunes_dir", Path(self.fortunes_dir))
+        if not 1 <= self.min_words <= self.max_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}..{self.max_words}")
+        if self.num_sentences < 3:
+            raise ValueError("num_sentences must be at least 3 (one each for train, dev and test)")
+        if not (0 < self.dev_fraction < 1 and 0 < self.test_fraction < 1
+                and self.dev_fraction + self.test_fraction < 1):  # fmt: skip
+            raise ValueError("dev_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+        if not 0 <= self.flite_fraction <= 1:
+            raise ValueError(f"flite_fraction must be in [0, 1], got {self.flite_fraction}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        language, _, variant = self.heldout_espeak_voice.partition("+")
+        if language not in ESPEAK_LANGUAGES or variant not in ESPEAK_VARIANTS:
+            raise ValueError(
+                f"heldout_espeak_voice {self.heldout_espeak_voice!r} must be LANGUAGE+VARIANT with "
+                f"LANGUAGE in {ESPEAK_LANGUAGES} and VARIANT in ESPEAK_VARIANTS"
+            )
+        if self.heldout_flite_voice not in FLITE_VOICES:
+            raise ValueError(f"heldout_flite_voice must be one of {FLITE_VOICES}")
+        if self.train_utterances_per_sentence < 1:
+            raise ValueError(
+                f"train_utterances_per_sentence must be >= 1, got {self.train_utterances_per_sentence}"
+            )
+        if self.train_utterances_per_sentence > min(len(self.training_espeak_languages),
+                                                    len(self.training_flite_voices)):  # fmt: skip
+            raise ValueError("train_utterances_per_sentence exceeds the number of training voices")
+
+    @property
+    def training_espeak_languages(self) -> tuple[str, ...]:
+        held_out = self.heldout_espeak_voice.partition("+")[0]
+        return tuple(v for v in ESPEAK_LANGUAGES if v != held_out)
+
+    @property
+    def training_espeak_variants(self) -> tuple[str, ...]:
+        held_out = self.heldout_espeak_voice.partition("+")[2]
+        return tuple(v for v in ESPEAK_VARIANTS if v != held_out)
+
+    @property
+    def training_flite_voices(self) -> tuple[str, ...]:
+        return tuple(v for v in FLITE_VOICES if v != self.heldout_flite_voice)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything `voxloop pretrain train` can set."""
+
+    corpus_dir: Path
+    """Corpus built by `voxloop pretrain corpus` (manifests train.jsonl, dev.jsonl, ...)."""
+    out_dir: Path
+    """Where checkpoints, the best weights and history.jsonl go."""
+    epochs: int = 12
+    """Passes over the training split; the LR schedule spans exactly this many."""
+    max_minutes: float = 120.0
+    """Wall-clock budget; training stops (after a checkpoint) when it runs out."""
+    max_batch_seconds: float = 100.0
+    """Padded audio seconds per batch."""
+    peak_lr: float = 2e-3
+    """AdamW learning rate at the end of the warmup; cosine decay to 0 over the step budget follows."""
+    warmup_steps: int = 400
+    """Optimizer steps of linear warmup from 0 to peak_lr."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    grad_clip_norm: float = 5.0
+    """Global gradient-norm clip."""
+    speed_perturb_prob: float = 0.4
+    """Share of utterances played at 0.9x or 1.1x speed."""
+    noise_prob: float = 0.3
+    """Share of utterances with white noise added."""
+    noise_snr_db: tuple[float, float] = (8.0, 30.0)
+    """Range of the added noise's signal-to-noise ratio, dB (drawn uniformly)."""
+    reverb_prob: float = 0.15
+    """Share of utterances convolved with a synthetic room response."""
+    reverb_rt60_s: tuple[float, float] = (0.15, 0.6)
+    """Range of the room's reverberation time (RT60), seconds."""
+    dev_utterances: int = 300
+    """Dev utterances decoded after each epoch (a fixed subset, for speed)."""
+    checkpoint_minutes: float = 10.0
+    """Minutes between checkpoints within an epoch (one is also written at each epoch's end)."""
+    num_threads: int = 2
+    """torch intra-op threads."""
+    seed: int = 0
+    """Seeds initialization, batch order and augmentation."""
+    d_model: int = 144
+    """Conformer width of a new model (ignored when resuming: the checkpoint's architecture wins)."""
+    num_layers: int = 6
+    """Conformer blocks of a new model."""
+    num_heads: int = 4
+    """Attention heads per block of a new model."""
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if not 0 < self.max_batch_seconds <= 1200:
+            raise ValueError("max_batch_seconds must be in (0, 1200]; lower it if memory runs out")
+
+
 def overrides_from_env(env: Mapping[str, str]) -> dict[str, object]:
     """TrainerConfig fields set by `VOXLOOP_TRAINER_<FIELD>` variables, converted to the field's type.
 
@@ -143,4 +403,5 @@ def config_from_env(env: Mapping[str, str], **fields: object) -> TrainerConfig:
     return config.with_objective(objective) if objective else config
 
 
-__all__ = ["TrainerConfig", "config_from_env", "overrides_from_env"]
+__all__ = ["ESPEAK_LANGUAGES", "ESPEAK_VARIANTS", "FLITE_VOICES", "OBJECTIVES", "CorpusConfig", "Objective",
+           "PPOConfig", "PretrainConfig", "TrainerConfig", "config_from_env", "overrides_from_env"]

@@ -49,34 +49,14 @@ from tqdm import tqdm
 from voxloop.core.pcm import float_to_int16
 from voxloop.core.text import normalize_text, spell_out
 
+from .config import CorpusConfig
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 16000
 SPLITS = ("train", "dev", "test", "test_heldout_espeak", "test_heldout_flite")
 TRAINING_VOICE_SPLITS = ("train", "dev", "test")
 
-# espeak-ng English voices whose synthesis ships with espeak-ng itself (the mb-* voices need mbrola).
-ESPEAK_LANGUAGES = (
-    "en-us",
-    "en",
-    "en-gb-x-rp",
-    "en-gb-scotland",
-    "en-029",
-    "en-us-nyc",
-    "en-gb-x-gbclan",
-    "en-gb-x-gbcwmd",
-)
-# Variants from `espeak-ng --voices=variant` that sound distinct from each other ("" is the
-# language's own default). klatt6 is left out: it renders identically to klatt. The novelty
-# variants (whisper, croak, Demonic, ...) are left out on purpose: nobody talks to an ASR like that.
-ESPEAK_VARIANTS = (
-    "", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-    "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "Alex", "Andy", "Annie", "adam", "Alicia",
-    "Andrea", "belinda", "benjamin", "david", "ed", "edward", "linda", "max", "Michael", "paul",
-    "quincy", "steph", "travis", "victor", "zac", "norbert",
-)  # fmt: skip
-# Every voice `flite -lv` lists except awb_time, a limited-domain voice that can only tell the time.
-FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 
 _ATTRIBUTION_LINE = re.compile(r"^\s*(--|\u2014|\u2015|-\s)")
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+[\"'(\[]*[A-Z])")
@@ -94,91 +74,6 @@ _SPEAKABLE_CHARS = frozenset(" 'abcdefghijklmnopqrstuvwxyz.,;:!?\"()-")
 _TTS_PUNCTUATION = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
 
 
-@dataclass(frozen=True)
-class CorpusConfig:
-    """How `build_corpus` builds the synthetic corpus."""
-
-    out_dir: Path
-    """Directory the corpus is written to; must be empty or not exist yet."""
-    seed: int = 0
-    """Seeds sentence order, split assignment and every utterance's voice, speed and pitch."""
-    num_sentences: int = 12000
-    """Distinct sentences to use (all available ones if fewer pass the filters)."""
-    min_words: int = 3
-    """Fewest words a normalized sentence may have."""
-    max_words: int = 20
-    """Most words a normalized sentence may have."""
-    dev_fraction: float = 0.05
-    """Share of sentences in dev (at least one)."""
-    test_fraction: float = 0.05
-    """Share of sentences in the test splits (at least one)."""
-    train_utterances_per_sentence: int = 1
-    """Readings of each train sentence, each in a different training voice."""
-    flite_fraction: float = 0.3
-    """Share of training-voice utterances read by flite rather than espeak-ng."""
-    heldout_espeak_voice: str = "en-gb-x-gbcwmd+f3"
-    """espeak-ng language+variant for test_heldout_espeak; neither part is used in train/dev/test."""
-    heldout_flite_voice: str = "rms"
-    """flite voice for test_heldout_flite, never used in train/dev/test."""
-    espeak_speed_wpm: tuple[int, int] = (130, 190)
-    """Inclusive range of espeak-ng speaking rates (`-s`, words per minute)."""
-    espeak_pitch: tuple[int, int] = (30, 70)
-    """Inclusive range of espeak-ng base pitch (`-p`, 0..99)."""
-    flite_duration_stretch: tuple[float, float] = (0.85, 1.2)
-    """Range of flite's duration_stretch (>1 is slower), the counterpart of espeak-ng's speed."""
-    max_duration_s: float = 12.0
-    """Utterances longer than this after trimming are dropped."""
-    max_edge_silence_s: float = 0.15
-    """Leading/trailing silence kept at most, in seconds."""
-    workers: int = 2
-    """Synthesis processes; 1 synthesizes in this process."""
-    fortunes_dir: Path = Path("/usr/share/games/fortunes")
-    """Debian fortunes files (package fortune-mod and the fortunes* packages)."""
-
-    def __post_init__(self) -> None:
-        # Accept str paths from CLIs and notebooks; the dataclass is frozen, hence object.__setattr__.
-        object.__setattr__(self, "out_dir", Path(self.out_dir))
-        object.__setattr__(self, "fortunes_dir", Path(self.fortunes_dir))
-        if not 1 <= self.min_words <= self.max_words:
-            raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}..{self.max_words}")
-        if self.num_sentences < 3:
-            raise ValueError("num_sentences must be at least 3 (one each for train, dev and test)")
-        if not (0 < self.dev_fraction < 1 and 0 < self.test_fraction < 1
-                and self.dev_fraction + self.test_fraction < 1):  # fmt: skip
-            raise ValueError("dev_fraction and test_fraction must be in (0, 1) and sum to less than 1")
-        if not 0 <= self.flite_fraction <= 1:
-            raise ValueError(f"flite_fraction must be in [0, 1], got {self.flite_fraction}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        language, _, variant = self.heldout_espeak_voice.partition("+")
-        if language not in ESPEAK_LANGUAGES or variant not in ESPEAK_VARIANTS:
-            raise ValueError(
-                f"heldout_espeak_voice {self.heldout_espeak_voice!r} must be LANGUAGE+VARIANT with "
-                f"LANGUAGE in {ESPEAK_LANGUAGES} and VARIANT in ESPEAK_VARIANTS"
-            )
-        if self.heldout_flite_voice not in FLITE_VOICES:
-            raise ValueError(f"heldout_flite_voice must be one of {FLITE_VOICES}")
-        if self.train_utterances_per_sentence < 1:
-            raise ValueError(
-                f"train_utterances_per_sentence must be >= 1, got {self.train_utterances_per_sentence}"
-            )
-        if self.train_utterances_per_sentence > min(len(self.training_espeak_languages),
-                                                    len(self.training_flite_voices)):  # fmt: skip
-            raise ValueError("train_utterances_per_sentence exceeds the number of training voices")
-
-    @property
-    def training_espeak_languages(self) -> tuple[str, ...]:
-        held_out = self.heldout_espeak_voice.partition("+")[0]
-        return tuple(v for v in ESPEAK_LANGUAGES if v != held_out)
-
-    @property
-    def training_espeak_variants(self) -> tuple[str, ...]:
-        held_out = self.heldout_espeak_voice.partition("+")[2]
-        return tuple(v for v in ESPEAK_VARIANTS if v != held_out)
-
-    @property
-    def training_flite_voices(self) -> tuple[str, ...]:
-        return tuple(v for v in FLITE_VOICES if v != self.heldout_flite_voice)
 
 
 @dataclass(frozen=True)
@@ -653,14 +548,9 @@ def add_reverb(wave: torch.Tensor, rt60_s: float, generator: torch.Generator,
 
 
 __all__ = [
-    "ESPEAK_LANGUAGES",
-    "ESPEAK_VARIANTS",
-    "FLITE_VOICES",
     "SAMPLE_RATE_HZ",
     "SPLITS",
-    "CorpusConfig",
     "Sentence",
-    "Path",  # so that `from voxloop.trainer.corpus import *` can build a CorpusConfig
     "Utterance",
     "add_noise",
     "add_reverb",

@@ -156,10 +156,13 @@ class HfPolicyConfig:
     vocabulary: list[str]
     """The trainer's vocabulary (policy_vocabulary_of): what targets are tokenized with."""
     serving_vocabulary: list[str]
+    """What the server prints per output index (the exported graph's voxloop.vocabulary)."""
     hop_samples: int
+    """Audio samples per output frame (320 for wav2vec2-style encoders)."""
     history_samples: int
     """Audio history the exported graph re-encodes with each chunk (its streaming state)."""
     sample_rate_hz: int = SAMPLE_RATE_HZ
+    """The rate of the audio it takes (the only one voxloop serves)."""
 
 
 class HfCtcPolicy(nn.Module):

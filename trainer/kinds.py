@@ -32,9 +32,9 @@ from ..core.store import FeedbackKind
 from ..core.warmup import PROBE_CARD_KEY, PROBE_FILE, probe_card_entry
 from ..core.whisper_decoder import SECOND_PASS_KEY
 from .base_data import BaseData, Utterance
+from .config import PPOConfig
 from .export import ParityError
 from .policies import Policy, check_policy_parity, export_policy, save_policy
-from .ppo import PPOConfig
 from .release import POLICY_DIR
 from .rewards import FeedbackItem
 from .update import MinibatchGradients, ReplaySampler, Rollout, collect_rollout, ctc_minibatch_gradients, mean_rewards

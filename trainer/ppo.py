@@ -1,4 +1,4 @@
-"""PPO for a CTC policy, as small pure tensor functions, plus the one config dataclass of its knobs.
+"""PPO for a CTC policy, as small pure tensor functions (their knobs: trainer/config.py PPOConfig).
 
 The policy pi_theta gives, for each encoder frame t of an utterance, a distribution over the CTC
 vocabulary (index 0 = blank). An *action* is a CTC path: one token per frame; its text is the path
@@ -27,100 +27,9 @@ Shapes: B utterances, K candidate paths per utterance, T encoder frames, V vocab
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torchaudio.functional
-
-Objective = Literal["ppo", "sft", "ppo+sft"]
-OBJECTIVES: tuple[str, ...] = ("ppo", "sft", "ppo+sft")
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """Every knob of one cycle's policy update (PPO and its ptx terms)."""
-
-    objective: Objective = "ppo+sft"
-    """ppo: reward terms only; sft: supervised CTC on feedback targets only; ppo+sft: both (PPO-ptx)."""
-    samples_per_utterance: int = 4
-    """K: CTC paths sampled from pi_old per utterance (the greedy path and target alignment come on top)."""
-    sampling_temperature: float = 1.0
-    """Temperature of the per-frame distributions paths are sampled from (1 = the policy itself)."""
-    include_greedy: bool = True
-    """Add the greedy (best-path) candidate: usually what the user was shown."""
-    include_target_alignment: bool = True
-    """Add the Viterbi alignment of the feedback target: a candidate that spells the right answer."""
-    reward_unit: Literal["char", "word"] = "char"
-    """Edit-distance reward counted in characters (denser signal) or words (what WER counts)."""
-    normalize_advantages: bool = False
-    """Divide group advantages by the group std (GRPO); off: measured to drift more (issue #5)."""
-    clip_range: float = 0.2
-    """epsilon of the clipped ratio: the ratio is clipped to [1 - eps, 1 + eps]."""
-    init_kl_coef: float = 1.0
-    """beta at the first cycle: weight of the exact per-frame KL to the reference policy."""
-    target_kl: float | None = 0.02
-    """nats/frame the adaptive controller steers the KL to; None keeps beta fixed."""
-    kl_horizon: int = 200
-    """Updates over which the controller may change beta by about e^(0.2) (Ziegler et al.)."""
-    entropy_coef: float = 0.001
-    """Weight of the per-frame entropy bonus."""
-    sft_coef: float = 1.0
-    """Weight of the CTC loss on feedback targets (corrections, acceptances, chosen alternatives)."""
-    replay_coef: float = 1.0
-    """Weight of the CTC loss on replayed base-corpus utterances (0 = no replay)."""
-    replay_per_minibatch: int = 8
-    """Base-corpus utterances replayed with each minibatch."""
-    epochs: int = 2
-    """Passes over the rollouts (with 4 the shipped model broke the 1-point anchor margin; bench/trainer_cycle.py)."""
-    minibatch_size: int = 16
-    """Feedback utterances per minibatch (per gradient step, without accumulation)."""
-    head_ctc_coef: float = 1.0
-    """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
-    (objective sft, ppo+sft; its interim results learn the corrected words too)."""
-    rows_per_forward: int = 16
-    """A two-pass policy's minibatch runs its decoder on at most this many candidate transcripts at a time
-    (each holds full distributions over Whisper's 51,864 tokens: this bounds the update's memory)."""
-    gradient_accumulation_steps: int = 1
-    """Minibatches one optimizer step sums the gradients of (their mean loss). Under torchrun with N processes a
-    step takes N times as many, one share per process: N processes update exactly as one process with N times
-    the accumulation (trainer/distributed.py)."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate (constant within and across cycles; 3e-4 regressed the anchor set by 1.4-1.7 points)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (0: pull toward the reference is the KL term's job)."""
-    grad_clip_norm: float = 1.0
-    """Global gradient-norm clip."""
-    seed: int = 0
-    """Seed of path sampling, minibatch order and replay draws."""
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES} (got {self.objective!r})")
-        if self.samples_per_utterance < 0 or (self.samples_per_utterance == 0 and not self.include_greedy):
-            raise ValueError("samples_per_utterance must be >= 0, and > 0 unless include_greedy is on")
-        if self.sampling_temperature <= 0:
-            raise ValueError(f"sampling_temperature must be > 0 (got {self.sampling_temperature})")
-        if not 0 < self.clip_range < 1:
-            raise ValueError(f"clip_range must be in (0, 1), e.g. 0.2 (got {self.clip_range})")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError("target_kl must be > 0 nats/frame, or None for a fixed KL coefficient")
-        if min(self.init_kl_coef, self.entropy_coef, self.sft_coef, self.replay_coef, self.head_ctc_coef) < 0:
-            raise ValueError("init_kl_coef, entropy_coef, sft_coef, replay_coef and head_ctc_coef must be >= 0")
-        if self.rows_per_forward < 1:
-            raise ValueError("rows_per_forward must be >= 1")
-        if self.epochs < 1 or self.minibatch_size < 1 or self.kl_horizon < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("epochs, minibatch_size, gradient_accumulation_steps and kl_horizon must be >= 1")
-        if self.learning_rate <= 0 or self.grad_clip_norm <= 0:
-            raise ValueError("learning_rate and grad_clip_norm must be > 0")
-
-    @property
-    def uses_rewards(self) -> bool:
-        return self.objective in ("ppo", "ppo+sft")
-
-    @property
-    def uses_targets(self) -> bool:
-        return self.objective in ("sft", "ppo+sft")
-
 
 # --- masked reductions ----------------------------------------------------------------------------
 
@@ -267,10 +176,7 @@ class AdaptiveKLController:
 
 
 __all__ = [
-    "OBJECTIVES",
     "AdaptiveKLController",
-    "Objective",
-    "PPOConfig",
     "PolicyLoss",
     "best_alignment",
     "clipped_policy_loss",

@@ -14,7 +14,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..core.pcm import int16_to_float
+from .config import PretrainConfig
 from .corpus import add_noise, add_reverb, speed_perturb
 from .data import collate, duration_batches, load_examples, read_manifest
 from .evaluate import error_rates, torch_transcriber
@@ -35,46 +35,6 @@ CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 TRAINER_STATE = "trainer_state.pt"
 HISTORY_FILE = "history.jsonl"
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Everything `voxloop pretrain train` can set."""
-
-    corpus_dir: Path
-    """Corpus built by `voxloop pretrain corpus` (manifests train.jsonl, dev.jsonl, ...)."""
-    out_dir: Path
-    """Where checkpoints, the best weights and history.jsonl go."""
-    epochs: int = 12
-    """Passes over the training split; the LR schedule spans exactly this many."""
-    max_minutes: float = 120.0
-    """Wall-clock budget; training stops (after a checkpoint) when it runs out."""
-    max_batch_seconds: float = 100.0
-    """Padded audio seconds per batch."""
-    peak_lr: float = 2e-3
-    warmup_steps: int = 400
-    weight_decay: float = 1e-2
-    grad_clip_norm: float = 5.0
-    speed_perturb_prob: float = 0.4
-    """Share of utterances played at 0.9x or 1.1x speed."""
-    noise_prob: float = 0.3
-    noise_snr_db: tuple[float, float] = (8.0, 30.0)
-    reverb_prob: float = 0.15
-    reverb_rt60_s: tuple[float, float] = (0.15, 0.6)
-    dev_utterances: int = 300
-    """Dev utterances decoded after each epoch (a fixed subset, for speed)."""
-    checkpoint_minutes: float = 10.0
-    num_threads: int = 2
-    seed: int = 0
-    d_model: int = 144
-    num_layers: int = 6
-    num_heads: int = 4
-
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
-        if not 0 < self.max_batch_seconds <= 1200:
-            raise ValueError("max_batch_seconds must be in (0, 1200]; lower it if memory runs out")
 
 
 def feature_stats(model: VoxloopForCTC, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

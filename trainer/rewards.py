@@ -27,13 +27,11 @@ from typing import Literal
 
 import numpy as np
 
-from ..core.rewards import char_edit_reward, word_edit_reward
+from ..core.rewards import REJECTION_REWARD, char_edit_reward, word_edit_reward
 from ..core.store import FeedbackKind, PendingFeedback
 from ..core.text import normalize_text
 
 RewardUnit = Literal["char", "word"]
-REJECTED_REWARD = -1.0
-"""Reward of the transcript a user rejected (the worst an edit-distance reward of an equal-length text gives)."""
 
 
 def edit_reward(hypothesis: str, reference: str, unit: RewardUnit = "char") -> float:
@@ -63,7 +61,7 @@ class FeedbackItem:
 
     def reward(self, hypothesis: str, unit: RewardUnit = "char") -> float:
         if self.kind is FeedbackKind.REJECTION:
-            return REJECTED_REWARD if hypothesis == self.shown else 0.0
+            return REJECTION_REWARD if hypothesis == self.shown else 0.0
         return edit_reward(hypothesis, self.target or "", unit)
 
     @property
@@ -100,4 +98,4 @@ def feedback_item(pending: PendingFeedback) -> FeedbackItem:
     return FeedbackItem(fb.id, fb.kind, utterance.samples(), shown, target, alternatives)
 
 
-__all__ = ["REJECTED_REWARD", "FeedbackItem", "RewardUnit", "edit_reward", "feedback_item"]
+__all__ = ["FeedbackItem", "RewardUnit", "edit_reward", "feedback_item"]

@@ -36,8 +36,8 @@ from pathlib import Path
 import jiwer
 import numpy as np
 
+from .config import CorpusConfig
 from .corpus import (
-    CorpusConfig,
     Sentence,
     Utterance,
     _Job,  # the corpus's own render plan and worker pool: one copy of synthesis, resampling and trimming

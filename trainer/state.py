@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from ..core.registry import Registry, atomic_write_text
+from .config import PPOConfig
 from .policies import Policy, load_policy_dir
-from .ppo import AdaptiveKLController, PPOConfig
+from .ppo import AdaptiveKLController
 from .release import load_policy
 
 log = logging.getLogger(__name__)

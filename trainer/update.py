@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from ..core.decoder import path_text
+from .config import PPOConfig
 from .data import IGNORE_INDEX
 from .distributed import SINGLE, DataParallel
 from .model import ctc_loss
 from .policies import Policy
 from .ppo import (
     AdaptiveKLController,
-    PPOConfig,
     best_alignment,
     clipped_policy_loss,
     entropy,

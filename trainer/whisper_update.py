@@ -37,7 +37,8 @@ import torch
 from torch.nn import functional as F
 
 from ..core.text import normalize_text
-from .ppo import PPOConfig, clipped_policy_loss, entropy, group_advantages, kl_to_reference, masked_mean
+from .config import PPOConfig
+from .ppo import clipped_policy_loss, entropy, group_advantages, kl_to_reference, masked_mean
 from .rewards import FeedbackItem
 from .tokenizer import encode_targets, make_tokenizer
 from .update import Rollout
