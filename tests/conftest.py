@@ -1,8 +1,14 @@
-"""Shared fixtures: real (tiny, random-weight) models exported with the project's own code."""
+"""Shared fixtures: real (tiny, random-weight) models exported with the project's own code, toy data, ports.
+
+Session-scoped fixtures are built once and read only; a test that changes one copies it first (tiny_registry).
+Helpers that are not fixtures live in tests/support.py (free_port, wait_for) and the *_support.py modules.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +61,45 @@ def tiny_registry(tiny_registry_template, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def voice_registry(tmp_path_factory) -> Path:
+    """A registry serving a tiny policy that hears voiced sound as "a" and silence as the blank (server_support):
+    speech and pauses the endpointer can see. Read only."""
+    from server_support import build_voice_activity_version
+
+    return build_voice_activity_version(tmp_path_factory.mktemp("voice-registry"))
+
+
+@pytest.fixture(scope="session")
+def tiny_version_dir(tmp_path_factory) -> Path:
+    """A complete version directory (model.onnx, policy/, card.json) of a tiny random policy: one the trainer can
+    start from (seed a registry with it). Read only."""
+    from trainer_support import tiny_version
+
+    return tiny_version(tmp_path_factory.mktemp("tiny") / TINY_VERSION, TINY_VERSION)
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory) -> Path:
+    """A base corpus of six tone "utterances" of the words a, b, c (trainer_support.tone): the trainer's replay
+    pool (train) and anchor set (dev). Read only."""
+    from trainer_support import tone, write_corpus
+
+    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
+    return write_corpus(tmp_path_factory.mktemp("toy-corpus"), {"train": rows, "dev": rows[:3]})
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The bench/ script the test module names in its BENCH_PATH, loaded as a module."""
+    path = request.module.BENCH_PATH
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def whisper_version_dir(tmp_path_factory) -> Path:
     """The shipped Whisper default (whisper-tiny.en), built once per session the way `voxloop serve` builds it
     on first start: from the pinned package, the committed CTC head, export, parity and probe."""
@@ -74,6 +119,14 @@ def whisper_registry(whisper_version_dir, tmp_path) -> Path:
     return registry.root
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A local port nothing listens on (a server that is not there)."""
+    from support import free_port
+
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A throwaway PostgreSQL server for the session (tests/postgres_support.py); fails if none can start."""
@@ -84,7 +137,7 @@ def postgres_server():
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])  # a PostgreSQL server
 def store_url(request, tmp_path) -> str:
     """A fresh, empty feedback store on each engine: a SQLite file, or a new database on the session's PostgreSQL."""
     if request.param == "sqlite":

@@ -19,11 +19,12 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from support import free_port
 
 SUPERUSER = "postgres"
 SYSTEM_USER = "postgres"
@@ -48,12 +49,6 @@ def server_bin_dir() -> Path:
             return Path(candidate)
     raise PostgresUnavailable("no PostgreSQL server binaries (initdb, pg_ctl): run `bash scripts/setup.sh` "
                               "(it installs Debian's postgresql package)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -82,7 +77,7 @@ class PostgresServer:
                 raise PostgresUnavailable(f"running as root, and there is no {SYSTEM_USER!r} user to run PostgreSQL "
                                           "as: install Debian's postgresql package (scripts/setup.sh)") from None
             as_user = SYSTEM_USER
-        server = cls(root, bin_dir, _free_port(), as_user)
+        server = cls(root, bin_dir, free_port(), as_user)
         try:
             result = subprocess.run(
                 server._command("initdb", "--pgdata", str(server.data_dir), "--username", SUPERUSER, "--auth",

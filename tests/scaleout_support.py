@@ -17,37 +17,19 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def health_status(address: str, timeout_s: float = 1.0) -> str | None:
@@ -90,7 +72,7 @@ class Replica:
             assert self.process.poll() is None, f"{self.name} exited: {self.log_tail()}"
             return health_status(self.address) == "SERVING"
 
-        wait_for(serving, timeout_s, f"{self.name} to serve")
+        wait_for(serving, timeout_s, f"{self.name} to serve", interval_s=0.05)
 
     def terminate(self) -> int:
         """SIGTERM (graceful: drains) and wait; returns the exit status."""
@@ -147,7 +129,7 @@ class Proxy:
             # -db: foreground, no daemon; -W: master-worker, so SIGTERM stops everything.
             self.process = subprocess.Popen([binary, "-W", "-db", "-f", str(HAPROXY_CONFIG)], env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
-        wait_for(lambda: self._stats() is not None, 30, "haproxy's stats page")
+        wait_for(lambda: self._stats() is not None, 30, "haproxy's stats page", interval_s=0.05)
 
     def _stats(self) -> list[dict[str, str]] | None:
         assert self.process.poll() is None, f"haproxy exited: {self.log_path.read_text(errors='replace')[-2000:]}"
@@ -164,7 +146,8 @@ class Proxy:
         return next(r["status"] for r in rows if r["pxname"] == "replicas" and r["svname"] == name)
 
     def wait_state(self, name: str, state: str, timeout_s: float = 30.0) -> None:
-        wait_for(lambda: self.server_state(name).startswith(state), timeout_s, f"haproxy to see {name} {state}")
+        wait_for(lambda: self.server_state(name).startswith(state), timeout_s, f"haproxy to see {name} {state}",
+                 interval_s=0.05)
 
     def close(self) -> None:
         if self.process.poll() is None:

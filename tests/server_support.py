@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from voxloop.core.pcm import float_to_pcm16
 
 RATE_HZ = 16000
@@ -79,12 +78,3 @@ def build_voice_activity_version(out_dir: Path, version: str = VOICE_VERSION) ->
     shutil.rmtree(onnx_path.parent)
     return out_dir
 
-
-_BUILT: dict[str, Path] = {}
-
-
-def voice_registry_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The voice-activity registry, built once per session whichever test module asks first."""
-    if "voice" not in _BUILT:
-        _BUILT["voice"] = build_voice_activity_version(tmp_path_factory.mktemp("voice-registry"))
-    return _BUILT["voice"]

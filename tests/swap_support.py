@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from server_support import noise, pcm16
@@ -53,21 +52,9 @@ def publish_copy(registry_root: Path, source: Path | str, version: str, *, activ
     return registry.publish(version, files, kept, activate=activate)
 
 
-def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.02, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value; fails the test after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
-
-
 def audio_pcm(seconds: float, seed: int = 0) -> bytes:
     return pcm16(noise(seconds, seed))
 
 
 __all__ = ["ADMIN_TOKEN", "OPERATOR_TOKEN", "TENANT_ADMIN_TOKEN", "TOKENS_TOML", "USER_TOKEN", "audio_pcm",
-           "publish_copy", "wait_for"]
+           "publish_copy"]

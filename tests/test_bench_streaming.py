@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -12,15 +11,6 @@ import numpy as np
 import pytest
 
 BENCH_PATH = Path(__file__).resolve().parent.parent / "bench" / "streaming.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_streaming", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_synthetic_audio_has_the_duration_asked_and_speech_and_pauses(bench):

@@ -7,7 +7,6 @@ sent and when; the client against the real server is tested in test_client_cli.p
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -82,13 +81,6 @@ def scripted():
         yield servicer, f"127.0.0.1:{port}"
     finally:
         server.stop(grace=None)
-
-
-@pytest.fixture
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: nothing listens there
 
 
 @pytest.fixture

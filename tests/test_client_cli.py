@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,6 @@ from conftest import TINY_VERSION
 from voxloop.clients.cli import main
 
 JSON_KEYS = {"file", "utterance_id", "transcript", "model_version", "first_partial_ms", "final_ms"}
-
-
-@pytest.fixture
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: nothing listens there
 
 
 def write_speechy_wav(path, seconds: float = 1.5, rate: int = 16000, channels: int = 1):

@@ -104,6 +104,7 @@ def test_sentences_split_at_terminal_punctuation_before_a_capital():
     ]
 
 
+@pytest.mark.slow  # speech synthesis
 def test_same_config_gives_identical_manifests_and_audio_whatever_the_workers(corpora):
     first, second = corpora
     for split in SPLITS:
@@ -115,6 +116,7 @@ def test_same_config_gives_identical_manifests_and_audio_whatever_the_workers(co
         assert (first / wav).read_bytes() == (second / wav).read_bytes(), wav
 
 
+@pytest.mark.slow  # speech synthesis
 def test_every_split_has_utterances_and_the_summary_counts_them(corpora):
     corpus_dir = corpora[0]
     summary = json.loads((corpus_dir / "corpus.json").read_text())
@@ -126,6 +128,7 @@ def test_every_split_has_utterances_and_the_summary_counts_them(corpora):
         )
 
 
+@pytest.mark.slow  # speech synthesis
 def test_splits_are_disjoint_by_sentence(corpora):
     by_split = {split: {u.text for u in us} for split, us in _all_utterances(corpora[0]).items()}
     assert not by_split["train"] & by_split["dev"]
@@ -136,6 +139,7 @@ def test_splits_are_disjoint_by_sentence(corpora):
     )
 
 
+@pytest.mark.slow  # speech synthesis
 def test_heldout_voices_never_appear_in_training_splits(corpora):
     heldout = json.loads((corpora[0] / "corpus.json").read_text())["heldout_voices"]
     heldout_espeak, heldout_flite = heldout["test_heldout_espeak"], heldout["test_heldout_flite"]
@@ -149,6 +153,7 @@ def test_heldout_voices_never_appear_in_training_splits(corpora):
         assert language != held_language and variant != held_variant, voice
 
 
+@pytest.mark.slow  # speech synthesis
 def test_every_wav_is_16khz_mono_int16_matching_its_manifest(corpora):
     for utterances in _all_utterances(corpora[0]).values():
         for utt in utterances:
@@ -159,6 +164,7 @@ def test_every_wav_is_16khz_mono_int16_matching_its_manifest(corpora):
             assert is_normalized(utt.text) and utt.text
 
 
+@pytest.mark.slow  # speech synthesis
 def test_manifest_lines_have_the_documented_fields(corpora):
     line = manifest_path(corpora[0], "train").read_text().splitlines()[0]
     record = json.loads(line)
@@ -167,6 +173,7 @@ def test_manifest_lines_have_the_documented_fields(corpora):
     assert not Path(record["path"]).is_absolute()
 
 
+@pytest.mark.slow  # speech synthesis
 def test_building_into_a_nonempty_directory_is_refused(corpora, fortunes_dir):
     with pytest.raises(ValueError, match="not empty"):
         build_corpus(_config(corpora[0], fortunes_dir, workers=1))
@@ -228,6 +235,7 @@ def test_add_reverb_keeps_shape_dtype_and_loudness_but_smears_the_signal():
     assert out[0, :1000].abs().max() < 1e-5  # causal: nothing before the impulse
 
 
+@pytest.mark.slow  # speech synthesis
 def test_a_subset_plan_keeps_the_full_corpus_sentence_separation(tmp_path):
     from voxloop.trainer.config import CorpusConfig
     from voxloop.trainer.corpus import plan_subset

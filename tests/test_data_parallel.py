@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from scaleout_support import free_port
-from trainer_support import add_feedback, tiny_version, tone, write_corpus
+from support import free_port
+from trainer_support import add_feedback, tone
 from voxloop.core.registry import Registry
 from voxloop.core.store import FeedbackStore
 from voxloop.trainer.distributed import SINGLE, backend_for, data_parallel_from_env
@@ -46,12 +46,12 @@ def _train_once(root: Path, corpus: Path, launcher: list[str], *extra: str) -> s
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_make_the_update_of_one_process_with_two_minibatches_per_step(tmp_path):
+def test_two_gloo_processes_make_the_update_of_one_process_with_two_minibatches_per_step(tmp_path, tiny_version_dir,
+                                                                                          toy_corpus):
     twin = tmp_path / "twin"
     registry = Registry(twin / "registry")
-    registry.seed_from(tiny_version(tmp_path / "shipped" / "tiny-0001", "tiny-0001"))
-    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
-    corpus = write_corpus(tmp_path / "corpus", {"train": rows, "dev": rows[:3]})
+    registry.seed_from(tiny_version_dir)
+    corpus = toy_corpus
     with FeedbackStore.open(twin / "feedback.sqlite3") as store:
         for i in range(ITEMS):
             word = "abc"[i % 3]

@@ -76,6 +76,7 @@ def dashboard_expressions() -> list[str]:
 # --- Prometheus ---
 
 
+@pytest.mark.slow  # an external tool (promtool, hadolint)
 def test_promtool_accepts_the_prometheus_config_and_the_alert_rules():
     promtool = tool("promtool")
     for command in (("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml")):
@@ -84,6 +85,7 @@ def test_promtool_accepts_the_prometheus_config_and_the_alert_rules():
         assert "SUCCESS" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # an external tool (promtool, hadolint)
 def test_alert_rules_fire_as_their_unit_tests_expect():
     result = run(tool("promtool"), "test", "rules", "alerts_test.yml", cwd=PROMETHEUS_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -106,6 +108,7 @@ def test_alerts_query_existing_metrics_and_each_has_a_runbook():
         assert rule["labels"]["severity"] in ("page", "ticket")
 
 
+@pytest.mark.slow  # an external tool (promtool, hadolint)
 def test_the_dashboard_queries_only_existing_metrics_with_valid_promql(tmp_path):
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dashboard["panels"]]
@@ -340,6 +343,7 @@ def test_the_scaled_out_store_url_names_the_driver_the_image_installs():
 # --- the image ---
 
 
+@pytest.mark.slow  # an external tool (promtool, hadolint)
 def test_dockerfile_passes_hadolint_and_builds_a_non_root_image_with_a_grpc_health_check():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     result = run(tool("hadolint"), str(DEPLOY / "Dockerfile"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import chunked, noise, pcm16
+from support import free_port
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
 from voxloop.core.rewards import is_suspicious, word_edit_reward
@@ -415,12 +415,6 @@ def test_delete_user_data_needs_an_admin_and_removes_the_users_utterances_and_fe
 
 
 # --- durability -----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_acked_corrections_from_concurrent_clients_survive_sigkill_exactly_once(tiny_registry, tmp_path):
     port = free_port()

@@ -13,7 +13,6 @@ Bounded for CI: a few dozen examples, derandomized (the same ones every run), ~1
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import free_port
 from voxloop.v1 import recognizer_pb2 as pb
 from voxloop.v1 import recognizer_pb2_grpc as pb_grpc
 
@@ -41,12 +41,6 @@ CALL_TIMEOUT_S = 20.0
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FUZZ_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_status_kib(pid: int, key: str) -> int:

@@ -91,6 +91,7 @@ def test_voxloop_export_publishes_an_hf_checkpoint_as_a_complete_version(hf_vers
     assert "policy/vocab.json" in card["files"]
 
 
+@pytest.mark.slow  # a training cycle
 def test_the_online_trainer_fine_tunes_an_hf_checkpoint_and_publishes_a_windowed_version(hf_version_dir, tmp_path):
     from trainer_support import add_feedback, tone, write_corpus
     from voxloop.core.model import OnnxModel

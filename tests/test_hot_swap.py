@@ -16,8 +16,9 @@ import pytest
 import soundfile as sf
 from conftest import TINY_VERSION, build_tiny_version
 from prometheus_client import REGISTRY
-from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voice_registry_once, voiced
-from swap_support import publish_copy, wait_for
+from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voiced
+from support import wait_for
+from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, recognition_config
 from voxloop.core.registry import CURRENT_FILE, MODEL_FILE, Registry, atomic_write_text
 from voxloop.core.warmup import PROBE_FILE, probe_card_entry
@@ -120,15 +121,14 @@ def test_swap_with_8_open_streams_keeps_each_on_its_version_and_new_streams_get_
 
 
 @pytest.fixture
-def voice_registry(tmp_path_factory, tmp_path):
-    root = tmp_path / "voice-registry"
-    shutil.copytree(voice_registry_once(tmp_path_factory), root)
-    return root
+def fresh_voice_registry(voice_registry, tmp_path):
+    """A copy of the voice-activity registry that a test may publish into."""
+    return shutil.copytree(voice_registry, tmp_path / "voice-registry")
 
 
 def test_a_stream_finishes_its_utterance_on_the_old_version_and_its_next_utterance_gets_the_new(
-        voice_registry, tmp_path):
-    config = config_for(tmp_path, voice_registry, interval_s=0.05)
+        fresh_voice_registry, tmp_path):
+    config = config_for(tmp_path, fresh_voice_registry, interval_s=0.05)
     heard_a = threading.Event()
     go_on = threading.Event()
 
@@ -143,7 +143,7 @@ def test_a_stream_finishes_its_utterance_on_the_old_version_and_its_next_utteran
             for r in response.results:
                 if r.alternatives[0].transcript == "a" and not heard_a.is_set():
                     heard_a.set()
-                    publish_copy(voice_registry, VOICE_VERSION, "voice-0002")
+                    publish_copy(fresh_voice_registry, VOICE_VERSION, "voice-0002")
                     wait_for(lambda: client.get_model_info().version == "voice-0002", what="the swap")
                     go_on.set()
                 if r.is_final:

@@ -20,6 +20,7 @@ import pytest
 from conftest import TINY_VERSION
 from prometheus_client import REGISTRY
 from server_support import chunked, noise, pcm16
+from support import wait_for
 from voxloop.clients.client import RecognizerClient, recognition_config
 from voxloop.core.logging_setup import JsonFormatter, RequestIdFilter, TextFormatter, configure_logging
 from voxloop.core.metrics import start_metrics_server
@@ -45,15 +46,6 @@ def sample(name: str, **labels: str) -> float:
 
 def rpcs(method: str, code: str) -> float:
     return sample("voxloop_rpcs_total", method=method, code=code)
-
-
-def wait_for(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +253,9 @@ def test_text_logs_append_structured_fields_and_configure_logging_checks_its_arg
         ServerConfig(log_level="loud")
 
 
-def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
+def test_a_training_cycle_moves_the_trainer_metrics(tmp_path, tiny_version_dir, toy_corpus):
     import torch
-    from trainer_support import add_feedback, tiny_version, tone, write_corpus
+    from trainer_support import add_feedback, tone
     from voxloop.core.registry import Registry
     from voxloop.core.store import FeedbackStore
     from voxloop.trainer.config import PPOConfig, TrainerConfig
@@ -271,9 +263,8 @@ def test_a_training_cycle_moves_the_trainer_metrics(tmp_path):
 
     torch.set_num_threads(1)
     registry = Registry(tmp_path / "registry")
-    registry.seed_from(tiny_version(tmp_path / "tiny" / "tiny-0001", "tiny-0001"))
-    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
-    corpus = write_corpus(tmp_path / "corpus", {"train": rows, "dev": rows[:3]})
+    registry.seed_from(tiny_version_dir)
+    corpus = toy_corpus
     ppo = PPOConfig(epochs=2, minibatch_size=8, learning_rate=3e-3, replay_per_minibatch=2, samples_per_utterance=4)
     config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0,
                            min_heldout_utterances=0, anchor_size=3,

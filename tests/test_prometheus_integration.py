@@ -13,7 +13,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 import yaml
 from conftest import TINY_VERSION
 from server_support import chunked, noise, pcm16
+from support import free_port
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
 
 pytestmark = pytest.mark.slow  # two real servers
@@ -35,12 +35,6 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 CHUNK_100MS = 3200
 STARTUP_TIMEOUT_S = 90.0
 STREAMING = "/voxloop.v1.Recognizer/StreamingRecognize"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prometheus_binary() -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VERSION
-from swap_support import publish_copy, wait_for
+from support import wait_for
+from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient
 from voxloop.core.registry import MODEL_FILE, Registry
 

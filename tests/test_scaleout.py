@@ -25,9 +25,9 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-from scaleout_support import Proxy, Replica, wait_for
+from scaleout_support import Proxy, Replica
 from server_support import chunked, noise, pcm16
-from trainer_support import tiny_version, tone, write_corpus
+from support import wait_for
 from voxloop.clients.client import RecognizerClient, recognition_config
 from voxloop.core.registry import Registry
 from voxloop.core.store import FeedbackStore, feedback
@@ -63,12 +63,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(postgres_server, tmp_path_factory):
+def cluster(postgres_server, tmp_path_factory, tiny_version_dir, toy_corpus):
     root = tmp_path_factory.mktemp("scaleout")
     registry = Registry(root / "registry")
-    registry.seed_from(tiny_version(root / "shipped" / "tiny-0001", "tiny-0001"))  # trainable: it has policy/
-    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
-    corpus = write_corpus(root / "corpus", {"train": rows, "dev": rows[:3]})
+    registry.seed_from(tiny_version_dir)  # trainable: it has policy/
+    corpus = toy_corpus
     store_url = postgres_server.create_database("scaleout")
     bursts = {"VOXLOOP_FEEDBACK_RATE_PER_S": "1000", "VOXLOOP_FEEDBACK_BURST": "1000"}  # one anonymous user's bursts
     replicas = [Replica(f"replica{i}", registry.root, root / f"replica{i}", store_url, env=bursts) for i in (1, 2)]

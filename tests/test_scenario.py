@@ -32,6 +32,7 @@ def default_plan(tmp_path_factory):
     return plan_scenario(ScenarioConfig(out_dir=tmp_path_factory.mktemp("plan")))
 
 
+@pytest.mark.slow  # reads every Debian fortune
 def test_target_words_never_occur_in_base_transcripts_and_carrier_words_all_do(base_sentences, default_plan):
     base_words = {word for sentence in base_sentences for word in sentence.text.split()}
     domain = [job for job in default_plan if job.split in ("feedback", "test")]
@@ -55,6 +56,7 @@ def test_feedback_and_test_are_disjoint_sentences_sharing_every_target_word():
     assert domain_sentences(1, {"feedback": 144, "test": 80}) != splits
 
 
+@pytest.mark.slow  # reads every Debian fortune
 def test_domain_voices_are_held_out_of_base_training(default_plan):
     corpus = CorpusConfig(out_dir="unused")
     for engine, voice in DEPLOYMENT_VOICES:
@@ -67,6 +69,7 @@ def test_domain_voices_are_held_out_of_base_training(default_plan):
     assert used == set(DEPLOYMENT_VOICES)
 
 
+@pytest.mark.slow  # reads every Debian fortune
 def test_anchor_is_the_base_corpus_test_split_as_its_builder_plans_it(default_plan, base_sentences):
     anchor = [job for job in default_plan if job.split == "anchor"]
     from voxloop.trainer.corpus import _plan_jobs

@@ -21,7 +21,7 @@ import pytest
 from conftest import TINY_VERSION
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from server_support import chunked, noise, pcm16, silence, voice_registry_once, voiced
+from server_support import chunked, noise, pcm16, silence, voiced
 from voxloop.core.registry import RegistryError
 from voxloop.server.app import BackgroundServer, create_server
 from voxloop.server.config import ServerConfig
@@ -35,11 +35,6 @@ LIMITS = dict(max_concurrent_streams=3, idle_timeout_s=1.5, max_message_bytes=64
               shutdown_grace_s=5.0)
 CHUNK_100MS = 3200
 Code = grpc.StatusCode
-
-
-@pytest.fixture(scope="session")
-def voice_registry(tmp_path_factory):
-    return voice_registry_once(tmp_path_factory)
 
 
 def linear16(sample_rate_hz: int = 16000, **fields) -> pb.RecognitionConfig:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import TINY_VERSION
-from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voice_registry_once, voiced
+from server_support import VOICE_VERSION, chunked, noise, pcm16, silence, voiced
 from voxloop.core.decoder import CtcGreedyDecoder
 from voxloop.core.model import ModelFormatError, OnnxModel
 from voxloop.core.pcm import pcm16_to_float
@@ -31,11 +31,6 @@ from voxloop.server.stream import (
 
 NO_ENDPOINTS = dict(trailing_silence_before_speech_s=300, trailing_silence_after_speech_s=300, max_utterance_s=300)
 CHUNK_100MS = 3200  # bytes of 16 kHz LINEAR16
-
-
-@pytest.fixture(scope="session")
-def voice_registry(tmp_path_factory):
-    return voice_registry_once(tmp_path_factory)
 
 
 def model_path(registry, version):

@@ -256,6 +256,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close, no atexit, no flush of anythin
 """
 
 
+@pytest.mark.slow  # writer processes, killed
 def test_acked_feedback_survives_the_writing_processes_being_killed(store_url):
     n = 15
     with FeedbackStore.open(store_url) as setup:

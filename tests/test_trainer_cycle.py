@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import add_feedback, speech, tiny_version, tone, write_corpus
+from trainer_support import add_feedback, speech, tone, write_corpus
 from voxloop.core.decoder import path_text
 from voxloop.core.registry import Registry
 from voxloop.core.rewards import REJECTION_REWARD
@@ -22,17 +22,6 @@ from voxloop.trainer.update import StepStats, collect_rollout
 
 torch.set_num_threads(1)
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
-
-
-@pytest.fixture(scope="module")
-def tiny_version_dir(tmp_path_factory) -> Path:
-    return tiny_version(tmp_path_factory.mktemp("tiny") / "tiny-0001", "tiny-0001")
-
-
-@pytest.fixture(scope="module")
-def toy_corpus(tmp_path_factory) -> Path:
-    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
-    return write_corpus(tmp_path_factory.mktemp("toy-corpus"), {"train": rows, "dev": rows[:3]})
 
 
 def toy_config(data_dir: Path, corpus: Path, **ppo) -> TrainerConfig:
@@ -128,6 +117,7 @@ def test_gate_rules_on_figures():
     assert not unmeasured.passed and "fewer than min_heldout_utterances = 1" in unmeasured.reasons[0]
 
 
+@pytest.mark.slow  # a training cycle (update, export, gate)
 def test_a_batch_of_rejections_alone_is_gated_by_default_for_want_of_a_held_out_reference(
         tmp_path, tiny_version_dir, toy_corpus):
     registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
@@ -141,6 +131,7 @@ def test_a_batch_of_rejections_alone_is_gated_by_default_for_want_of_a_held_out_
         assert sorted(store.get_cycle(report.cycle_id).feedback_ids) == sorted(ids)  # consumed, not retried
 
 
+@pytest.mark.slow  # a training cycle (update, export, gate)
 def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
     """The shipped model, a real-speech anchor set, and an update with a destructive learning rate."""
     sentences = ["the weather is nice today", "please open the door", "i would like a cup of tea",
@@ -176,6 +167,7 @@ def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
 # --- a cycle -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a training cycle (update, export, gate)
 def test_a_cycle_raises_the_mean_reward_and_publishes_a_version(tmp_path, tiny_version_dir, toy_corpus):
     registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
     config = toy_config(tmp_path / "data", toy_corpus)
@@ -202,6 +194,7 @@ def test_a_cycle_raises_the_mean_reward_and_publishes_a_version(tmp_path, tiny_v
         assert set(report.last_step.gauges()) == set(StepStats.GAUGED)
 
 
+@pytest.mark.slow  # a training cycle (update, export, gate)
 def test_held_out_items_are_picked_by_id_and_never_trained_on(tmp_path, tiny_version_dir, toy_corpus):
     assert [is_heldout(i, 0.5) for i in range(200)] == [is_heldout(i, 0.5) for i in range(200)]
     assert 60 < sum(is_heldout(i, 0.5) for i in range(200)) < 140
@@ -227,6 +220,7 @@ def test_version_names_follow_the_parent_stem_and_never_collide(tmp_path, tiny_v
     assert child_version_name(registry, "tiny-0001-c0004", 5) == "tiny-0001-c0005.1"
 
 
+@pytest.mark.slow  # a training cycle (update, export, gate)
 def test_published_versions_carry_the_parents_decoder_forward_and_adapt_it(tmp_path, tiny_version_dir, toy_corpus):
     import shutil
 
@@ -254,6 +248,7 @@ def test_published_versions_carry_the_parents_decoder_forward_and_adapt_it(tmp_p
         assert ("zebra" in lexicon) is adapt
 
 
+@pytest.mark.slow  # a training cycle (update, export, gate)
 def test_published_version_carries_a_probe_the_servers_warm_up_reproduces(tmp_path, tiny_version_dir, toy_corpus):
     from voxloop.core.model import OnnxModel
     from voxloop.core.warmup import WarmupFailed, warm_up

@@ -6,11 +6,10 @@ import dataclasses
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import add_feedback, tiny_version, tone, write_corpus
+from trainer_support import add_feedback, tone
 from voxloop.core.registry import Registry
 from voxloop.core.store import FeedbackStore
 from voxloop.trainer.config import PPOConfig, TrainerConfig
@@ -20,17 +19,6 @@ from voxloop.trainer.state import read_intent
 from voxloop.trainer.update import UpdateAborted
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_version_dir(tmp_path_factory) -> Path:
-    return tiny_version(tmp_path_factory.mktemp("tiny") / "tiny-0001", "tiny-0001")
-
-
-@pytest.fixture(scope="module")
-def toy_corpus(tmp_path_factory) -> Path:
-    rows = [(w, tone(w, seed=i)) for i, w in enumerate("abcabc")]
-    return write_corpus(tmp_path_factory.mktemp("toy-corpus"), {"train": rows, "dev": rows[:3]})
 
 
 @pytest.fixture
@@ -62,6 +50,7 @@ def test_a_cycle_starts_on_enough_feedback_or_after_the_wait():
     assert not should_start(0, 10_000.0, config)
 
 
+@pytest.mark.slow  # training cycles
 def test_crash_mid_update_leaves_the_batch_pending_and_a_restart_consumes_it_once(setup):
     store, registry, config = setup
     ids = [add_feedback(store, tone(w, seed=i), text=w) for i, w in enumerate("abcab")]
@@ -75,6 +64,7 @@ def test_crash_mid_update_leaves_the_batch_pending_and_a_restart_consumes_it_onc
     consumed_exactly_once(store, ids)
 
 
+@pytest.mark.slow  # training cycles
 def test_crash_between_publish_and_record_retrains_the_batch_once(setup, monkeypatch):
     store, registry, config = setup
     ids = [add_feedback(store, tone(w, seed=i), text=w) for i, w in enumerate("abca")]
@@ -95,6 +85,7 @@ def test_crash_between_publish_and_record_retrains_the_batch_once(setup, monkeyp
     consumed_exactly_once(store, ids)
 
 
+@pytest.mark.slow  # training cycles
 def test_crash_between_record_and_activate_is_finished_on_restart(setup, monkeypatch):
     store, registry, config = setup
     ids = [add_feedback(store, tone(w, seed=i), text=w) for i, w in enumerate("bca")]
@@ -113,6 +104,7 @@ def test_crash_between_record_and_activate_is_finished_on_restart(setup, monkeyp
     consumed_exactly_once(store, ids)
 
 
+@pytest.mark.slow  # training cycles
 def test_the_trainer_resumes_from_its_checkpoint(setup):
     from voxloop.trainer.state import TrainerState
 
@@ -132,6 +124,7 @@ def test_the_trainer_resumes_from_its_checkpoint(setup):
     assert second.version_in == first.version_out and second.outcome == "published"
 
 
+@pytest.mark.slow  # training cycles
 def test_the_loop_wakes_on_feedback_and_stops_cleanly(setup):
     store, registry, config = setup
     config = dataclasses.replace(config, min_feedback=3, max_wait_s=3600, poll_interval_s=0.2)
@@ -170,6 +163,7 @@ def test_background_trainer_thread_runs_at_lower_priority(setup):
     assert not thread.is_alive()
 
 
+@pytest.mark.slow  # training cycles
 def test_voxloop_train_once_exits_0_with_a_new_version(setup, capsys):
     from voxloop.clients.cli import main
 

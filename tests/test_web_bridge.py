@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from conftest import TINY_VERSION
 from prometheus_client import REGISTRY
 from server_support import chunked, noise, pcm16
+from support import free_port
 from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, VoxloopError
 from voxloop.core.store import FeedbackKind, FeedbackStore
@@ -66,12 +66,6 @@ class WebServer:
 
     def stop(self) -> None:
         self.running.stop()
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: nothing listens there
 
 
 def web_server(root, registry_template, **fields) -> WebServer:
@@ -407,7 +401,7 @@ def test_listed_web_origins_are_normalized():
 
 
 def test_serve_with_web_port_serves_the_page(tiny_registry, tmp_path):
-    grpc_port, web_port = unused_port(), unused_port()
+    grpc_port, web_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "voxloop.clients.cli", "serve", "--no-trainer", "--host", "127.0.0.1", "--port",
          str(grpc_port), "--metrics-port", "0", "--web-port", str(web_port), "--model-dir", str(tiny_registry),

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 from server_support import chunked, pcm16, silence
-from swap_support import publish_copy, wait_for
+from support import wait_for
+from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, recognition_config
 from voxloop.core.registry import Registry
 from voxloop.core.whisper_decoder import WhisperSecondPass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_VERSION
-from scaleout_support import free_port, wait_for
+from support import free_port, wait_for
 from voxloop.clients.client import RecognizerClient
 from voxloop.server.config import ServerConfig
 from voxloop.server.workers import reserve_port, worker_config

@@ -1,0 +1,28 @@
+"""Helpers every kind of test uses: a free local port, and waiting for a condition with a deadline."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+def free_port() -> int:
+    """A 127.0.0.1 TCP port nothing listens on (bound, then closed again: start the server on it soon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition", *, interval_s: float = 0.02):
+    """Poll `predicate` until it returns a truthy value, and return that; fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+__all__ = ["free_port", "wait_for"]
