@@ -135,7 +135,7 @@ def second_pass_section(policy: WhisperPolicy, vocabulary_prompt: str = "") -> d
             "suppress_tokens": list(generation.suppress_tokens), "begin_suppress_tokens":
             list(generation.begin_suppress_tokens), "timestamp_begin": FIRST_TIMESTAMP,
             "start_of_previous": START_OF_PREVIOUS, "vocabulary_prompt": vocabulary_prompt,
-            "pad_s": policy.settings.pad_s}
+            "pad_s": policy.settings.pad_s, "beam_size": policy.settings.beam_size}
 
 
 def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *, tokenizer_json: Path,
