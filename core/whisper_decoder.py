@@ -43,6 +43,7 @@ SAMPLES_PER_ENCODER_FRAME = 320
 MIN_TOKENS = 8
 """Decoding may always run this many tokens, however short the utterance."""
 MAX_TOTAL_TOKENS = 224
+MAX_BEAM_SIZE = 16
 """Whisper's own sample_len: half its 448 positions."""
 
 
@@ -64,12 +65,16 @@ class SecondPassSettings:
     decoder as "previous text" (Whisper's <|startofprev|> prompt), which biases it toward them."""
     max_tokens_per_s: float = 12.0
     """Tokens a final may have per second of audio (a loop breaker; speech is ~3-5 tokens a second)."""
+    beam_size: int = 1
+    """Beams of the finals' search (1: greedy). More beams cost more decoder rows per step."""
 
     @classmethod
     def from_card(cls, card: dict) -> SecondPassSettings:
         section = card.get(SECOND_PASS_KEY)
         if not isinstance(section, dict) or section.get("type") != WHISPER_TYPE:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] must be a dict with type {WHISPER_TYPE!r}")
+        if not 1 <= int(section.get("beam_size", 1)) <= MAX_BEAM_SIZE:
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]['beam_size'] must be 1..{MAX_BEAM_SIZE}")
         try:
             settings = cls(
                 encoder=str(section["encoder"]), decoder=str(section["decoder"]), tokenizer=str(section["tokenizer"]),
@@ -79,6 +84,7 @@ class SecondPassSettings:
                 timestamp_begin=int(section["timestamp_begin"]), start_of_previous=int(section["start_of_previous"]),
                 vocabulary_prompt=str(section.get("vocabulary_prompt", "")),
                 max_tokens_per_s=float(section.get("max_tokens_per_s", 12.0)),
+                beam_size=int(section.get("beam_size", 1)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
@@ -167,13 +173,11 @@ class WhisperSecondPass:
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
         return self._step(np.array([self._prompt], dtype=np.int64), empty, empty, cross_k, cross_v)
 
-    def greedy(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int) -> tuple[DecodedTokens, np.ndarray]:
-        """The best token at every step -> the transcript's tokens and their alignment (N, 1500): row i is the
-        cross-attention of the step that chose token i (as openai/whisper timing.py reads it)."""
-        log_probs, self_k, self_v, alignment = self._first_call(cross_k, cross_v)
+    def greedy(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int) -> DecodedTokens:
+        """The best token at every step, until end-of-text or `max_tokens`."""
+        log_probs, self_k, self_v, _ = self._first_call(cross_k, cross_v)
         tokens: list[int] = []
         token_log_probs: list[float] = []
-        rows = [alignment[0, -1]]
         while True:
             scores = self._mask(log_probs, first=not tokens)[0]  # (V,)
             token = int(scores.argmax())
@@ -184,11 +188,9 @@ class WhisperSecondPass:
             if len(tokens) == max_tokens:
                 log.warning("second pass hit its token budget (%d); the final is cut there", max_tokens)
                 break
-            log_probs, self_k, self_v, alignment = self._step(np.array([[token]], dtype=np.int64), self_k, self_v,
-                                                              cross_k, cross_v)
-            rows.append(alignment[0, -1])
-        decoded = DecodedTokens(tuple(tokens), tuple(token_log_probs), float(sum(token_log_probs)))
-        return decoded, np.stack(rows[: len(tokens)]) if tokens else np.zeros((0, cross_k.shape[3]), np.float32)
+            log_probs, self_k, self_v, _ = self._step(np.array([[token]], dtype=np.int64), self_k, self_v,
+                                                      cross_k, cross_v)
+        return DecodedTokens(tuple(tokens), tuple(token_log_probs), float(sum(token_log_probs)))
 
     def beam_search(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int,
                     beam_size: int) -> list[DecodedTokens]:
@@ -208,11 +210,14 @@ class WhisperSecondPass:
                         candidates.append((beam.log_prob + float(row[token]), beam, int(token), float(row[token])))
             candidates.sort(key=lambda c: -c[0])
             next_live: list[_Beam] = []
+            # Best first: an ending counts only if it ranks above the beam_size-th continuation kept
+            # (openai/whisper decoding.py BeamSearchDecoder.update), so a weak early end-of-text is not kept.
             for total, beam, token, token_log_prob in candidates:
+                if len(next_live) == beam_size:
+                    break
                 if token == self.settings.end_of_text:
-                    if len(finished) < beam_size:
-                        finished.append(_Beam(beam.tokens, total, beam.token_log_probs, beam.row))
-                elif len(next_live) < beam_size and step < max_tokens:
+                    finished.append(_Beam(beam.tokens, total, beam.token_log_probs, beam.row))
+                elif step < max_tokens:
                     next_live.append(_Beam([*beam.tokens, token], total, [*beam.token_log_probs, token_log_prob],
                                            beam.row))
             if len(finished) >= beam_size or not next_live:
@@ -228,18 +233,33 @@ class WhisperSecondPass:
         finished.sort(key=lambda b: -b.log_prob / max(1, len(b.tokens)))
         return [DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished]
 
+    def align(self, cross_k: np.ndarray, cross_v: np.ndarray, tokens: tuple[int, ...]) -> np.ndarray:
+        """(N + 1, 1500) cross-attention of the steps that chose each of `tokens`, then end-of-text: one
+        teacher-forced decoder call (as openai/whisper timing.py reads the alignment heads)."""
+        layers, heads, head_dim = self._cache_shape
+        empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
+        sequence = np.array([[*self._prompt, *tokens]], dtype=np.int64)
+        _, _, _, alignment = self._step(sequence, empty, empty, cross_k, cross_v)  # (1, P + N, 1500)
+        return alignment[0, len(self._prompt) - 1 :]
+
     def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1) -> tuple[Hypothesis, ...]:
         """One endpointed utterance, float32 (S,) at 16 kHz starting `start_s` into its stream -> the n-best
-        (at least one hypothesis; distinct transcripts, best first). The first is always the greedy
-        transcript (what an offline decode gives), the alternatives the beam search's others."""
+        (at least one hypothesis; distinct transcripts, best first). The first comes from the version's own
+        search (greedy, or `beam_size` beams) whatever the client asks, so an offline decode equals a
+        stream's final; the others from that beam, or a wider one when more alternatives are asked for."""
         cross_k, cross_v, speech_frames = self.encode(audio)
         budget = min(MAX_TOTAL_TOKENS, max(MIN_TOKENS, int(len(audio) / MODEL_SAMPLE_RATE_HZ
                                                            * self.settings.max_tokens_per_s)))
-        best, alignment = self.greedy(cross_k, cross_v, budget)
-        hypotheses = [self._hypothesis(best, alignment, speech_frames, start_s)]
+        beam = self.settings.beam_size
+        results = [self.greedy(cross_k, cross_v, budget)] if beam == 1 else \
+            self.beam_search(cross_k, cross_v, budget, beam)
+        best = results[0]
+        hypotheses = [self._hypothesis(best, self.align(cross_k, cross_v, best.tokens), speech_frames, start_s)]
         if max_alternatives > 1:
+            others = results[1:] if beam >= max_alternatives else \
+                self.beam_search(cross_k, cross_v, budget, max_alternatives)
             seen = {hypotheses[0].transcript}
-            for decoded in self.beam_search(cross_k, cross_v, budget, max_alternatives):
+            for decoded in others:
                 hypothesis = self._hypothesis(decoded, None, speech_frames, start_s)
                 if hypothesis.transcript not in seen and len(hypotheses) < max_alternatives:
                     seen.add(hypothesis.transcript)

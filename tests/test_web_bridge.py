@@ -443,7 +443,7 @@ def test_serve_open_opens_the_page_once_serving(monkeypatch, tiny_registry, tmp_
     opened, served = [], []
     monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
 
-    def fake_serve(config, on_serving=None):  # stands in for the blocking server: it is serving, then stops
+    def fake_serve(config, on_serving=None, **_):  # stands in for the blocking server: it is serving, then stops
         served.append(config)
         on_serving(SimpleNamespace(web_url=f"http://127.0.0.1:{config.web_port}/"))
 

@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from voxloop.core.store import FeedbackKind, FeedbackStore
 from voxloop.core.text import normalize_text
 from voxloop.server.app import BackgroundServer
-from voxloop.server.config import ServerConfig
+from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
 from web_support import chromium, espeak_wav
 
 pytestmark = pytest.mark.slow  # a browser and the shipped model
@@ -52,11 +52,13 @@ user = "bob"
 
 @pytest.fixture
 def served(tmp_path):
-    """Start a server with the shipped model and its page: served(**config fields) -> (page url, store file)."""
+    """Start a server with the small CTC model and its page: served(**config fields) -> (page url, store file)."""
     running = []
 
     def start(**fields) -> tuple[str, Path]:
-        config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", **fields)
+        # The small CTC model (models/base): the expected words below are what it hears.
+        config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", shipped_model_dir=BASE_MODEL_DIR,
+                              **fields)
         server = BackgroundServer(config)
         running.append(server)
         port = server.call(server.server.start_web(0))

@@ -99,13 +99,14 @@ def test_the_second_pass_decodes_as_transformers_does(tiny_registry_with_whisper
     audio, _ = sf.read(DATA_DIR / "one.wav", dtype="float32")
     audio = audio[:16000]
     cross_k, cross_v, _ = second_pass.encode(audio)
-    decoded, alignment = second_pass.greedy(cross_k, cross_v, max_tokens=12)
+    decoded = second_pass.greedy(cross_k, cross_v, max_tokens=12)
     assert list(decoded.tokens) == _transformers_greedy(tiny_policy, audio, [50257, 50362], 12)
-    assert alignment.shape == (len(decoded.tokens), 1500)
+    alignment = second_pass.align(cross_k, cross_v, decoded.tokens)
+    assert alignment.shape == (len(decoded.tokens) + 1, 1500)
     assert np.allclose(alignment.sum(-1), 1.0, atol=1e-4)  # attention rows are distributions
 
 
-def test_n_best_finals_are_distinct_with_the_greedy_transcript_first(tiny_registry_with_whisper):
+def test_n_best_finals_are_distinct_with_the_versions_own_transcript_first(tiny_registry_with_whisper):
     version_dir = tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION)
     second_pass = WhisperSecondPass.from_card(json.loads((version_dir / "card.json").read_text()), version_dir)
     audio, _ = sf.read(DATA_DIR / "three.wav", dtype="float32")

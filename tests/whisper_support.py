@@ -29,7 +29,8 @@ def tiny_whisper_policy(seed: int = 0):
     model = WhisperForConditionalGeneration(config).eval()
     model.generation_config = generation_config(config, {"suppress_ids": [], "suppress_ids_begin": [220, END_OF_TEXT],
                                                          "alignment_heads": [[1, 0], [1, 1]]})
-    settings = WhisperPolicyConfig(history_s=0.4, chunk_s=0.4, pad_s=0.4, ctc_hidden=32)
+    # fp32 graphs: a random tiny model's flat distributions say nothing about int8 (the real import checks that)
+    settings = WhisperPolicyConfig(history_s=0.4, chunk_s=0.4, pad_s=0.4, ctc_hidden=32, int8=False)
     return WhisperPolicy.with_new_head(model, settings, seed=seed).eval()
 
 

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +174,71 @@ def export_whisper_graphs(policy: WhisperPolicy, out_dir: Path, version: str) ->
     }
     log.info("exported %s to %s", ", ".join(paths), out_dir)
     return paths
+
+
+# --- int8 ---
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """How the served int8 graphs compare with the fp32 export that passed parity."""
+
+    first_pass_argmax_agreement: float
+    """Share of first-pass frames whose best token is the same (random speech-like windows)."""
+    cross_kv_cosine: float
+    """Cosine similarity of the encoder's cross keys/values (all positions, two audio lengths)."""
+    decoder_argmax_agreement: float
+    """Share of decoder steps (teacher-forced) whose next token is the same."""
+
+    def as_dict(self) -> dict:
+        return {"type": "dynamic int8 (onnxruntime quantize_dynamic: MatMul weights, per channel)",
+                "first_pass_argmax_agreement": self.first_pass_argmax_agreement,
+                "cross_kv_cosine": self.cross_kv_cosine, "decoder_argmax_agreement": self.decoder_argmax_agreement}
+
+
+MIN_INT8_COSINE = 0.98
+MIN_INT8_ARGMAX_AGREEMENT = 0.75
+"""On random inputs the next-token distributions are flat and near-ties flip; speech moves less (the WER checks)."""
+
+
+def quantize_graphs(out_dir: Path, seed: int = 0) -> QuantizationReport:
+    """Replace the three fp32 graphs in `out_dir` by int8 ones (dynamic quantization of the MatMul weights, per
+    output channel: 2.5-4x faster on CPU, the same WER on the real and synthetic checks; docs/benchmarks.md) and
+    compare them with the fp32 ones; raises ParityError when they drift beyond MIN_INT8_*."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    generator = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp)
+        for name in (FIRST_PASS_FILE, ENCODER_FILE, DECODER_FILE):
+            shutil.move(out_dir / name, fp32 / name)
+            quantize_dynamic(str(fp32 / name), str(out_dir / name), per_channel=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"])
+        sessions = {graph: (onnx_session(fp32 / graph), onnx_session(out_dir / graph))
+                    for graph in (FIRST_PASS_FILE, ENCODER_FILE, DECODER_FILE)}
+        history = int(sessions[FIRST_PASS_FILE][0].get_modelmeta().custom_metadata_map["voxloop.history_samples"])
+        audio = (0.1 * generator.standard_normal((4, 6400))).astype(np.float32)
+        feeds = {"audio": audio, "audio_history": (0.1 * generator.standard_normal((4, history))).astype(np.float32)}
+        a, b = (s.run(["log_probs"], feeds)[0] for s in sessions[FIRST_PASS_FILE])
+        first_pass = float((a.argmax(-1) == b.argmax(-1)).mean())
+        cosines, agreements = [], []
+        for seconds in (1.3, 4.7):
+            speech = (0.1 * generator.standard_normal((1, round(seconds * 50) * 320))).astype(np.float32)
+            (k32, v32), (k8, v8) = (s.run(None, {"audio": speech}) for s in sessions[ENCODER_FILE])
+            for x, y in ((k32, k8), (v32, v8)):
+                cosines.append(float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum())))
+            tokens = np.array([[50257, 50362, *generator.integers(0, 50000, 6)]], dtype=np.int64)
+            empty = np.zeros((*k32.shape[:3], 0, k32.shape[-1]), dtype=np.float32)
+            for length in range(2, tokens.shape[1] + 1):
+                (p32, *_), (p8, *_) = (s.run(None, {"tokens": tokens[:, :length], "self_k": empty, "self_v": empty,
+                                                    "cross_k": k32, "cross_v": v32}) for s in sessions[DECODER_FILE])
+                agreements.append(float(p32.argmax() == p8.argmax()))
+    report = QuantizationReport(first_pass, min(cosines), float(np.mean(agreements)))
+    if (report.cross_kv_cosine < MIN_INT8_COSINE or min(report.first_pass_argmax_agreement,
+                                                          report.decoder_argmax_agreement) < MIN_INT8_ARGMAX_AGREEMENT):
+        raise ParityError(f"the int8 graphs drift from the fp32 ones: {report}")
+    log.info("int8 graphs: %s", report)
+    return report
 
 
 # --- parity ---

@@ -47,6 +47,7 @@ from .whisper_export import (
     ENCODER_FILE,
     check_whisper_parity,
     export_whisper_graphs,
+    quantize_graphs,
 )
 from .whisper_model import CtcHead, WhisperPolicy, WhisperPolicyConfig, new_ctc_head
 
@@ -134,7 +135,7 @@ def second_pass_section(policy: WhisperPolicy, vocabulary_prompt: str = "") -> d
             "suppress_tokens": list(generation.suppress_tokens), "begin_suppress_tokens":
             list(generation.begin_suppress_tokens), "timestamp_begin": FIRST_TIMESTAMP,
             "start_of_previous": START_OF_PREVIOUS, "vocabulary_prompt": vocabulary_prompt,
-            "pad_s": policy.settings.pad_s}
+            "pad_s": policy.settings.pad_s, "beam_size": policy.settings.beam_size}
 
 
 def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *, tokenizer_json: Path,
@@ -147,13 +148,15 @@ def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *,
     step = progress.update if progress is not None else (lambda n=1: None)
     export_whisper_graphs(policy, out_dir, version)
     step()
-    parity = check_whisper_parity(policy, out_dir)
+    parity = check_whisper_parity(policy, out_dir).as_dict()
+    if policy.settings.int8:
+        parity["int8"] = quantize_graphs(out_dir).as_dict()
     step()
     shutil.copyfile(tokenizer_json, out_dir / TOKENIZER_FILE)
     shutil.copyfile(probe_wav, out_dir / PROBE_FILE)
     policy.save_pretrained(out_dir / POLICY_DIR)
     card = {**card, "version": version, "format": WHISPER_TWO_PASS_FORMAT,
-            SECOND_PASS_KEY: second_pass_section(policy, vocabulary_prompt), "parity": parity.as_dict(),
+            SECOND_PASS_KEY: second_pass_section(policy, vocabulary_prompt), "parity": parity,
             "model": policy_card_section(policy)}
     card["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*"))
                      if p.is_file() and p.name != CARD_FILE}

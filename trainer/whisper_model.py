@@ -65,6 +65,10 @@ class WhisperPolicyConfig:
     """Longest utterance (with pad_s) the second pass encodes: Whisper's window is 30 s."""
     ctc_hidden: int = 768
     """Width of the CTC head's hidden layer."""
+    int8: bool = True
+    """Serve int8 graphs (dynamic quantization of the MatMul weights after the fp32 export passed parity)."""
+    beam_size: int = 1
+    """Beams of the second pass's search for finals (1: greedy; Whisper's own default is 5)."""
     ctc_vocabulary: tuple[str, ...] = CTC_VOCABULARY
 
     def __post_init__(self) -> None:
