@@ -11,7 +11,9 @@ Or let the bench start `voxloop serve` on a free loopback port, and stop it afte
 
 Each stream sends `--duration-s` of audio (speech-like audio synthesized here, or `--audio FILE`,
 looped) in 100 ms LINEAR16 chunks at real-time pace on its own connection, with interim results on;
-stream starts are spread over one chunk so the streams do not tick in lockstep. Per N it reports:
+stream starts are spread over one chunk so the streams do not tick in lockstep; with
+`--independent-speakers` each stream also starts at a random point of the audio, so pauses (hence
+endpoints and finals) fall at different times across streams. Per N it reports:
 
 - partial lag: from sending the chunk that ends at audio time t to receiving the first result whose
   `audio_processed` >= t (pooled over all chunks of all streams; p50/p95);
@@ -84,6 +86,10 @@ class BenchConfig:
     """Seeds the synthetic audio and the streams' start offsets."""
     token: str | None = None
     """Bearer token sent with every call (servers with a tokens_file); None calls anonymously."""
+    independent_speakers: bool = False
+    """Each stream starts at a random point of the (looped) audio, so streams pause at different times as
+    independent speakers do; off, every stream reaches each pause, hence each endpoint, within one chunk
+    of the others (the worst case for a model whose finals cost more than its chunks)."""
 
     def __post_init__(self):
         if not self.streams or any(not 1 <= n <= MAX_STREAMS for n in self.streams):
@@ -272,8 +278,14 @@ async def run_streams(config: BenchConfig, n: int, pcm: bytes, sample_rate_hz: i
         await asyncio.gather(*(c.get_model_info() for c in clients))
         server_cpu_0 = process_cpu_seconds(config.server_pid) if config.server_pid else None
         client_cpu_0 = time.process_time()
+        def phase(stream_chunks: list[bytes]) -> list[bytes]:
+            if not config.independent_speakers:
+                return stream_chunks
+            k = rng.randrange(len(stream_chunks))
+            return stream_chunks[k:] + stream_chunks[:k]
+
         results = await asyncio.gather(*(
-            run_stream(c, chunks, sample_rate_hz, rng.uniform(0, config.chunk_ms / 1000),
+            run_stream(c, phase(chunks), sample_rate_hz, rng.uniform(0, config.chunk_ms / 1000),
                        audio_s + STREAM_DEADLINE_SLACK_S)
             for c in clients
         ))
@@ -412,6 +424,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     parser.add_argument("--server-pid", type=int, default=None, help="the running server's pid (CPU column)")
     parser.add_argument("--audio", type=Path, default=None, help="WAV/FLAC to stream (default: synthesized)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--independent-speakers", action="store_true",
+                        help="start each stream at a random point of the audio (pauses, hence finals, do not "
+                             "coincide across streams)")
     parser.add_argument("--token", default=None, help="bearer token, for a server with a tokens_file")
     parser.add_argument("--spawn-server", action="store_true", help="start `voxloop serve` for the run")
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -423,7 +438,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     args = parser.parse_args(argv)
     try:
         config = BenchConfig(streams=args.streams, duration_s=args.duration_s, server=args.server,
-                             server_pid=args.server_pid, audio=args.audio, seed=args.seed, token=args.token)
+                             server_pid=args.server_pid, audio=args.audio, seed=args.seed, token=args.token,
+                             independent_speakers=args.independent_speakers)
     except ValueError as e:
         parser.error(str(e))
     return config, args

@@ -91,6 +91,10 @@ class SecondPassSettings:
         return settings
 
 
+Cross = dict[str, np.ndarray]
+"""The decoder's cross-attention inputs of one utterance: cross_k_<l>, cross_v_<l>, each (B, heads, 1500, hd)."""
+
+
 @dataclass
 class _Beam:
     tokens: list[int]
@@ -124,6 +128,8 @@ class WhisperSecondPass:
             raise ModelFormatError(f"{settings.tokenizer} is not a tokenizers JSON file: {e}") from e
         cache = next(i for i in self._decoder.get_inputs() if i.name == "self_k").shape  # (L, B, heads, P, hd)
         self._cache_shape = (cache[0], cache[2], cache[4])
+        # One input per layer and kind (no Split of a stacked tensor copying 18 MB every step).
+        self._cross_names = [o.name for o in self._encoder.get_outputs()]
         self._suppress = np.array(sorted({*settings.suppress_tokens}), dtype=np.int64)
         self._begin_suppress = np.array(sorted({*settings.begin_suppress_tokens}), dtype=np.int64)
         self._prompt = self._full_prompt(settings.vocabulary_prompt)
@@ -147,17 +153,16 @@ class WhisperSecondPass:
         previous = previous[-(MAX_TOTAL_TOKENS - 1) :]
         return (self.settings.start_of_previous, *previous, *self.settings.prompt)
 
-    def encode(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """float32 (S,) 16 kHz -> cross keys and values (L, 1, heads, 1500, hd), and speech frames."""
+    def encode(self, audio: np.ndarray) -> tuple[Cross, int]:
+        """float32 (S,) 16 kHz -> every decoder layer's cross keys and values, and the speech frames."""
         padded = -(-len(audio) // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
         audio = np.pad(np.asarray(audio, dtype=np.float32), (0, padded - len(audio)))
-        cross_k, cross_v = self._encoder.run(None, {"audio": audio[None]})
-        return cross_k, cross_v, padded // SAMPLES_PER_ENCODER_FRAME
+        outputs = self._encoder.run(self._cross_names, {"audio": audio[None]})
+        return dict(zip(self._cross_names, outputs, strict=True)), padded // SAMPLES_PER_ENCODER_FRAME
 
-    def _step(self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, cross_k: np.ndarray,
-              cross_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return self._decoder.run(None, {"tokens": tokens, "self_k": self_k, "self_v": self_v,
-                                        "cross_k": cross_k, "cross_v": cross_v})
+    def _step(self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray,
+              cross: Cross) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self._decoder.run(None, {"tokens": tokens, "self_k": self_k, "self_v": self_v, **cross})
 
     def _mask(self, log_probs: np.ndarray, first: bool) -> np.ndarray:
         """Whisper's logit filters: suppressed tokens, timestamps (off), blank/end-of-text at the start."""
@@ -168,14 +173,14 @@ class WhisperSecondPass:
             log_probs[:, self._begin_suppress] = -np.inf
         return log_probs
 
-    def _first_call(self, cross_k: np.ndarray, cross_v: np.ndarray):
+    def _first_call(self, cross: Cross):
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
-        return self._step(np.array([self._prompt], dtype=np.int64), empty, empty, cross_k, cross_v)
+        return self._step(np.array([self._prompt], dtype=np.int64), empty, empty, cross)
 
-    def greedy(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int) -> DecodedTokens:
+    def greedy(self, cross: Cross, max_tokens: int) -> DecodedTokens:
         """The best token at every step, until end-of-text or `max_tokens`."""
-        log_probs, self_k, self_v, _ = self._first_call(cross_k, cross_v)
+        log_probs, self_k, self_v, _ = self._first_call(cross)
         tokens: list[int] = []
         token_log_probs: list[float] = []
         while True:
@@ -188,18 +193,16 @@ class WhisperSecondPass:
             if len(tokens) == max_tokens:
                 log.warning("second pass hit its token budget (%d); the final is cut there", max_tokens)
                 break
-            log_probs, self_k, self_v, _ = self._step(np.array([[token]], dtype=np.int64), self_k, self_v,
-                                                      cross_k, cross_v)
+            log_probs, self_k, self_v, _ = self._step(np.array([[token]], dtype=np.int64), self_k, self_v, cross)
         return DecodedTokens(tuple(tokens), tuple(token_log_probs), float(sum(token_log_probs)))
 
-    def beam_search(self, cross_k: np.ndarray, cross_v: np.ndarray, max_tokens: int,
-                    beam_size: int) -> list[DecodedTokens]:
+    def beam_search(self, cross: Cross, max_tokens: int, beam_size: int) -> list[DecodedTokens]:
         """Whisper's beam search (patience 1): the beam_size best unfinished continuations are kept each
         step; it ends when beam_size transcripts have ended. Best first by mean token log-prob."""
-        log_probs, self_k, self_v, _ = self._first_call(cross_k, cross_v)
+        log_probs, self_k, self_v, _ = self._first_call(cross)
         live = [_Beam([], 0.0, [], 0)]
         finished: list[_Beam] = []
-        cross_k, cross_v = np.repeat(cross_k, beam_size, axis=1), np.repeat(cross_v, beam_size, axis=1)
+        beams = {n: np.repeat(x, beam_size, axis=0) for n, x in cross.items()}  # (beam_size, heads, 1500, hd)
         for step in range(max_tokens + 1):
             scores = self._mask(log_probs, first=step == 0)  # (rows, V)
             candidates = []
@@ -227,19 +230,20 @@ class WhisperSecondPass:
                 beam.row = index
             tokens = np.array([[beam.tokens[-1]] for beam in next_live], dtype=np.int64)
             log_probs, self_k, self_v, _ = self._step(tokens, self_k[:, rows], self_v[:, rows],
-                                                      cross_k[:, : len(next_live)], cross_v[:, : len(next_live)])
+                                                      beams if len(next_live) == beam_size else
+                                                      {n: x[: len(next_live)] for n, x in beams.items()})
             live = next_live
         finished = finished or live  # the token budget ran out: keep what was decoded
         finished.sort(key=lambda b: -b.log_prob / max(1, len(b.tokens)))
         return [DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished]
 
-    def align(self, cross_k: np.ndarray, cross_v: np.ndarray, tokens: tuple[int, ...]) -> np.ndarray:
+    def align(self, cross: Cross, tokens: tuple[int, ...]) -> np.ndarray:
         """(N + 1, 1500) cross-attention of the steps that chose each of `tokens`, then end-of-text: one
         teacher-forced decoder call (as openai/whisper timing.py reads the alignment heads)."""
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
         sequence = np.array([[*self._prompt, *tokens]], dtype=np.int64)
-        _, _, _, alignment = self._step(sequence, empty, empty, cross_k, cross_v)  # (1, P + N, 1500)
+        _, _, _, alignment = self._step(sequence, empty, empty, cross)  # (1, P + N, 1500)
         return alignment[0, len(self._prompt) - 1 :]
 
     def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1) -> tuple[Hypothesis, ...]:
@@ -247,17 +251,17 @@ class WhisperSecondPass:
         (at least one hypothesis; distinct transcripts, best first). The first comes from the version's own
         search (greedy, or `beam_size` beams) whatever the client asks, so an offline decode equals a
         stream's final; the others from that beam, or a wider one when more alternatives are asked for."""
-        cross_k, cross_v, speech_frames = self.encode(audio)
+        cross, speech_frames = self.encode(audio)
         budget = min(MAX_TOTAL_TOKENS, max(MIN_TOKENS, int(len(audio) / MODEL_SAMPLE_RATE_HZ
                                                            * self.settings.max_tokens_per_s)))
         beam = self.settings.beam_size
-        results = [self.greedy(cross_k, cross_v, budget)] if beam == 1 else \
-            self.beam_search(cross_k, cross_v, budget, beam)
+        results = [self.greedy(cross, budget)] if beam == 1 else \
+            self.beam_search(cross, budget, beam)
         best = results[0]
-        hypotheses = [self._hypothesis(best, self.align(cross_k, cross_v, best.tokens), speech_frames, start_s)]
+        hypotheses = [self._hypothesis(best, self.align(cross, best.tokens), speech_frames, start_s)]
         if max_alternatives > 1:
             others = results[1:] if beam >= max_alternatives else \
-                self.beam_search(cross_k, cross_v, budget, max_alternatives)
+                self.beam_search(cross, budget, max_alternatives)
             seen = {hypotheses[0].transcript}
             for decoded in others:
                 hypothesis = self._hypothesis(decoded, None, speech_frames, start_s)

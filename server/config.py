@@ -90,6 +90,9 @@ class ServerConfig:
     """How long a batch waits for chunks of other open streams before running short."""
     onnx_intra_op_threads: int = 2
     """onnxruntime threads per model call (0: onnxruntime's default, one per core)."""
+    second_pass_threads: int = 2
+    """A two-pass (Whisper) version's finals decoded at once (one thread each): streams that end together
+    (an endpoint is a pause, and pauses coincide) wait for one another less."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
     store_utterances: bool = True
@@ -167,6 +170,8 @@ class ServerConfig:
                 _invalid(name, "must be >= 1")
         if not 4096 <= self.max_message_bytes <= 64 * MIB:
             _invalid("max_message_bytes", f"must be 4096..{64 * MIB} bytes (default {MIB}: 32 s of 16 kHz audio)")
+        if self.second_pass_threads < 1:
+            raise ValueError(f"second_pass_threads must be >= 1; got {self.second_pass_threads}")
         for name in ("shutdown_grace_s", "batch_max_wait_ms", "onnx_intra_op_threads", "store_flush_wait_s"):
             if getattr(self, name) < 0:
                 _invalid(name, "must be >= 0")

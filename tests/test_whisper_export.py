@@ -98,10 +98,10 @@ def test_the_second_pass_decodes_as_transformers_does(tiny_registry_with_whisper
     second_pass = WhisperSecondPass.from_card(card, version_dir)
     audio, _ = sf.read(DATA_DIR / "one.wav", dtype="float32")
     audio = audio[:16000]
-    cross_k, cross_v, _ = second_pass.encode(audio)
-    decoded = second_pass.greedy(cross_k, cross_v, max_tokens=12)
+    cross, _ = second_pass.encode(audio)
+    decoded = second_pass.greedy(cross, max_tokens=12)
     assert list(decoded.tokens) == _transformers_greedy(tiny_policy, audio, [50257, 50362], 12)
-    alignment = second_pass.align(cross_k, cross_v, decoded.tokens)
+    alignment = second_pass.align(cross, decoded.tokens)
     assert alignment.shape == (len(decoded.tokens) + 1, 1500)
     assert np.allclose(alignment.sum(-1), 1.0, atol=1e-4)  # attention rows are distributions
 

@@ -3,12 +3,12 @@
 - `model.onnx` (`windowed-ctc/1`, docs/model-format.md): the first pass. (audio (B, C), audio_history
   (B, H)) -> (log_probs (B, C / 320, V) of the CTC head, next_audio_history). The server streams,
   batches and endpoints it like any windowed CTC graph.
-- `encoder.onnx`: the second pass's encoder. audio (1, S), S a multiple of 320 -> cross_k, cross_v
-  (L, 1, heads, 1500, head_dim): the decoder's cross-attention keys and values of the utterance plus
+- `encoder.onnx`: the second pass's encoder. audio (1, S), S a multiple of 320 -> cross_k_<l>, cross_v_<l>
+  (1, heads, 1500, head_dim) for each decoder layer l: the cross-attention keys and values of the utterance plus
   pad_s of silence, then of the constant padding states (precomputed here, so a final costs the
   encoder over the utterance only; whisper_model.py says why the splice).
 - `decoder.onnx`: one decoder step with a key/value cache. tokens (B, N), self_k/self_v (L, B, heads, P,
-  head_dim) of the P tokens before, cross_k/cross_v -> log_probs (B, V) of the next token after the
+  head_dim) of the P tokens before, cross_k_<l>/cross_v_<l> -> log_probs (B, V) of the next token after the
   last, next_self_k/next_self_v (P + N positions), alignment (B, N, 1500): the mean cross-attention of
   Whisper's alignment heads (word timings).
 """
@@ -64,7 +64,8 @@ class FirstPassWrapper(nn.Module):
 
 
 class EncoderWrapper(nn.Module):
-    """audio (1, S), S a multiple of 320 -> cross_k, cross_v (L, 1, heads, 1500, head_dim)."""
+    """audio (1, S), S a multiple of 320 -> cross_k_0..cross_k_{L-1}, cross_v_0..cross_v_{L-1}, each
+    (1, heads, 1500, head_dim)."""
 
     def __init__(self, policy: WhisperPolicy):
         super().__init__()
@@ -83,15 +84,15 @@ class EncoderWrapper(nn.Module):
         log_mel = self.policy.log_mel(padded, valid_frames=valid * ENCODER_STRIDE)
         states = run_encoder(self.policy.model, log_mel, valid_frames=valid)[:, :frames]  # (1, T, D)
         keys, values = cross_key_values(self.policy.model, states)
-        cross_k = torch.cat([keys, self.silence_k[:, :, :, frames:]], dim=3)
+        cross_k = torch.cat([keys, self.silence_k[:, :, :, frames:]], dim=3)  # (L, 1, heads, 1500, hd)
         cross_v = torch.cat([values, self.silence_v[:, :, :, frames:]], dim=3)
-        return cross_k, cross_v
+        return (*cross_k.unbind(0), *cross_v.unbind(0))  # one output per layer and kind
 
 
 class DecoderStepWrapper(nn.Module):
     """One decoder call with a self-attention cache (whisper_model.decoder_states): (tokens (B, N), self_k,
-    self_v (L, B, heads, P, hd), cross_k, cross_v (L, B, heads, 1500, hd)) -> (log_probs (B, V) after the
-    last token, next_self_k, next_self_v (L, B, heads, P + N, hd), alignment (B, N, 1500))."""
+    self_v (L, B, heads, P, hd), cross_k_0.., cross_v_0.. (B, heads, 1500, hd) per layer) -> (log_probs (B, V)
+    after the last token, next_self_k, next_self_v (L, B, heads, P + N, hd), alignment (B, N, 1500))."""
 
     def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]]):
         super().__init__()
@@ -101,7 +102,9 @@ class DecoderStepWrapper(nn.Module):
         # ways without a transpose, so the exporter's constant folding cannot make a second 80 MB copy.
         self.register_buffer("embedding_t", policy.model.model.decoder.embed_tokens.weight.detach().t().contiguous())
 
-    def forward(self, tokens, self_k, self_v, cross_k, cross_v):
+    def forward(self, tokens, self_k, self_v, *cross):
+        layers = len(cross) // 2
+        cross_k, cross_v = cross[:layers], cross[layers:]  # per layer (B, heads, 1500, hd): no Split in the graph
         batch, length = tokens.shape
         embedded = torch.index_select(self.embedding_t, 1, tokens.reshape(-1)).t().reshape(batch, length, -1)
         states, next_k, next_v, alignment = decoder_states(self.whisper, embedded, self_k, self_v, cross_k, cross_v,
@@ -138,9 +141,14 @@ def export_first_pass(policy: WhisperPolicy, path: Path, version: str) -> Path:
     return path
 
 
+def cross_names(layers: int) -> list[str]:
+    """The encoder's outputs and the decoder's inputs: one per layer and kind."""
+    return [f"cross_k_{i}" for i in range(layers)] + [f"cross_v_{i}" for i in range(layers)]
+
+
 def export_encoder(policy: WhisperPolicy, path: Path) -> Path:
     _export(EncoderWrapper(policy), (torch.zeros(1, 2 * SAMPLE_RATE_HZ),), path, ["audio"],
-            ["cross_k", "cross_v"], {"audio": {1: "samples"}})
+            cross_names(policy.model.config.decoder_layers), {"audio": {1: "samples"}})
     return path
 
 
@@ -149,15 +157,14 @@ def export_decoder(policy: WhisperPolicy, path: Path, alignment_heads: list[list
     layers, heads = config.decoder_layers, config.decoder_attention_heads
     head_dim = config.d_model // heads
     positions = config.max_source_positions
+    names = cross_names(layers)
     args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(layers, 1, heads, 3, head_dim),
-            torch.zeros(layers, 1, heads, 3, head_dim), torch.zeros(layers, 1, heads, positions, head_dim),
-            torch.zeros(layers, 1, heads, positions, head_dim))
+            torch.zeros(layers, 1, heads, 3, head_dim), *(torch.zeros(1, heads, positions, head_dim) for _ in names))
     cache_axes = {1: "batch", 3: "past"}
     _export(DecoderStepWrapper(policy, alignment_heads), args, path,
-            ["tokens", "self_k", "self_v", "cross_k", "cross_v"],
-            ["log_probs", "next_self_k", "next_self_v", "alignment"],
+            ["tokens", "self_k", "self_v", *names], ["log_probs", "next_self_k", "next_self_v", "alignment"],
             {"tokens": {0: "batch", 1: "length"}, "self_k": cache_axes, "self_v": cache_axes,
-             "cross_k": {1: "batch"}, "cross_v": {1: "batch"}, "log_probs": {0: "batch"},
+             **{name: {0: "batch"} for name in names}, "log_probs": {0: "batch"},
              "next_self_k": {1: "batch", 3: "total"}, "next_self_v": {1: "batch", 3: "total"},
              "alignment": {0: "batch", 1: "length"}})
     return path
@@ -224,14 +231,17 @@ def quantize_graphs(out_dir: Path, seed: int = 0) -> QuantizationReport:
         cosines, agreements = [], []
         for seconds in (1.3, 4.7):
             speech = (0.1 * generator.standard_normal((1, round(seconds * 50) * 320))).astype(np.float32)
-            (k32, v32), (k8, v8) = (s.run(None, {"audio": speech}) for s in sessions[ENCODER_FILE])
-            for x, y in ((k32, k8), (v32, v8)):
-                cosines.append(float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum())))
+            names = [o.name for o in sessions[ENCODER_FILE][0].get_outputs()]
+            cross32, cross8 = ({n: x for n, x in zip(names, s.run(names, {"audio": speech}), strict=True)}
+                               for s in sessions[ENCODER_FILE])
+            x, y = (np.concatenate([c[n].ravel() for n in names]) for c in (cross32, cross8))
+            cosines.append(float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum())))
             tokens = np.array([[50257, 50362, *generator.integers(0, 50000, 6)]], dtype=np.int64)
-            empty = np.zeros((*k32.shape[:3], 0, k32.shape[-1]), dtype=np.float32)
+            first = cross32[names[0]]
+            empty = np.zeros((len(names) // 2, 1, first.shape[1], 0, first.shape[3]), dtype=np.float32)
             for length in range(2, tokens.shape[1] + 1):
                 (p32, *_), (p8, *_) = (s.run(None, {"tokens": tokens[:, :length], "self_k": empty, "self_v": empty,
-                                                    "cross_k": k32, "cross_v": v32}) for s in sessions[DECODER_FILE])
+                                                    **cross32}) for s in sessions[DECODER_FILE])
                 agreements.append(float(p32.argmax() == p8.argmax()))
     report = QuantizationReport(first_pass, min(cosines), float(np.mean(agreements)))
     if (report.cross_kv_cosine < MIN_INT8_COSINE or min(report.first_pass_argmax_agreement,
@@ -299,19 +309,20 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
             audio = 0.1 * torch.randn(1, samples, generator=generator)
             states = policy.final_encoder_states(audio, torch.tensor([samples]), silence)  # (1, 1500, D)
             expected_k, expected_v = cross_key_values(policy.model, states)
-            cross_k, cross_v = encoder.run(None, {"audio": audio.numpy()})
-            worst_kv = max(worst_kv, float(np.abs(expected_k.numpy() - cross_k).max()),
-                           float(np.abs(expected_v.numpy() - cross_v).max()))
+            names = cross_names(len(expected_k))
+            cross = dict(zip(names, encoder.run(names, {"audio": audio.numpy()}), strict=True))
+            expected = dict(zip(names, [*expected_k[:, 0], *expected_v[:, 0]], strict=True))
+            worst_kv = max(worst_kv, *(float(np.abs(expected[n].numpy() - cross[n][0]).max()) for n in names))
             prompt = torch.tensor([[50257, 50362]])
             more = torch.randint(0, 50000, (1, 3), generator=generator)
-            empty = np.zeros((*cross_k.shape[:3], 0, cross_k.shape[-1]), dtype=np.float32)
+            first = cross[names[0]]  # (1, heads, 1500, hd)
+            empty = np.zeros((len(expected_k), 1, first.shape[1], 0, first.shape[3]), dtype=np.float32)
             log_probs, self_k, self_v, _ = decoder.run(None, {"tokens": prompt.numpy(), "self_k": empty,
-                                                              "self_v": empty, "cross_k": cross_k, "cross_v": cross_v})
+                                                              "self_v": empty, **cross})
             log_probs_2, _, _, alignment = decoder.run(None, {"tokens": more.numpy(), "self_k": self_k,
-                                                               "self_v": self_v, "cross_k": cross_k,
-                                                               "cross_v": cross_v})
-            if alignment.shape != (1, 3, cross_k.shape[3]):
-                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, {cross_k.shape[3]})")
+                                                               "self_v": self_v, **cross})
+            if alignment.shape != (1, 3, first.shape[2]):
+                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, {first.shape[2]})")
             reference_1 = _reference_log_probs(policy, states, prompt)
             reference_2 = _reference_log_probs(policy, states, torch.cat([prompt, more], dim=1))
             worst_decoder = max(worst_decoder, float(np.abs(reference_1.numpy() - log_probs).max()),
