@@ -82,6 +82,10 @@ class Tokenizer:
         """Whisper-style text -> tokens ending with end-of-text."""
         return [*self._tokenizer.encode(text, add_special_tokens=False).ids, END_OF_TEXT]
 
+    def pieces(self, word: str) -> int:
+        """Tokens Whisper spells `word` with, as a word of running text (a leading space)."""
+        return len(self._tokenizer.encode(" " + word, add_special_tokens=False).ids)
+
     def normalized(self, tokens: Sequence[int]) -> str:
         return normalize_text(self._tokenizer.decode([t for t in tokens if t < END_OF_TEXT]))
 
