@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--eval", type=int, default=150)
     parser.add_argument("--no-gate", action="store_true", help="publish every candidate (anchor margins 1.0)")
+    parser.add_argument("--no-adapt", action="store_true", help="no text-side adaptation (adapt_lexicon off)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a PPOConfig field (e.g. --set epochs=2 --set init_kl_coef=1.0)")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a fresh temp dir)")
@@ -84,6 +85,8 @@ def main() -> None:
             overrides[name] = (value.lower() in ("1", "true") if kind == "bool" else
                                int(value) if kind == "int" else float(value) if "float" in kind else value)
         config = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, **overrides))
+    if args.no_adapt:
+        config = dataclasses.replace(config, adapt_lexicon=False)
     if args.no_gate:
         config = dataclasses.replace(config, max_anchor_regression=1.0, max_total_anchor_regression=1.0,
                                      heldout_share=0.0)

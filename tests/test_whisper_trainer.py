@@ -167,11 +167,11 @@ def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_re
 
 
 def test_a_harmful_update_of_the_real_whisper_is_refused_by_the_gate(whisper_registry, tmp_path, flite_corpus):
-    """Learning rate 0.3 on the decoder wrecks it: the anchor's WER jumps and the gate keeps the serving version."""
+    """Learning rate 3e-3 on the decoder wrecks it: the anchor's WER jumps and the gate keeps the serving version."""
     registry = Registry(whisper_registry)
     serving = registry.current_version()
     config = _config(tmp_path / "data", flite_corpus, max_anchor_regression=0.01, anchor_size=4,
-                     ppo=PPOConfig(epochs=1, minibatch_size=4, samples_per_utterance=1, learning_rate=0.3,
+                     ppo=PPOConfig(epochs=1, minibatch_size=4, samples_per_utterance=1, two_pass_learning_rate=3e-3,
                                    replay_coef=0.0))
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
         for sentence in SENTENCES:
@@ -182,3 +182,22 @@ def test_a_harmful_update_of_the_real_whisper_is_refused_by_the_gate(whisper_reg
     assert report.gate["anchor_wer_candidate"] > report.gate["anchor_wer_serving"] + 0.01
     assert registry.current_version() == serving and registry.versions() == [serving]
     assert json.loads((registry.version_dir(serving) / "card.json").read_text())["version"] == serving
+
+
+def test_a_candidate_whose_graphs_fail_parity_is_gated_without_being_scored(tmp_path, flite_corpus, monkeypatch):
+    from voxloop.trainer.export import ParityError
+
+    def broken(*args, **kwargs):
+        raise ParityError("the int8 graphs drift from the fp32 ones")
+
+    registry = Registry(tmp_path / "registry")
+    publish_whisper_version(tiny_whisper_policy(seed=0), registry.root, TINY_WHISPER_VERSION)
+    registry.activate(TINY_WHISPER_VERSION)
+    monkeypatch.setattr("voxloop.trainer.whisper_import.write_whisper_version", broken)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        add_feedback(store, flite(SENTENCES[0], "rms"), kind="correction", text=SENTENCES[0], hypothesis="x")
+        report = run_cycle(store, registry, _config(tmp_path / "data", flite_corpus))
+    assert report.outcome == CycleOutcome.GATED
+    assert report.gate["reasons"] and "parity" in report.gate["reasons"][0]
+    assert report.gate["anchor_wer_candidate"] is None  # nothing was scored
+    assert registry.current_version() == TINY_WHISPER_VERSION

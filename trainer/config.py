@@ -69,6 +69,14 @@ class PPOConfig:
     """Passes over the rollouts (with 4 the shipped model broke the 1-point anchor margin; bench/trainer_cycle.py)."""
     minibatch_size: int = 16
     """Feedback utterances per minibatch (per gradient step, without accumulation)."""
+    two_pass_learning_rate: float = 1e-5
+    """learning_rate for a two-pass (Whisper) policy: its pretrained 38 M-parameter decoder needs ~10x less
+    than the small CTC model (1e-4 made the per-token KL 0.25 nats in one cycle)."""
+    two_pass_epochs: int = 1
+    """epochs for a two-pass policy: its candidates are token sequences scored over 51,864 tokens, so a pass
+    costs far more (a 64-item cycle within the time budget on 2 cores; docs/benchmarks.md)."""
+    two_pass_samples_per_utterance: int = 2
+    """samples_per_utterance for a two-pass policy (each sample is a full decode)."""
     head_ctc_coef: float = 1.0
     """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
     (objective sft, ppo+sft; its interim results learn the corrected words too)."""
@@ -103,10 +111,19 @@ class PPOConfig:
             raise ValueError("init_kl_coef, entropy_coef, sft_coef, replay_coef and head_ctc_coef must be >= 0")
         if self.rows_per_forward < 1:
             raise ValueError("rows_per_forward must be >= 1")
-        if self.epochs < 1 or self.minibatch_size < 1 or self.kl_horizon < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("epochs, minibatch_size, gradient_accumulation_steps and kl_horizon must be >= 1")
-        if self.learning_rate <= 0 or self.grad_clip_norm <= 0:
-            raise ValueError("learning_rate and grad_clip_norm must be > 0")
+        if min(self.epochs, self.two_pass_epochs, self.minibatch_size, self.kl_horizon,
+               self.gradient_accumulation_steps) < 1:
+            raise ValueError("epochs, two_pass_epochs, minibatch_size, gradient_accumulation_steps and kl_horizon "
+                             "must be >= 1")
+        if self.two_pass_samples_per_utterance < 0:
+            raise ValueError("two_pass_samples_per_utterance must be >= 0")
+        if self.learning_rate <= 0 or self.two_pass_learning_rate <= 0 or self.grad_clip_norm <= 0:
+            raise ValueError("learning_rate, two_pass_learning_rate and grad_clip_norm must be > 0")
+
+    def for_two_pass(self) -> PPOConfig:
+        """The knobs a two-pass (Whisper) policy's update uses: the two_pass_* fields in place of their namesakes."""
+        return dataclasses.replace(self, learning_rate=self.two_pass_learning_rate, epochs=self.two_pass_epochs,
+                                   samples_per_utterance=self.two_pass_samples_per_utterance)
 
     @property
     def uses_rewards(self) -> bool:

@@ -190,6 +190,9 @@ def evaluate_candidate(inputs: GateInputs, config: GateConfig, *, parity_ok: boo
     base version on the anchor (the published versions' anchor figures cached), and decide.
 
     Returns the decision and the candidate's anchor summary (to cache once it is published)."""
+    if not parity_ok:  # graphs that do not compute what the weights do are not worth scoring
+        return decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=None, anchor_serving=None,
+                      parity_max_abs_diff=parity_max_abs_diff, parity_ok=False, config=config), None
     heldout, anchor = list(inputs.heldout), list(inputs.anchor)
     heldout_candidate = score_version(inputs.candidate_dir, heldout) if heldout else None
     heldout_serving = score_version(inputs.serving[1], heldout) if heldout else None

@@ -42,8 +42,10 @@ from .whisper_model import WhisperPolicy
 
 log = logging.getLogger(__name__)
 
-VOCABULARY_PROMPT_WORDS = 80
-"""Most words a Whisper version's vocabulary prompt keeps (the newest corrections' words win)."""
+VOCABULARY_PROMPT_WORDS = 24
+"""Most words a Whisper version's vocabulary prompt keeps (the newest corrections' words win): a long list
+of words as "previous text" derails the decoder (measured on the corpus's dev sentences: WER 37.9% without a
+prompt, 38.5% with 20 unrelated words, 45.8% with 80)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,9 @@ class WhisperKind:
         from .whisper_import import write_whisper_version
 
         parent_prompt = (parent_card.get(SECOND_PASS_KEY) or {}).get("vocabulary_prompt", "")
-        prompt = vocabulary_prompt(parent_prompt, corrected_words(items)) if adapt else parent_prompt
+        # Only words Whisper spells with several tokens: the rare ones it cannot be expected to know.
+        rare = [w for w in corrected_words(items) if self.context.tokenizer.pieces(w) > 1]
+        prompt = vocabulary_prompt(parent_prompt, rare) if adapt else parent_prompt
         probe_dir = directory.with_name(directory.name + ".probe")
         probe_dir.mkdir(parents=True, exist_ok=True)
         probe = _write_probe(probe_dir, anchor) or parent_dir / PROBE_FILE

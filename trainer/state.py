@@ -25,6 +25,7 @@ from .config import PPOConfig
 from .policies import Policy, load_policy_dir
 from .ppo import AdaptiveKLController
 from .release import load_policy
+from .whisper_model import WhisperPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ INTENT_FILE = "intent.json"
 
 
 def make_optimizer(policy: Policy, config: PPOConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+    learning_rate = config.two_pass_learning_rate if isinstance(policy, WhisperPolicy) else config.learning_rate
+    return torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=config.weight_decay,
                              betas=(0.9, 0.98))
 
 

@@ -83,6 +83,10 @@ class Tokenizer:
         """Whisper-style text -> tokens ending with end-of-text."""
         return [*self._tokenizer.encode(text, add_special_tokens=False).ids, END_OF_TEXT]
 
+    def pieces(self, word: str) -> int:
+        """Tokens Whisper spells `word` with, as a word of running text (a leading space)."""
+        return len(self._tokenizer.encode(" " + word, add_special_tokens=False).ids)
+
     def normalized(self, tokens: Sequence[int]) -> str:
         return normalize_text(self._tokenizer.decode([t for t in tokens if t < END_OF_TEXT]))
 
@@ -143,34 +147,33 @@ def _suppressed(policy: WhisperPolicy) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def generate(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor, count: int, max_tokens: int,
-             generator: torch.Generator | None, temperature: float | None) -> list[list[int]]:
-    """`count` transcripts (tokens ending with end-of-text when finished) from one utterance's cross keys and
-    values (L, 1, heads, 1500, hd): samples at `temperature`, or greedy with None. Whisper's token filters
-    apply (suppressed tokens, no timestamps, no blank or end-of-text first)."""
+def generate(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor, greedy: Sequence[bool],
+             max_tokens: Sequence[int], generator: torch.Generator | None, temperature: float) -> list[list[int]]:
+    """One transcript per row (tokens ending with end-of-text when finished): rows of cross keys and values
+    (L, R, heads, 1500, hd) -- several utterances' rows decode in one batch --, each row greedy or sampled
+    at `temperature`, and cut at its own `max_tokens`. Whisper's token filters apply (suppressed tokens,
+    no timestamps, no blank or end-of-text first)."""
     suppress, begin_suppress = _suppressed(policy)
-    layers, _, heads, _, head_dim = cross_k.shape
-    empty = torch.zeros(layers, 1, heads, 0, head_dim)
-    states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, torch.tensor([PROMPT])), empty, empty,
-                                               cross_k, cross_v)
-    logits = _logits(policy, states[:, -1]).repeat(count, 1)  # (count, V)
-    self_k, self_v = self_k.repeat(1, count, 1, 1, 1), self_v.repeat(1, count, 1, 1, 1)
-    cross_k, cross_v = cross_k.expand(-1, count, -1, -1, -1), cross_v.expand(-1, count, -1, -1, -1)
-    sequences: list[list[int]] = [[] for _ in range(count)]
-    done = torch.zeros(count, dtype=torch.bool)
-    for step in range(max_tokens):
+    layers, rows, heads, _, head_dim = cross_k.shape
+    empty = torch.zeros(layers, rows, heads, 0, head_dim)
+    states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, torch.tensor([PROMPT] * rows)),
+                                               empty, empty, cross_k, cross_v)
+    logits = _logits(policy, states[:, -1])  # (R, V)
+    greedy_rows = torch.tensor(list(greedy), dtype=torch.bool)
+    budgets = list(max_tokens)
+    sequences: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool)
+    for step in range(max(budgets)):
         logits[:, suppress] = -math.inf
         logits[:, FIRST_TIMESTAMP:] = -math.inf
         if step == 0:
             logits[:, begin_suppress] = -math.inf
-        if temperature is None:
-            tokens = logits.argmax(-1)
-        else:
-            tokens = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        sampled = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        tokens = torch.where(greedy_rows, logits.argmax(-1), sampled)
         for i, token in enumerate(tokens.tolist()):
             if not done[i]:
                 sequences[i].append(token)
-                done[i] = token == END_OF_TEXT
+                done[i] = token == END_OF_TEXT or len(sequences[i]) >= budgets[i]
         if bool(done.all()):
             break
         states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, tokens[:, None]), self_k, self_v,
@@ -243,20 +246,39 @@ def _max_tokens(seconds: float) -> int:
     return max(MIN_NEW_TOKENS, int(seconds * TOKENS_PER_SECOND))
 
 
+ITEMS_PER_GENERATION = 4
+"""Feedback items whose candidate rows are sampled in one decoder batch (their cross keys/values are
+copied per row: 4 items of 5 rows hold ~370 MB)."""
+
+
+def _generate_groups(policy: WhisperPolicy, context: WhisperRolloutContext, items: Sequence[FeedbackItem],
+                     samples: int, with_greedy: bool, generator: torch.Generator,
+                     temperature: float) -> list[list[list[int]]]:
+    """Per item: `samples` sampled transcripts, then (with_greedy) the greedy one; items batched in groups."""
+    per_item = samples + int(with_greedy)
+    out: list[list[list[int]]] = []
+    for first in range(0, len(items), ITEMS_PER_GENERATION):
+        group = items[first : first + ITEMS_PER_GENERATION]
+        encoded = [context.encodings.of(item.feedback_id, item.samples) for item in group]
+        cross_k, cross_v = context.encodings.full([e for e in encoded for _ in range(per_item)])
+        greedy = ([False] * samples + [True] * int(with_greedy)) * len(group)
+        budgets = [_max_tokens(e.seconds) for e in encoded for _ in range(per_item)]
+        rows = generate(policy, cross_k, cross_v, greedy, budgets, generator, temperature)
+        out += [rows[i * per_item : (i + 1) * per_item] for i in range(len(group))]
+    return out
+
+
 @torch.no_grad()
 def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem], config: PPOConfig,
                             generator: torch.Generator, context: WhisperRolloutContext) -> Rollout:
     """Candidates, rewards and group advantages of every item under the current policy (pi_old)."""
     policy.eval()
     out: list[WhisperItemRollout] = []
-    for item in items:
+    generated = _generate_groups(policy, context, items, config.samples_per_utterance, config.include_greedy,
+                                 generator, config.sampling_temperature)
+    for item, candidates in zip(items, generated, strict=True):
         encoded = context.encodings.of(item.feedback_id, item.samples)
         cross_k, cross_v = context.encodings.full([encoded])
-        budget = _max_tokens(encoded.seconds)
-        candidates = generate(policy, cross_k, cross_v, config.samples_per_utterance, budget, generator,
-                              config.sampling_temperature) if config.samples_per_utterance else []
-        if config.include_greedy:
-            candidates += generate(policy, cross_k, cross_v, 1, budget, None, None)
         target = context.tokenizer.encode(whisper_style(item.target)) if item.target else None
         named = [t for t in (item.target, *item.alternatives) if t]
         for text in dict.fromkeys(named):
@@ -269,7 +291,7 @@ def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem]
         advantages = group_advantages(rewards[None], torch.ones(1, len(rewards), dtype=torch.bool),
                                       config.normalize_advantages)[0]
         ctc_states = ctc_target = None
-        if item.target:
+        if item.target and config.uses_targets and config.head_ctc_coef > 0:
             try:
                 ctc_target = encode_targets(context.ctc_tokenizer, item.target)
                 ctc_states = streamed_states(context.reference, np.asarray(item.samples, np.float32), 32)
@@ -381,14 +403,12 @@ def whisper_replay_sampler(pool, context: WhisperRolloutContext):
 @torch.no_grad()
 def whisper_mean_rewards(policy: WhisperPolicy, items: Sequence[FeedbackItem], config: PPOConfig,
                          generator: torch.Generator, context: WhisperRolloutContext) -> tuple[float, float]:
-    """(sampled, greedy) mean reward of the policy on `items`: the before/after figure of a cycle."""
-    sampled, greedy = [], []
-    for item in items:
-        cross_k, cross_v = context.encodings.full([context.encodings.of(item.feedback_id, item.samples)])
-        budget = _max_tokens(len(item.samples) / SAMPLE_RATE_HZ)
-        for tokens in generate(policy, cross_k, cross_v, config.samples_per_utterance, budget, generator,
-                               config.sampling_temperature):
-            sampled.append(item.reward(context.tokenizer.normalized(tokens), config.reward_unit))
-        (best,) = generate(policy, cross_k, cross_v, 1, budget, None, None)
-        greedy.append(item.reward(context.tokenizer.normalized(best), config.reward_unit))
+    """(sampled, greedy) mean reward of the policy on `items`: the before/after figure of a cycle (one sample an
+    item: the figure is a diagnostic, and each sample is a full decode)."""
+    policy.eval()
+    generated = _generate_groups(policy, context, items, 1, True, generator, config.sampling_temperature)
+    sampled = [item.reward(context.tokenizer.normalized(rows[0]), config.reward_unit)
+               for item, rows in zip(items, generated, strict=True)]
+    greedy = [item.reward(context.tokenizer.normalized(rows[1]), config.reward_unit)
+              for item, rows in zip(items, generated, strict=True)]
     return (float(np.mean(sampled)) if sampled else math.nan, float(np.mean(greedy)) if greedy else math.nan)
