@@ -209,9 +209,10 @@ def _update(state: TrainerState, kind, train: list[FeedbackItem], base_data: Bas
     """Stage 4 in every process: the same starting weights, the same rollout, a share of each step."""
     data_parallel.broadcast_module(state.policy)
     generator = torch.Generator().manual_seed(config.ppo.seed + state.cycles)
-    rollout = kind.collect_rollout(train, config.ppo, generator)
-    replay = kind.replay(base_data) if config.ppo.replay_coef > 0 else None
-    update = ppo_update(state.policy, state.optimizer, state.kl_controller, rollout, config.ppo, replay=replay,
+    ppo_config = kind.ppo_config(config.ppo)
+    rollout = kind.collect_rollout(train, ppo_config, generator)
+    replay = kind.replay(base_data) if ppo_config.replay_coef > 0 else None
+    update = ppo_update(state.policy, state.optimizer, state.kl_controller, rollout, ppo_config, replay=replay,
                         should_stop=should_stop, data_parallel=data_parallel,
                         minibatch_gradients=kind.minibatch_gradients)
     return generator, rollout, update
@@ -349,7 +350,7 @@ def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackI
     generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel)
     report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
     report.steps, report.last_step = update.steps, update.last
-    sampled_after, greedy_after = kind.mean_rewards(train, config.ppo, generator)
+    sampled_after, greedy_after = kind.mean_rewards(train, kind.ppo_config(config.ppo), generator)
     report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}
     log.info("cycle update (%s): %d steps; reward of the trained items (sampled / greedy) %.3f / %.3f -> "
              "%.3f / %.3f", kind.name, update.steps, rollout.sampled_reward_mean, rollout.greedy_reward_mean,

@@ -90,6 +90,9 @@ class CtcKind:
     def __init__(self, policy: Policy):
         self.policy = policy
 
+    def ppo_config(self, config: PPOConfig) -> PPOConfig:
+        return config
+
     def collect_rollout(self, items: Sequence[FeedbackItem], config: PPOConfig, generator: torch.Generator) -> Rollout:
         return collect_rollout(self.policy, items, config, generator)
 
@@ -164,6 +167,9 @@ class WhisperKind:
         self.policy = policy
         self.tokenizer_json = tokenizer_json
         self.context = WhisperRolloutContext(policy, tokenizer_json)
+
+    def ppo_config(self, config: PPOConfig) -> PPOConfig:
+        return config.for_two_pass()
 
     def collect_rollout(self, items: Sequence[FeedbackItem], config: PPOConfig, generator: torch.Generator) -> Rollout:
         from .whisper_update import collect_whisper_rollout

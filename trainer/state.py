@@ -36,8 +36,9 @@ INTENT_FILE = "intent.json"
 
 
 def make_optimizer(policy: Policy, config: PPOConfig) -> torch.optim.Optimizer:
-    learning_rate = config.two_pass_learning_rate if isinstance(policy, WhisperPolicy) else config.learning_rate
-    return torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=config.weight_decay,
+    if isinstance(policy, WhisperPolicy):
+        config = config.for_two_pass()
+    return torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                              betas=(0.9, 0.98))
 
 
