@@ -74,7 +74,7 @@ class PPOConfig:
     than the small CTC model (1e-4 made the per-token KL 0.25 nats in one cycle)."""
     two_pass_epochs: int = 1
     """epochs for a two-pass policy: its candidates are token sequences scored over 51,864 tokens, so a pass
-    costs far more (a 64-item cycle within the time budget on 2 cores; docs/benchmarks.md)."""
+    costs far more (a 64-item cycle: 154 s with 1 epoch and 2 samples, 276 s with 2 and 4; docs/benchmarks.md)."""
     two_pass_samples_per_utterance: int = 2
     """samples_per_utterance for a two-pass policy (each sample is a full decode)."""
     head_ctc_coef: float = 1.0
