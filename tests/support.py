@@ -1,4 +1,5 @@
-"""Helpers every kind of test uses: a free local port, and waiting for a condition with a deadline."""
+"""Helpers every kind of test uses: a free local port, waiting for a condition with a deadline, and the
+tokens file of two tenants' users."""
 
 from __future__ import annotations
 
@@ -25,4 +26,18 @@ def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition", *, int
         time.sleep(interval_s)
 
 
-__all__ = ["free_port", "wait_for"]
+TWO_TENANTS_TOKENS = """
+[[tokens]]
+token = "tok-alice"
+tenant = "acme"
+user = "alice"
+
+[[tokens]]
+token = "tok-bob"
+tenant = "globex"
+user = "bob"
+"""
+"""A tokens file (TOML): alice of tenant acme and bob of tenant globex, both role user."""
+
+
+__all__ = ["TWO_TENANTS_TOKENS", "free_port", "wait_for"]

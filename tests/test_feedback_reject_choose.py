@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 from server_support import chunked, noise, pcm16
+from support import TWO_TENANTS_TOKENS
 from voxloop.clients.cli import main
 from voxloop.clients.client import RecognizerClient, VoxloopError, recognition_config
 from voxloop.core.registry import MODEL_FILE, Registry
@@ -29,17 +30,7 @@ pytestmark = pytest.mark.slow  # a real server
 CHUNK_100MS = 3200
 REJECTION_REWARD = -0.75
 TEXTS = ["a cat sat on a mat", "i am a dog", "he is at it", "it is a hat", "so a bat ate a rat"]
-TOKENS_TOML = """
-[[tokens]]
-token = "tok-alice"
-tenant = "acme"
-user = "alice"
-
-[[tokens]]
-token = "tok-bob"
-tenant = "globex"
-user = "bob"
-"""
+TOKENS_TOML = TWO_TENANTS_TOKENS
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from conftest import TINY_VERSION
 from prometheus_client import REGISTRY
 from server_support import chunked, noise, pcm16
-from support import free_port
+from support import TWO_TENANTS_TOKENS, free_port
 from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, VoxloopError
 from voxloop.core.store import FeedbackKind, FeedbackStore
@@ -34,17 +34,7 @@ pytestmark = pytest.mark.slow  # real servers
 CHUNK_100MS = 3200  # bytes of 16 kHz LINEAR16
 MAX_MESSAGE_BYTES = 8192
 FEEDBACK_BURST = 3
-TOKENS_TOML = """
-[[tokens]]
-token = "tok-alice"
-tenant = "acme"
-user = "alice"
-
-[[tokens]]
-token = "tok-bob"
-tenant = "globex"
-user = "bob"
-
+TOKENS_TOML = TWO_TENANTS_TOKENS + """
 [[tokens]]
 token = "tok-carol"
 tenant = "acme"

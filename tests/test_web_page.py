@@ -23,6 +23,7 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+from support import TWO_TENANTS_TOKENS
 from voxloop.core.store import FeedbackKind, FeedbackStore
 from voxloop.core.text import normalize_text
 from voxloop.server.app import BackgroundServer
@@ -37,17 +38,7 @@ UPLOADED = "the weather is nice today"
 UPLOAD_HEARD_RELIABLY = {"is", "today"}  # "nice" comes out as "ice" about as often
 WAIT_S = 90  # a final per ~6 s loop of the fake microphone; generous for a loaded 2-core machine
 SCREENSHOT_ENV = "VOXLOOP_SCREENSHOT_DIR"
-TOKENS_TOML = """
-[[tokens]]
-token = "tok-alice"
-tenant = "acme"
-user = "alice"
-
-[[tokens]]
-token = "tok-bob"
-tenant = "globex"
-user = "bob"
-"""
+TOKENS_TOML = TWO_TENANTS_TOKENS
 
 
 @pytest.fixture
