@@ -28,9 +28,9 @@ def test_score_counts_word_errors_and_target_words():
 def test_demo_corrects_trains_swaps_and_prints_before_and_after(tmp_path, capsys):
     status = cli.main(["demo", "--home", str(tmp_path / "home"), "--feedback", "24", "--test", "12",
                        "--trainer", "once"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
 
-    assert status == 0, out
+    assert status == 0, out + err
     version = re.search(r"model version: (\S+) -> (\S+)", out)
     assert version is not None, out
     before_version, after_version = version.groups()

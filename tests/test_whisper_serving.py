@@ -69,10 +69,12 @@ def test_interim_results_stream_from_the_first_pass_before_the_final(whisper_reg
         responses = list(client.streaming_recognize(chunked(pcm16(speech("three.wav")), CHUNK_100MS),
                                                     recognition_config(16000, interim_results=True), timeout=120))
     results = [r for response in responses for r in response.results]
-    interims = [r for r in results if not r.is_final]
-    assert len(interims) >= 5 and any(r.alternatives[0].transcript for r in interims)
-    assert all(0.0 <= r.stability <= 1.0 for r in interims)
-    assert results[-1].is_final and results[-1].alternatives[0].transcript == "the train leaves the station at noon"
+    finals = [i for i, r in enumerate(results) if r.is_final]
+    assert len(finals) == 1 and results[finals[0]].alternatives[0].transcript == "the train leaves the station at noon"
+    before = results[: finals[0]]  # after the final, the trailing pause's interims carry audio_processed only
+    assert len(before) >= 5 and any(r.alternatives[0].transcript for r in before)
+    assert all(0.0 <= r.stability <= 1.0 for r in before)
+    assert all(not r.alternatives[0].transcript for r in results[finals[0] + 1 :])
 
 
 def test_max_alternatives_gives_whisper_n_best_with_the_greedy_final_first(whisper_registry, tmp_path):
