@@ -52,7 +52,8 @@ class ServerConfig:
     workers: int = 1
     """Server processes sharing the gRPC port (SO_REUSEPORT, Linux); the in-process trainer runs in the first."""
     web_port: int = 0
-    """Port of the end-user web page and its WebSocket bridge (http://host:web_port/, https with TLS); 0: off."""
+    """Port of the end-user web page and its WebSocket bridge (http://host:web_port/, https with TLS); 0: off.
+    With workers > 1, worker 0 serves it."""
     web_origins: str = ""
     """Comma-separated origins (scheme://host[:port]) that may also open the page's WebSocket, e.g. a proxy's
     https://asr.example.com; without it only the page's own origin may, and only when its host is localhost or an

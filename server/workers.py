@@ -18,7 +18,8 @@ The supervisor (this process, which serves nothing itself):
   port for all workers;
 - starts worker i (a fresh interpreter, multiprocessing's spawn) with metrics on metrics_port + i
   (each worker's Prometheus endpoint is its own: scrape them all, see docs/operations.md) and
-  calls `run_worker(config, i)` there; the CLI gives worker 0, and only it, the in-process trainer;
+  calls `run_worker(config, i)` there; the CLI gives worker 0, and only it, the in-process trainer (and
+  worker_config gives it, and only it, the web page);
 - replaces a worker that exits, unless it exits within WORKER_MIN_UPTIME_S of its start (a crash
   loop: bad config, a taken metrics port): then it stops the others and returns 1;
 - on SIGTERM or SIGINT sends SIGTERM to every worker (each drains as a single server does: NOT_SERVING,
@@ -58,9 +59,11 @@ WorkerMain = Callable[[ServerConfig, int], None]
 
 
 def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
-    """Worker `index`'s config: the shared port, and metrics on metrics_port + index (0 stays off)."""
+    """Worker `index`'s config: the shared port, metrics on metrics_port + index (0 stays off), and the web
+    page in worker 0 only (one process binds web_port; the page's recognitions run there)."""
     metrics_port = config.metrics_port + index if config.metrics_port else 0
-    return dataclasses.replace(config, port=port, metrics_port=metrics_port)
+    web_port = config.web_port if index == 0 else 0
+    return dataclasses.replace(config, port=port, metrics_port=metrics_port, web_port=web_port)
 
 
 def _probe_host(host: str) -> str:

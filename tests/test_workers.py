@@ -97,6 +97,8 @@ def test_worker_configs_share_the_port_and_take_consecutive_metrics_ports():
     assert [(worker_config(config, i, 5000).port, worker_config(config, i, 5000).metrics_port)
             for i in range(3)] == [(5000, 9400), (5000, 9401), (5000, 9402)]
     assert worker_config(ServerConfig(metrics_port=0, workers=2), 1, 5000).metrics_port == 0
+    # One process binds the web page's port: worker 0 serves the page, the others none.
+    assert [worker_config(ServerConfig(web_port=8080, workers=3), i, 5000).web_port for i in range(3)] == [8080, 0, 0]
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ServerConfig(workers=0)
 
