@@ -3,8 +3,8 @@
 What a person does: press Start, speak (the fake microphone loops a WAV: one final per loop), read
 the finals, correct one, accept another, pick an alternative reading of a third, stop; or upload a
 file; or, on a server with a tokens file, give a token first. The checks are what the page shows and
-what the feedback store holds afterwards. The server serves the shipped base model, which hears
-espeak-ng approximately ("the quick grown fox jumps over the lazy dog"): the tests assert on words it
+what the feedback store holds afterwards. The server serves the small CTC model (models/base: quick to start and
+to decode on a busy CI machine), which hears espeak-ng approximately ("the quick grown fox jumps over the lazy dog"): the tests assert on words it
 reliably gets and correct the rest.
 
 A screenshot of the page after a correction is saved (tmp_path, and $VOXLOOP_SCREENSHOT_DIR when set:
@@ -30,10 +30,10 @@ from voxloop.server.app import BackgroundServer
 from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
 from web_support import chromium, espeak_wav
 
-pytestmark = pytest.mark.slow  # a browser and the shipped model
+pytestmark = pytest.mark.slow  # a browser and a real model
 
 SPOKEN = "the quick brown fox jumps over the lazy dog"
-HEARD_RELIABLY = {"quick", "fox", "jumps", "over"}  # what the shipped model gets from espeak-ng every time
+HEARD_RELIABLY = {"quick", "fox", "jumps", "over"}  # what the small CTC model gets from espeak-ng every time
 UPLOADED = "the weather is nice today"
 UPLOAD_HEARD_RELIABLY = {"is", "today"}  # "nice" comes out as "ice" about as often
 WAIT_S = 90  # a final per ~6 s loop of the fake microphone; generous for a loaded 2-core machine
