@@ -3,9 +3,9 @@
 What a person does: press Start, speak (the fake microphone loops a WAV: one final per loop), read
 the finals, correct one, accept another, pick an alternative reading of a third, stop; or upload a
 file; or, on a server with a tokens file, give a token first. The checks are what the page shows and
-what the feedback store holds afterwards. The server serves the small CTC model (models/base: quick to start and
-to decode on a busy CI machine), which hears espeak-ng approximately ("the quick grown fox jumps over the lazy dog"): the tests assert on words it
-reliably gets and correct the rest.
+what the feedback store holds afterwards. The server serves the small CTC model (models/base: quick to
+start and to decode on a busy CI machine), which hears espeak-ng approximately ("the quick grown fox
+jumps over the lazy dog"): the tests assert on words it reliably gets and correct the rest.
 
 A screenshot of the page after a correction is saved (tmp_path, and $VOXLOOP_SCREENSHOT_DIR when set:
 docs/img/web-page.png was made that way).
