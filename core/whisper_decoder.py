@@ -10,13 +10,14 @@ n-best. Card section (docs/model-format.md, "whisper-two-pass/1"):
                            "tokenizer": "tokenizer.json", "prompt": [start-of-transcript, no-timestamps],
                            "end_of_text": 50256, "suppress_tokens": [...], "begin_suppress_tokens": [...],
                            "timestamp_begin": 50363, "start_of_previous": 50360,
-                           "vocabulary_prompt": "", "max_tokens_per_s": 12}
+                           "context_words": [], "max_tokens_per_s": 12}
 
 Whisper writes cased, punctuated text with digits ("Mr. Dashwood, 10 of clubs."); voxloop's
 transcripts, corrections and rewards are normalized text (core/text.py), so each Whisper word is
 normalized into zero or more voxloop words that share its timing and confidence. Word timings come
 from the cross-attention of Whisper's alignment heads (the frame each token attends most, made
-monotonic); confidence is the mean probability of a word's tokens.
+monotonic); confidence is the mean probability of a word's tokens. The version's context words (rare
+words its users corrected) bias the search toward their spellings (core/context_bias.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from .context_bias import (
+    CONTINUE_BONUS,
+    MAX_CONTEXT_WORD_CHARS,
+    MAX_CONTEXT_WORDS,
+    START_BONUS,
+    ContextBias,
+    word_spellings,
+)
 from .decoder import Hypothesis, WordTiming
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
@@ -60,9 +69,13 @@ class SecondPassSettings:
     begin_suppress_tokens: tuple[int, ...]
     timestamp_begin: int
     start_of_previous: int
-    vocabulary_prompt: str = ""
-    """Words the version's users corrected into its transcripts (text-side adaptation): given to the
-    decoder as "previous text" (Whisper's <|startofprev|> prompt), which biases it toward them."""
+    context_words: tuple[str, ...] = ()
+    """Rare words the version's users corrected into its transcripts (text-side adaptation): the search
+    is biased toward their spellings (core/context_bias.py)."""
+    context_start_bonus: float = START_BONUS
+    """Nats a token starting a context word's spelling gets."""
+    context_continue_bonus: float = CONTINUE_BONUS
+    """Nats a token continuing a context word's spelling gets."""
     max_tokens_per_s: float = 12.0
     """Tokens a final may have per second of audio (a loop breaker; speech is ~3-5 tokens a second)."""
     beam_size: int = 1
@@ -82,12 +95,18 @@ class SecondPassSettings:
                 suppress_tokens=tuple(int(t) for t in section.get("suppress_tokens", ())),
                 begin_suppress_tokens=tuple(int(t) for t in section.get("begin_suppress_tokens", ())),
                 timestamp_begin=int(section["timestamp_begin"]), start_of_previous=int(section["start_of_previous"]),
-                vocabulary_prompt=str(section.get("vocabulary_prompt", "")),
+                context_words=tuple(str(w) for w in section.get("context_words", ())),
+                context_start_bonus=float(section.get("context_start_bonus", START_BONUS)),
+                context_continue_bonus=float(section.get("context_continue_bonus", CONTINUE_BONUS)),
                 max_tokens_per_s=float(section.get("max_tokens_per_s", 12.0)),
                 beam_size=int(section.get("beam_size", 1)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
+        if len(settings.context_words) > MAX_CONTEXT_WORDS or any(
+                not 0 < len(w) <= MAX_CONTEXT_WORD_CHARS for w in settings.context_words):
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]['context_words'] must be at most {MAX_CONTEXT_WORDS} "
+                                   f"words of 1..{MAX_CONTEXT_WORD_CHARS} characters")
         return settings
 
 
@@ -132,7 +151,11 @@ class WhisperSecondPass:
         self._cross_names = [o.name for o in self._encoder.get_outputs()]
         self._suppress = np.array(sorted({*settings.suppress_tokens}), dtype=np.int64)
         self._begin_suppress = np.array(sorted({*settings.begin_suppress_tokens}), dtype=np.int64)
-        self._prompt = self._full_prompt(settings.vocabulary_prompt)
+        self._prompt = settings.prompt
+        spellings = word_spellings(settings.context_words,
+                                   lambda text: self._tokenizer.encode(text, add_special_tokens=False).ids)
+        self._bias = ContextBias(spellings, start_bonus=settings.context_start_bonus,
+                                 continue_bonus=settings.context_continue_bonus)
 
     @classmethod
     def from_card(cls, card: dict, version_dir: Path, *, intra_op_threads: int = 1) -> WhisperSecondPass | None:
@@ -144,14 +167,6 @@ class WhisperSecondPass:
         encoder, decoder, tokenizer = (version_file(version_dir, card, name)
                                        for name in (settings.encoder, settings.decoder, settings.tokenizer))
         return cls(encoder, decoder, tokenizer, settings, intra_op_threads=intra_op_threads)
-
-    def _full_prompt(self, vocabulary_prompt: str) -> tuple[int, ...]:
-        if not vocabulary_prompt.strip():
-            return self.settings.prompt
-        previous = self._tokenizer.encode(" " + vocabulary_prompt.strip(), add_special_tokens=False).ids
-        # Whisper conditions on at most half its context of previous text (openai/whisper decoding.py).
-        previous = previous[-(MAX_TOTAL_TOKENS - 1) :]
-        return (self.settings.start_of_previous, *previous, *self.settings.prompt)
 
     def encode(self, audio: np.ndarray) -> tuple[Cross, int]:
         """float32 (S,) 16 kHz -> every decoder layer's cross keys and values, and the speech frames."""
@@ -185,7 +200,7 @@ class WhisperSecondPass:
         token_log_probs: list[float] = []
         while True:
             scores = self._mask(log_probs, first=not tokens)[0]  # (V,)
-            token = int(scores.argmax())
+            token = int(self._bias.biased(scores, tokens).argmax())
             if token == self.settings.end_of_text:
                 break
             tokens.append(token)
@@ -208,9 +223,10 @@ class WhisperSecondPass:
             candidates = []
             for beam in live:
                 row = scores[beam.row]
-                for token in np.argpartition(-row, beam_size)[: beam_size + 1]:
-                    if np.isfinite(row[token]):
-                        candidates.append((beam.log_prob + float(row[token]), beam, int(token), float(row[token])))
+                ranked = self._bias.biased(row, beam.tokens)  # the bonus steers the search, not the log-probs
+                for token in np.argpartition(-ranked, beam_size)[: beam_size + 1]:
+                    if np.isfinite(ranked[token]):
+                        candidates.append((beam.log_prob + float(ranked[token]), beam, int(token), float(row[token])))
             candidates.sort(key=lambda c: -c[0])
             next_live: list[_Beam] = []
             # Best first: an ending counts only if it ranks above the beam_size-th continuation kept

@@ -154,3 +154,30 @@ def test_voxloop_serve_on_an_empty_registry_serves_the_whisper_default(whisper_v
             (result,) = finals(client, speech("two.wav"))
     assert result.alternatives[0].transcript == "please turn off the lights in the kitchen"
     assert (data_dir / "registry" / "CURRENT").read_text().strip() == WHISPER_VERSION
+
+
+def _second_pass(version_dir, **second_pass) -> WhisperSecondPass:
+    card = json.loads((version_dir / "card.json").read_text())
+    card["second_pass"].update(second_pass)
+    return WhisperSecondPass.from_card(card, version_dir)
+
+
+def test_a_versions_context_words_bias_its_finals_toward_their_spelling(whisper_version_dir):
+    audio = sf.read(DATA_DIR / "three.wav", dtype="float32")[0]  # "the train leaves the station at noon"
+    plain = _second_pass(whisper_version_dir).transcribe(audio)[0].transcript
+    assert plain == "the train leaves the station at noon"
+    # At the measured bonuses an unrelated context word changes nothing the audio does not suggest ...
+    assert _second_pass(whisper_version_dir, context_words=["zebulon", "kalimbrex"]).transcribe(audio)[0].transcript \
+        == plain
+    # ... and the bonus reaches the search: at an absurd one the word is written whatever was said.
+    forced = _second_pass(whisper_version_dir, context_words=["zebulon"], context_start_bonus=50.0,
+                          context_continue_bonus=100.0).transcribe(audio)[0].transcript
+    assert "zebulon" in forced.split()
+
+
+def test_a_card_with_too_many_or_malformed_context_words_is_refused(whisper_version_dir):
+    from voxloop.core.model import ModelFormatError
+
+    for words in (["w"] * 257, [""], ["x" * 65]):
+        with pytest.raises(ModelFormatError, match="context_words"):
+            _second_pass(whisper_version_dir, context_words=words)

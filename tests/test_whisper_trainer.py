@@ -21,7 +21,7 @@ from voxloop.server.app import load_serving_model
 from voxloop.server.config import ServerConfig
 from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import CycleOutcome, run_cycle
-from voxloop.trainer.kinds import corrected_words, vocabulary_prompt
+from voxloop.trainer.kinds import context_words, corrected_words
 from voxloop.trainer.ppo import kl_to_reference
 from voxloop.trainer.rewards import feedback_item
 from voxloop.trainer.state import TrainerState
@@ -111,7 +111,7 @@ def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_pat
     assert all(c[-1] == 50256 or len(c) >= 8 for r in rollout.items for c in r.candidates[:4])
 
 
-def test_the_vocabulary_prompt_keeps_the_newest_corrected_words_once():
+def test_context_words_keep_the_newest_corrected_words_once():
     class Item:
         def __init__(self, shown: str, target: str):
             from voxloop.core.store import FeedbackKind
@@ -120,8 +120,8 @@ def test_the_vocabulary_prompt_keeps_the_newest_corrected_words_once():
 
     words = corrected_words([Item("send it to the bob", "send it to zebulon"), Item("call ann", "call zebulon")])
     assert words == ["zebulon", "zebulon"]
-    assert vocabulary_prompt("kowalski, zebulon", words) == "kowalski, zebulon"
-    assert vocabulary_prompt("a, b, c", ["d", "a"], limit=3) == "c, d, a"
+    assert context_words(["kowalski", "zebulon"], words) == ["kowalski", "zebulon"]
+    assert context_words(["a", "b", "c"], ["d", "a"], limit=3) == ["c", "d", "a"]
 
 
 def _config(data_dir: Path, corpus: Path, **changes) -> TrainerConfig:
@@ -149,7 +149,7 @@ def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_re
     card = registry.verify(child)
     assert card["format"] == "whisper-two-pass/1" and card["parent_version"] == TINY_WHISPER_VERSION
     assert card["training"]["policy_kind"] == "whisper" and card["training"]["steps"] >= 1
-    assert "zebulon" in card["second_pass"]["vocabulary_prompt"]  # the corrected word reaches the decoder
+    assert "zebulon" in card["second_pass"]["context_words"]  # the corrected word reaches the decoder
     before = WhisperPolicy.from_pretrained(registry.version_dir(TINY_WHISPER_VERSION) / "policy")
     after = WhisperPolicy.from_pretrained(registry.version_dir(child) / "policy")
     changed = {name for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True)

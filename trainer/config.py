@@ -177,7 +177,8 @@ class TrainerConfig:
     on the anchor alone."""
     adapt_lexicon: bool = True
     """Text-side adaptation: teach a CTC version's lexicon/LM (if it has a decoder) the words of the corrections
-    it trained on; put the words users corrected into a Whisper version's vocabulary prompt."""
+    it trained on; add the rare words users corrected to a Whisper version's context words (its second pass
+    biases its search toward them)."""
     num_threads: int = 1
     """torch intra-op threads of the trainer (process-wide; the server also sets 1)."""
     nice: int = 10

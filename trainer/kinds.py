@@ -42,10 +42,9 @@ from .whisper_model import WhisperPolicy
 
 log = logging.getLogger(__name__)
 
-VOCABULARY_PROMPT_WORDS = 24
-"""Most words a Whisper version's vocabulary prompt keeps (the newest corrections' words win): a long list
-of words as "previous text" derails the decoder (measured on the corpus's dev sentences: WER 37.9% without a
-prompt, 38.5% with 20 unrelated words, 45.8% with 80)."""
+CONTEXT_WORDS = 128
+"""Most context words a Whisper version keeps (the newest corrections' words win; core/context_bias.py):
+each spelling is one more way for the search to start a wrong word."""
 
 
 @dataclass(frozen=True)
@@ -198,17 +197,17 @@ class WhisperKind:
                         adapt: bool) -> Candidate:
         from .whisper_import import write_whisper_version
 
-        parent_prompt = (parent_card.get(SECOND_PASS_KEY) or {}).get("vocabulary_prompt", "")
+        parent_words = (parent_card.get(SECOND_PASS_KEY) or {}).get("context_words", [])
         # Only words Whisper spells with several tokens: the rare ones it cannot be expected to know.
         rare = [w for w in corrected_words(items) if self.context.tokenizer.pieces(w) > 1]
-        prompt = vocabulary_prompt(parent_prompt, rare) if adapt else parent_prompt
+        words = context_words(parent_words, rare) if adapt else list(parent_words)
         probe_dir = directory.with_name(directory.name + ".probe")
         probe_dir.mkdir(parents=True, exist_ok=True)
         probe = _write_probe(probe_dir, anchor) or parent_dir / PROBE_FILE
         try:
             written = write_whisper_version(self.policy, directory, version, tokenizer_json=self.tokenizer_json,
                                             probe_wav=probe, card={**card, "language": parent_card.get("language")},
-                                            vocabulary_prompt=prompt)
+                                            context_words=words)
         except ParityError as e:
             log.error("candidate %s: %s", version, e)
             return Candidate(directory, card, False, None)
@@ -217,14 +216,14 @@ class WhisperKind:
         return Candidate(directory, written, True, written["parity"]["max_abs_logprob_diff"])
 
 
-def vocabulary_prompt(parent_prompt: str, words: Sequence[str], limit: int = VOCABULARY_PROMPT_WORDS) -> str:
-    """The parent's prompt words and the corrected words, newest last, each once, at most `limit`.
+def context_words(parent_words: Sequence[str], words: Sequence[str], limit: int = CONTEXT_WORDS) -> list[str]:
+    """The parent's context words and the corrected words, newest last, each once, at most `limit`.
 
-    Whisper conditions on "previous text" (its <|startofprev|> prompt): words in it become likelier,
-    which is how a corrected name reaches the decoder before its weights learn to spell it."""
-    words = [*parent_prompt.replace(",", " ").split(), *words]
-    kept = list(dict.fromkeys(reversed(words)))[:limit]  # newest occurrence wins
-    return ", ".join(reversed(kept))
+    The second pass biases its search toward them (core/context_bias.py): a corrected name reaches the
+    decoder before the weights learn to spell it. (A "previous text" prompt of the same words, Whisper's
+    <|startofprev|>, was measured first and derailed general decoding: docs/benchmarks.md.)"""
+    kept = list(dict.fromkeys(reversed([*parent_words, *words])))[:limit]  # newest occurrence wins
+    return list(reversed(kept))
 
 
 def policy_kind(policy, version_dir: Path) -> CtcKind | WhisperKind:
@@ -237,4 +236,4 @@ def policy_kind(policy, version_dir: Path) -> CtcKind | WhisperKind:
 
 
 __all__ = ["Candidate", "CtcKind", "WhisperKind", "adaptation_texts", "corrected_words", "policy_kind",
-           "vocabulary_prompt"]
+           "context_words"]

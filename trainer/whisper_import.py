@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,19 +128,19 @@ def build_policy(recipe: ImportRecipe) -> WhisperPolicy:
     return WhisperPolicy(model, load_head(recipe, model), recipe.settings).eval()
 
 
-def second_pass_section(policy: WhisperPolicy, vocabulary_prompt: str = "") -> dict:
+def second_pass_section(policy: WhisperPolicy, context_words: Sequence[str] = ()) -> dict:
     """The card's second_pass section (core/whisper_decoder.py reads it)."""
     generation = policy.model.generation_config
     return {"type": WHISPER_TYPE, "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "tokenizer": TOKENIZER_FILE,
             "prompt": [START_OF_TRANSCRIPT, NO_TIMESTAMPS], "end_of_text": END_OF_TEXT,
             "suppress_tokens": list(generation.suppress_tokens), "begin_suppress_tokens":
             list(generation.begin_suppress_tokens), "timestamp_begin": FIRST_TIMESTAMP,
-            "start_of_previous": START_OF_PREVIOUS, "vocabulary_prompt": vocabulary_prompt,
+            "start_of_previous": START_OF_PREVIOUS, "context_words": list(context_words),
             "pad_s": policy.settings.pad_s, "beam_size": policy.settings.beam_size}
 
 
 def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *, tokenizer_json: Path,
-                          probe_wav: Path, card: dict, vocabulary_prompt: str = "",
+                          probe_wav: Path, card: dict, context_words: Sequence[str] = (),
                           progress: tqdm | None = None) -> dict:
     """Export, check and describe a Whisper-based version in `out_dir` (a fresh directory); returns its card.
 
@@ -156,7 +157,7 @@ def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *,
     shutil.copyfile(probe_wav, out_dir / PROBE_FILE)
     policy.save_pretrained(out_dir / POLICY_DIR)
     card = {**card, "version": version, "format": WHISPER_TWO_PASS_FORMAT,
-            SECOND_PASS_KEY: second_pass_section(policy, vocabulary_prompt), "parity": parity,
+            SECOND_PASS_KEY: second_pass_section(policy, context_words), "parity": parity,
             "model": policy_card_section(policy)}
     card["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*"))
                      if p.is_file() and p.name != CARD_FILE}
