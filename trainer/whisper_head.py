@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..core.decoder import greedy_ctc_text, serving_vocabulary
+from ..core.pcm import read_wav
 from ..core.text import normalize_text
 from .evaluate import error_rates
 from .tokenizer import encode_targets, make_tokenizer
@@ -100,9 +100,7 @@ def _cache(policy: WhisperPolicy, rows: list[dict], corpus_dir: Path, tokenizer,
             targets = encode_targets(tokenizer, text)
         except ValueError:
             continue
-        audio, rate = sf.read(corpus_dir / row["path"], dtype="float32")
-        if rate != SAMPLE_RATE_HZ:
-            raise ValueError(f"{row['path']} is {rate} Hz; the corpus is {SAMPLE_RATE_HZ} Hz")
+        audio = read_wav(corpus_dir / row["path"], SAMPLE_RATE_HZ)
         cached.append((streamed_states(policy, _augment(audio, rng, config), config.encoder_batch_windows),
                        targets, text))
     return cached

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import WhisperForConditionalGeneration
 
-from ..core.model import WHISPER_TWO_PASS_FORMAT
+from ..core.model import MODEL_SAMPLE_RATE_HZ, WHISPER_TWO_PASS_FORMAT
+from ..core.pcm import read_wav
 from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
 from ..core.warmup import probe_card_entry
 from ..core.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, WhisperSecondPass
@@ -223,8 +222,8 @@ def shipped_version_dir(recipe_dir: Path, build_root: Path, *, show_progress: bo
 
 def transcribe_probe(out_dir: Path, card: dict) -> str:
     """The second pass's transcript of the version's probe (recorded in the card, checked at warm-up)."""
-    audio, _ = sf.read(out_dir / PROBE_FILE, dtype="float32")
+    audio = read_wav(out_dir / PROBE_FILE, MODEL_SAMPLE_RATE_HZ)
     second_pass = WhisperSecondPass.from_card(card, out_dir)
-    return second_pass.transcribe(np.asarray(audio))[0].transcript
+    return second_pass.transcribe(audio)[0].transcript
 
 
