@@ -60,6 +60,7 @@ from voxloop.clients.demo import (
     wait_for_version,
 )
 from voxloop.trainer.corpus import load_manifest
+from voxloop.trainer.cycle import CycleOutcome
 from voxloop.trainer.evaluate import error_rates
 from voxloop.trainer.scenario import Scenario, ScenarioConfig, build_scenario, load_scenario
 
@@ -200,7 +201,7 @@ def run_arm(arm: Arm, scenario, points: tuple[int, ...], home: Path, corpus: Pat
                 run = run_train_once(home, objective=arm.objective, corpus_dir=corpus,
                                      env=None if arm.adapt else {"VOXLOOP_TRAINER_ADAPT_LEXICON": "false"})
                 report = run.report
-                if report.get("outcome") == "published":
+                if report.get("outcome") == CycleOutcome.PUBLISHED:
                     wait_for_version(server.target, report["version_out"], SWAP_TIMEOUT_S)
                 result.cycles.append({
                     "feedback": sent, "outcome": report.get("outcome"), "version_out": report.get("version_out"),
@@ -246,7 +247,7 @@ def tables(results: list[ArmResult], points: tuple[int, ...]) -> list[str]:
     for result in results:
         first, last = result.points[0], result.points[-1]
         relative = (last.domain.wer - first.domain.wer) / first.domain.wer if first.domain.wer else float("nan")
-        published = sum(c["outcome"] == "published" for c in result.cycles)
+        published = sum(c["outcome"] == CycleOutcome.PUBLISHED for c in result.cycles)
         trainer_s = [c["trainer_s"] for c in result.cycles if c["trainer_s"] is not None]
         process_s = [c["process_s"] for c in result.cycles]
         rss = max((c["peak_rss_mib"] for c in result.cycles), default=float("nan"))
