@@ -59,6 +59,7 @@ from voxloop.clients.demo import (
     user_token,
     wait_for_version,
 )
+from voxloop.trainer.config import DEFAULT_CORPUS_DIR
 from voxloop.trainer.corpus import load_manifest
 from voxloop.trainer.cycle import CycleOutcome
 from voxloop.trainer.evaluate import error_rates
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario-kind", choices=("warehouse", "voice"), default="warehouse",
                         help="warehouse: new words (trainer/scenario.py); voice: a held-out voice on the base "
                              "corpus's own test sentences (needs --corpus)")
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"),
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR,
                         help="base corpus for the trainer's anchor and replay (missing: it synthesizes a small one)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-adaptation"))
     parser.add_argument("--feedback-utterances", type=int, default=ScenarioConfig.feedback_utterances)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..core.decoder import greedy_ctc_text, serving_vocabulary
 from ..core.pcm import read_wav
 from ..core.text import normalize_text
+from .config import DEFAULT_CORPUS_DIR
 from .evaluate import error_rates
 from .tokenizer import encode_targets, make_tokenizer
 from .whisper_model import SAMPLE_RATE_HZ, SAMPLES_PER_ENCODER_FRAME, WhisperPolicy, run_encoder
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     from .whisper_import import HEAD_FILE, HEAD_REPORT_FILE, pinned_ct2_files
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"))
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
     parser.add_argument("--out", type=Path, required=True, help="directory for the head's weights and report")
     parser.add_argument("--train-utterances", type=int, default=CtcHeadTrainingConfig.train_utterances)
     parser.add_argument("--epochs", type=int, default=CtcHeadTrainingConfig.epochs)
