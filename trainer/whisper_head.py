@@ -80,11 +80,7 @@ def streamed_states(policy: WhisperPolicy, audio: np.ndarray, batch_windows: int
     """(S,) -> (T, L + 1, D) every layer's encoder states of each chunk's frames, as the streaming graph
     computes them (float16: thousands of utterances are kept in memory)."""
     s = policy.settings
-    wave = torch.from_numpy(audio)
-    frames = math.ceil(len(wave) / SAMPLES_PER_ENCODER_FRAME)
-    total = math.ceil(frames / s.chunk_frames) * s.chunk_samples
-    padded = F.pad(wave, (s.history_samples, total - len(wave)))
-    windows = padded.unfold(0, s.history_samples + s.chunk_samples, s.chunk_samples)  # (N, H + C)
+    windows, frames = policy.first_pass_windows(torch.from_numpy(audio))  # (N, H + C)
     first = s.history_samples // SAMPLES_PER_ENCODER_FRAME
     states = [run_encoder(policy.model, policy.log_mel(w), all_layers=True)[:, :, first : first + s.chunk_frames]
               for w in windows.split(batch_windows)]  # each (N, L + 1, chunk_frames, D)
