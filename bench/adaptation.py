@@ -59,7 +59,9 @@ from voxloop.clients.demo import (
     user_token,
     wait_for_version,
 )
+from voxloop.trainer.config import DEFAULT_CORPUS_DIR
 from voxloop.trainer.corpus import load_manifest
+from voxloop.trainer.cycle import CycleOutcome
 from voxloop.trainer.evaluate import error_rates
 from voxloop.trainer.scenario import Scenario, ScenarioConfig, build_scenario, load_scenario
 
@@ -200,7 +202,7 @@ def run_arm(arm: Arm, scenario, points: tuple[int, ...], home: Path, corpus: Pat
                 run = run_train_once(home, objective=arm.objective, corpus_dir=corpus,
                                      env=None if arm.adapt else {"VOXLOOP_TRAINER_ADAPT_LEXICON": "false"})
                 report = run.report
-                if report.get("outcome") == "published":
+                if report.get("outcome") == CycleOutcome.PUBLISHED:
                     wait_for_version(server.target, report["version_out"], SWAP_TIMEOUT_S)
                 result.cycles.append({
                     "feedback": sent, "outcome": report.get("outcome"), "version_out": report.get("version_out"),
@@ -246,7 +248,7 @@ def tables(results: list[ArmResult], points: tuple[int, ...]) -> list[str]:
     for result in results:
         first, last = result.points[0], result.points[-1]
         relative = (last.domain.wer - first.domain.wer) / first.domain.wer if first.domain.wer else float("nan")
-        published = sum(c["outcome"] == "published" for c in result.cycles)
+        published = sum(c["outcome"] == CycleOutcome.PUBLISHED for c in result.cycles)
         trainer_s = [c["trainer_s"] for c in result.cycles if c["trainer_s"] is not None]
         process_s = [c["process_s"] for c in result.cycles]
         rss = max((c["peak_rss_mib"] for c in result.cycles), default=float("nan"))
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario-kind", choices=("warehouse", "voice"), default="warehouse",
                         help="warehouse: new words (trainer/scenario.py); voice: a held-out voice on the base "
                              "corpus's own test sentences (needs --corpus)")
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"),
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR,
                         help="base corpus for the trainer's anchor and replay (missing: it synthesizes a small one)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-adaptation"))
     parser.add_argument("--feedback-utterances", type=int, default=ScenarioConfig.feedback_utterances)

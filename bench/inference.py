@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
+from voxloop.core.model import OnnxModel
+from voxloop.core.registry import MODEL_FILE
 from voxloop.trainer.model import VoxloopForCTC
 from voxloop.trainer.release import POLICY_DIR
 
@@ -43,36 +44,31 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model = VoxloopForCTC.from_pretrained(args.version_dir / POLICY_DIR).eval()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(args.version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = OnnxModel(args.version_dir / MODEL_FILE, intra_op_threads=args.threads)  # as the server opens it
     c = model.config
     rng = np.random.default_rng(0)
 
-    def feeds(batch: int, samples: int) -> dict:
-        state = model.initial_state(batch)
-        return {"audio": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32),
-                "att_cache": state.att_cache.numpy(), "conv_cache": state.conv_cache.numpy(),
-                "cache_len": state.cache_len.numpy()}
+    def audio(batch: int, samples: int) -> np.ndarray:
+        return (0.1 * rng.standard_normal((batch, samples))).astype(np.float32)
 
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"threads={args.threads} repeats={args.repeats} params={params_m:.2f}M")
     print("| audio | torch eager (s) | onnxruntime (s) | torch/onnx | RTF torch | RTF onnx |")
     print("|---|---|---|---|---|---|")
     for seconds in (1, 5, 20):
-        f = feeds(1, seconds * c.sample_rate_hz)
-        audio = torch.from_numpy(f["audio"])
+        samples, state = audio(1, seconds * c.sample_rate_hz), graph.initial_state(1)
+        wave = torch.from_numpy(samples)
         with torch.no_grad():
-            t_torch = median_seconds(lambda audio=audio: model(audio), args.repeats)
-        t_onnx = median_seconds(lambda f=f: session.run(["log_probs"], f), args.repeats)
+            t_torch = median_seconds(lambda wave=wave: model(wave), args.repeats)
+        t_onnx = median_seconds(lambda samples=samples, state=state: graph.run(samples, state), args.repeats)
         print(f"| {seconds} s | {t_torch:.4f} | {t_onnx:.4f} | {t_torch / t_onnx:.2f} | "
               f"{t_torch / seconds:.4f} | {t_onnx / seconds:.4f} |")
     chunk_s = c.chunk_samples / c.sample_rate_hz
     print(f"\n| streaming chunk ({chunk_s * 1000:.0f} ms) | onnxruntime per call (ms) | per stream-chunk (ms) | RTF |")
     print("|---|---|---|---|")
     for batch in (1, 16, 64):
-        f = feeds(batch, c.chunk_samples + c.lookback_samples)
-        t = median_seconds(lambda f=f: session.run(None, f), args.repeats)
+        samples, state = audio(batch, c.chunk_samples + c.lookback_samples), graph.initial_state(batch)
+        t = median_seconds(lambda samples=samples, state=state: graph.run(samples, state), args.repeats)
         print(f"| batch {batch} | {t * 1000:.2f} | {t * 1000 / batch:.3f} | {t / batch / chunk_s:.4f} |")
 
 

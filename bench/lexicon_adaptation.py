@@ -23,6 +23,7 @@ import numpy as np
 from voxloop.core.lm_decoder import LexiconLmDecoderFactory, lm_decoder_paths
 from voxloop.core.model import OnnxModel
 from voxloop.core.registry import CARD_FILE, MODEL_FILE
+from voxloop.trainer.config import DEFAULT_CORPUS_DIR
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import error_rates, load_samples, onnx_log_probs
 from voxloop.trainer.lm import LEXICON_FILE, LM_FILE, adapt_decoder_files
@@ -54,7 +55,7 @@ def new_word_recall(references: list[str], hypotheses: list[str], new_words: set
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version-dir", type=Path, default=Path("models/base"))
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"))
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
     parser.add_argument("--corrected", type=int, default=100, help="test sentences whose text becomes corrections")
     parser.add_argument("--uncorrected", type=int, default=200, help="other test sentences decoded as a control")
     args = parser.parse_args()

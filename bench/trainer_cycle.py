@@ -28,7 +28,7 @@ import torch
 from voxloop.core.pcm import float_to_pcm16
 from voxloop.core.registry import Registry
 from voxloop.core.store import FeedbackStore, UtteranceRecord
-from voxloop.trainer.config import TrainerConfig
+from voxloop.trainer.config import DEFAULT_CORPUS_DIR, TrainerConfig
 from voxloop.trainer.cycle import run_cycle
 from voxloop.trainer.data import read_manifest
 from voxloop.trainer.evaluate import load_samples
@@ -51,7 +51,7 @@ def add_corrections(store: FeedbackStore, rows: list[dict], corpus: Path) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"))
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
     parser.add_argument("--split", default="test_heldout_flite")
     parser.add_argument("--objective", default="ppo+sft", choices=("ppo", "sft", "ppo+sft"))
     parser.add_argument("--cycles", type=int, default=3)

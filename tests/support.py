@@ -1,10 +1,13 @@
-"""Helpers every kind of test uses: a free local port, waiting for a condition with a deadline, and the
-tokens file of two tenants' users."""
+"""Helpers every kind of test uses: a free local port, waiting for a condition with a deadline, the
+tokens file of two tenants' users, and speech synthesized by espeak-ng."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -40,4 +43,17 @@ user = "bob"
 """A tokens file (TOML): alice of tenant acme and bob of tenant globex, both role user."""
 
 
-__all__ = ["TWO_TENANTS_TOKENS", "free_port", "wait_for"]
+def espeak_speech(text: str, *, voice: str = "en", rate_hz: int = 16000):
+    """`text` spoken by espeak-ng (scripts/setup.sh installs it), as float32 (S,) samples at `rate_hz`."""
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "speech.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), "--", text], check=True, capture_output=True)
+        audio, espeak_rate_hz = sf.read(wav, dtype="float32")
+    return AF.resample(torch.from_numpy(audio), espeak_rate_hz, rate_hz).numpy()
+
+
+__all__ = ["TWO_TENANTS_TOKENS", "espeak_speech", "free_port", "wait_for"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from voxloop.clients.audio_files import chunk_pcm, read_audio_file
+from voxloop.core.pcm import pcm16_to_float
 
 
 def tone(seconds: float, rate: int, hz: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
@@ -32,7 +33,7 @@ def test_stereo_44100_flac_is_downmixed_to_mono_at_44100(tmp_path):
     sf.write(path, np.stack([left, right], axis=1), 44100, subtype="PCM_16")
 
     audio = read_audio_file(path)
-    samples = np.frombuffer(audio.pcm, dtype="<i2") / 32768.0
+    samples = pcm16_to_float(audio.pcm)
 
     assert (audio.sample_rate_hz, audio.source_channels) == (44100, 2)
     assert len(next(audio.chunks())) == 4410 * 2

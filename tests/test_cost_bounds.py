@@ -159,7 +159,6 @@ def status(call) -> tuple[str, str]:
     return raised.value.code, raised.value.details
 
 
-@pytest.mark.slow
 def test_twenty_kilobyte_ids_get_a_short_invalid_argument(running):
     huge = "u" * 20_000
     with RecognizerClient(running.target, timeout=10) as client:

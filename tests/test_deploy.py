@@ -5,7 +5,8 @@ alert rules and runs their unit tests; the compose file is validated against the
 (compose-spec) and the Kubernetes manifests against the API's JSON schemas (kubernetes-validate,
 strict: unknown fields fail); hadolint lints the Dockerfile. What no schema sees is checked here: the
 references between resources, the commands against the real CLI parser, the dashboard's and alerts'
-metric names against core/metrics.py, the docs against the code. A missing tool fails, never skips.
+metric names against core/metrics.py and their cycle outcomes against trainer/cycle.py's CycleOutcome,
+the docs against the code. A missing tool fails, never skips.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "voxloop.json"
 KUBERNETES_VERSION = "1.30.0"
 METRIC_NAME = re.compile(r"\b(voxloop_[a-z0-9_]+)")
+CYCLES_SELECTOR = re.compile(r"voxloop_trainer_cycles_total\{([^}]*)\}")
+"""The label matchers of a voxloop_trainer_cycles_total selector (its outcome label is a CycleOutcome)."""
+OUTCOME_MATCHER = re.compile(r'\boutcome\s*(=~|!~|!=|=)\s*"([^"]*)"')
 
 
 def tool(name: str) -> str:
@@ -106,6 +110,21 @@ def test_alerts_query_existing_metrics_and_each_has_a_runbook():
         assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{anchor}"
         assert f'<a id="{anchor}"></a>' in doc and f"### {rule['alert']}\n" in doc, f"no runbook for {rule['alert']}"
         assert rule["labels"]["severity"] in ("page", "ticket")
+
+
+def test_every_cycle_outcome_the_alerts_and_dashboard_name_is_one_the_trainer_records():
+    from voxloop.trainer.cycle import CycleOutcome
+
+    alerts_test = (PROMETHEUS_DIR / "alerts_test.yml").read_text()
+    selectors = [selector for text in (*(rule["expr"] for rule in alert_rules()), *dashboard_expressions(), alerts_test)
+                 for selector in CYCLES_SELECTOR.findall(text)]
+    named = {value for selector in selectors for _, values in OUTCOME_MATCHER.findall(selector)
+             for value in values.split("|")}
+    expected_labels = [alert["exp_labels"] for group in yaml.safe_load(alerts_test)["tests"]
+                       for case in group["alert_rule_test"] for alert in case.get("exp_alerts", [])]
+    named |= {labels["outcome"] for labels in expected_labels if "outcome" in labels}
+    assert {"gated", "published", "failed"} <= named  # what the trainer alerts read today: the parsing finds them
+    assert named <= {outcome.value for outcome in CycleOutcome}, named - {outcome.value for outcome in CycleOutcome}
 
 
 @pytest.mark.slow  # an external tool (promtool, hadolint)

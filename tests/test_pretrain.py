@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from voxloop.core.pcm import float_to_int16
 from voxloop.core.registry import Registry
 from voxloop.trainer.config import PretrainConfig
 from voxloop.trainer.evaluate import error_rates
@@ -28,7 +29,7 @@ def write_toy_corpus(root: Path) -> Path:
                 samples = (0.3 * np.sin(np.arange(16000 + 800 * i) * 0.05 * (i + 1))
                            + 0.01 * rng.standard_normal(16000 + 800 * i))
                 path = root / split / f"{split}-{i}.wav"
-                sf.write(path, (samples * 32767).astype(np.int16), 16000, subtype="PCM_16")
+                sf.write(path, float_to_int16(samples), 16000, subtype="PCM_16")
                 manifest.write(json.dumps({"id": f"{split}-{i}", "path": f"{split}/{path.name}",
                                            "text": TEXTS[i % len(TEXTS)], "voice": "tone", "split": split}) + "\n")
     return root

@@ -22,6 +22,7 @@ from conftest import TINY_VERSION
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from server_support import chunked, noise, pcm16, silence, voiced
+from support import wait_for
 from voxloop.core.registry import RegistryError
 from voxloop.server.app import BackgroundServer, create_server
 from voxloop.server.config import ServerConfig
@@ -61,13 +62,6 @@ def stream_status(stub, request_iterator, timeout=10.0) -> tuple[list, Code, str
     return responses, call.code(), call.details() or ""
 
 
-def wait_until(condition, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 @pytest.fixture(scope="module")
 def running(tiny_registry_template, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-server")
@@ -83,7 +77,8 @@ def running(tiny_registry_template, tmp_path_factory):
 def stub(running):
     with grpc.insecure_channel(running.target) as channel:
         yield pb_grpc.RecognizerStub(channel)
-    wait_until(lambda: running.server.active_streams == 0)  # every test's streams gave their slot back
+    # every test's streams give their slot back
+    wait_for(lambda: running.server.active_streams == 0, 5.0, "every stream's slot to be given back")
 
 
 def assert_still_serving(stub):
@@ -214,7 +209,7 @@ def test_client_cancel_mid_stream_frees_the_slot(stub, running):
     assert not next(call).results[0].is_final  # the stream is running
     call.cancel()
     gate.set()
-    wait_until(lambda: running.server.active_streams == 0)
+    wait_for(lambda: running.server.active_streams == 0, 5.0, "every stream's slot to be given back")
     assert_still_serving(stub)
 
 
@@ -224,7 +219,7 @@ def test_client_deadline_exceeded_frees_the_slot(stub, running):
     _, code, _ = stream_status(stub, requests(linear16(), *audio, gate=gate, gate_after=2), timeout=0.5)
     gate.set()
     assert code == Code.DEADLINE_EXCEEDED
-    wait_until(lambda: running.server.active_streams == 0)
+    wait_for(lambda: running.server.active_streams == 0, 5.0, "every stream's slot to be given back")
     assert_still_serving(stub)
 
 
@@ -252,7 +247,7 @@ def test_streams_past_the_limit_are_resource_exhausted_with_the_limit(stub, runn
     with ThreadPoolExecutor(3) as pool:
         held = [pool.submit(stream_status, stub, requests(linear16(), *audio, gate=gate, gate_after=1))
                 for _ in range(3)]
-        wait_until(lambda: running.server.active_streams == 3)
+        wait_for(lambda: running.server.active_streams == 3, 5.0, "three open streams")
         _, code, details = stream_status(stub, requests(linear16(), *audio))
         gate.set()
         assert code == Code.RESOURCE_EXHAUSTED and "limit of 3 concurrent streams" in details
@@ -310,11 +305,11 @@ def test_graceful_shutdown_stops_listening_and_lets_an_open_stream_finish(own_se
     with grpc.insecure_channel(own_server.target) as channel, ThreadPoolExecutor(2) as pool:
         stub = pb_grpc.RecognizerStub(channel)
         open_stream = pool.submit(stream_status, stub, requests(linear16(), *audio, gate=gate, gate_after=5))
-        wait_until(lambda: own_server.server.active_streams == 1)
+        wait_for(lambda: own_server.server.active_streams == 1, 5.0, "the stream to open")
         assert not refuses_connections(own_server.port)
         stopping = pool.submit(own_server.stop, 5.0)
         # What a TCP-checking proxy sees: the port refuses connections while the open stream runs on.
-        wait_until(lambda: refuses_connections(own_server.port))
+        wait_for(lambda: refuses_connections(own_server.port), 5.0, "the port to refuse connections")
         assert own_server.server.slots.draining and own_server.server.active_streams == 1
         _, code, _ = stream_status(stub, requests(linear16(), *audio))
         assert code == Code.UNAVAILABLE  # a new stream reaches nothing (the client retries elsewhere)

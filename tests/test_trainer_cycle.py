@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import add_feedback, speech, tone, write_corpus
+from support import espeak_speech
+from trainer_support import add_feedback, tone, write_corpus
 from voxloop.core.decoder import path_text
 from voxloop.core.registry import Registry
 from voxloop.core.rewards import REJECTION_REWARD
@@ -136,8 +137,8 @@ def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
     """The shipped model, a real-speech anchor set, and an update with a destructive learning rate."""
     sentences = ["the weather is nice today", "please open the door", "i would like a cup of tea",
                  "the train leaves at noon", "she reads a book every night", "we walked along the river"]
-    corpus = write_corpus(tmp_path / "corpus", {"train": [(s, speech(s)) for s in sentences[:2]],
-                                                "dev": [(s, speech(s)) for s in sentences]})
+    corpus = write_corpus(tmp_path / "corpus", {"train": [(s, espeak_speech(s)) for s in sentences[:2]],
+                                                "dev": [(s, espeak_speech(s)) for s in sentences]})
     registry = seeded_registry(tmp_path / "registry", BASE_MODEL_DIR)
     parent = registry.current_version()
     config = TrainerConfig(data_dir=tmp_path / "data", corpus_dir=corpus, heldout_share=0.0,
@@ -145,7 +146,7 @@ def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
                            replay_pool_size=2, ppo=PPOConfig(learning_rate=0.05, epochs=3, minibatch_size=2,
                                                              objective="sft", replay_coef=0.0))
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
-        ids = [add_feedback(store, speech(text), text="zzz qqq xxx") for text in ("hello there", "good night")]
+        ids = [add_feedback(store, espeak_speech(text), text="zzz qqq xxx") for text in ("hello there", "good night")]
         report = run_cycle(store, registry, config)
         assert report.outcome == "gated"
         assert report.gate["anchor_wer_candidate"] > report.gate["anchor_wer_serving"] + 0.01

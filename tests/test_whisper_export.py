@@ -74,6 +74,21 @@ def test_the_first_pass_streams_chunk_by_chunk_what_torch_computes(tiny_registry
     assert transcript == greedy_ctc_text(expected, serving_vocabulary(list(tiny_policy.settings.ctc_vocabulary)))
 
 
+def test_the_ctc_head_is_trained_on_the_encoder_states_the_first_pass_streams(tiny_policy):
+    """whisper_head caches each chunk's encoder states (float16) and trains the head on them: the head applied
+    to that cache gives the streaming log-probs, frame for frame (a partial last chunk included)."""
+    from voxloop.trainer.whisper_head import streamed_states
+
+    audio, _ = sf.read(DATA_DIR / "two.wav", dtype="float32")
+    assert len(audio) % tiny_policy.settings.chunk_samples  # the last chunk is partial
+    states = streamed_states(tiny_policy, audio, batch_windows=4)  # (T, L + 1, D)
+    with torch.no_grad():
+        expected = tiny_policy.streaming_ctc_log_probs(torch.from_numpy(audio))  # (T, V)
+        trained_on = tiny_policy.ctc_head(states.float()[None].transpose(1, 2))[0]  # (T, V), as in training
+    assert trained_on.shape == expected.shape == (-(-len(audio) // 320), 30)
+    assert (trained_on - expected).abs().max() < 1e-2  # float16 states (measured: 1.3e-4)
+
+
 def _transformers_greedy(policy, audio: np.ndarray, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy decoding with transformers' own forward pass (no cache) on the spliced encoder states."""
     states = policy.final_encoder_states(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))

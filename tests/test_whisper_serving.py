@@ -10,11 +10,11 @@ import threading
 
 import numpy as np
 import pytest
-import soundfile as sf
 from server_support import chunked, pcm16, silence
 from support import wait_for
 from swap_support import publish_copy
 from voxloop.clients.client import RecognizerClient, recognition_config
+from voxloop.core.pcm import pcm16_to_float, read_wav
 from voxloop.core.registry import Registry
 from voxloop.core.whisper_decoder import WhisperSecondPass
 from voxloop.server.app import BackgroundServer
@@ -29,8 +29,7 @@ WHISPER_VERSION = "whisper-tiny.en-v1"
 
 def speech(*names: str, pause_s: float = 1.5) -> np.ndarray:
     """The test sentences (espeak-ng, 16 kHz) one after another, each followed by `pause_s` of silence."""
-    return np.concatenate([np.concatenate([sf.read(DATA_DIR / n, dtype="float32")[0], silence(pause_s)])
-                           for n in names])
+    return np.concatenate([np.concatenate([read_wav(DATA_DIR / n, 16000), silence(pause_s)]) for n in names])
 
 
 def finals(client: RecognizerClient, audio: np.ndarray, **config) -> list:
@@ -53,7 +52,7 @@ def test_streaming_finals_are_the_offline_decode_of_each_stored_utterance(whispe
         for result in results:
             (audio_bytes, hypothesis), = db.execute("SELECT audio, hypothesis FROM utterances WHERE id = ?",
                                                     (result.utterance_id,))
-            stored = np.frombuffer(audio_bytes, dtype="<i2").astype(np.float32) / 32768
+            stored = pcm16_to_float(audio_bytes)
             assert hypothesis == result.alternatives[0].transcript
             assert second_pass.transcribe(stored)[0].transcript == hypothesis
     for result in results:
@@ -90,7 +89,7 @@ def _finals_across_a_swap(config: ServerConfig, registry: Registry, before: str,
                           streams: int = 3) -> list[list[tuple[str, str]]]:
     """Open `streams` streams on `before`, swap to `after` while each is mid-utterance, then let each finish
     that utterance and speak one more; returns every stream's (model_version, transcript) finals."""
-    sentence = sf.read(DATA_DIR / "one.wav", dtype="float32")[0]
+    sentence = read_wav(DATA_DIR / "one.wav", 16000)
     pcm = pcm16(np.concatenate([sentence, silence(2.0)]))
     swapped, seen, errors = threading.Event(), [], []
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,18 +19,6 @@ def tone(text: str, seconds: float = 1.0, seed: int = 0) -> np.ndarray:
     t = np.arange(int(seconds * SAMPLE_RATE_HZ)) / SAMPLE_RATE_HZ
     noise = np.random.default_rng(seed).normal(0, 0.01, t.shape)
     return (0.3 * np.sin(2 * np.pi * TONE_HZ[text] * t) + noise).astype(np.float32)
-
-
-def speech(text: str, voice: str = "en") -> np.ndarray:
-    """`text` spoken by espeak-ng, as float32 16 kHz samples."""
-    import torch
-    import torchaudio.functional as AF
-
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "s.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), "--", text], check=True, capture_output=True)
-        audio, rate = sf.read(wav, dtype="float32")
-    return AF.resample(torch.from_numpy(audio), rate, SAMPLE_RATE_HZ).numpy()
 
 
 def tiny_version(out_dir: Path, version: str, seed: int = 0) -> Path:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import soundfile as sf
+from support import espeak_speech
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -84,14 +84,7 @@ def espeak_wav(path: Path, text: str, *, lead_s: float = 1.0, trail_s: float = 2
 
     The format follows the suffix (.wav, .flac). A looped fake microphone replays it: one final per loop.
     """
-    import torch
-    import torchaudio.functional as AF
-
-    raw = path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", "en", "-w", str(raw), "--", text], check=True, capture_output=True)
-    audio, rate = sf.read(raw, dtype="float32")
-    raw.unlink()
-    audio = AF.resample(torch.from_numpy(audio), rate, rate_hz).numpy()
+    audio = espeak_speech(text, rate_hz=rate_hz)
     padded = np.concatenate([np.zeros(int(lead_s * rate_hz), np.float32), audio,
                              np.zeros(int(trail_s * rate_hz), np.float32)])
     sf.write(path, padded, rate_hz, subtype=subtype)

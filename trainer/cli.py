@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 from ..core.data_dir import HOME_ENV
-from .config import CorpusConfig, PretrainConfig, TrainerConfig
+from .config import DEFAULT_CORPUS_DIR, TRAINER_METRICS_PORT, CorpusConfig, PretrainConfig, TrainerConfig
 from .config_flags import ConfigFlag, add_config_flags, build_config, flag_values
 
-DEFAULT_CORPUS_DIR = Path("corpus")
 DEFAULT_RUN_DIR = Path("runs/base")
 
 CORPUS_FLAGS = (ConfigFlag("--out", "out_dir", default=DEFAULT_CORPUS_DIR), ConfigFlag("--seed", "seed"),
@@ -65,8 +64,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train_online.add_argument("--once", action="store_true", help="run one cycle on what is pending, then exit")
     add_config_flags(train_online, TrainerConfig, TRAIN_FLAGS, with_defaults=False)
     train_online.add_argument("--json", action="store_true", help="with --once: print the cycle report as JSON")
-    train_online.add_argument("--metrics-port", type=int, default=9401,
-                              help="Prometheus metrics port of the running trainer (0 turns it off; default 9401)")
+    train_online.add_argument("--metrics-port", type=int, default=TRAINER_METRICS_PORT,
+                              help="Prometheus metrics port of the running trainer (0 turns it off; "
+                                   f"default {TRAINER_METRICS_PORT})")
     train_online.add_argument("--metrics-host", default="127.0.0.1",
                               help="address the metrics endpoint listens on (0.0.0.0 in a container)")
     train_online.set_defaults(handler=_train_online)

@@ -25,6 +25,12 @@ ENV_PREFIX = "VOXLOOP_TRAINER_"
 """`VOXLOOP_TRAINER_<FIELD>` sets a scalar field of the in-process trainer (e.g. VOXLOOP_TRAINER_MIN_FEEDBACK=16);
 VOXLOOP_TRAINER_OBJECTIVE sets ppo.objective. Where data, store and registry live follows the server's config."""
 _ENV_EXCLUDED = ("data_dir", "store_url", "registry_dir", "ppo")
+DEFAULT_CORPUS_DIR = Path("corpus")
+"""Where `voxloop pretrain corpus` writes the synthetic corpus and pretraining and the online trainer read it
+(relative to the working directory)."""
+TRAINER_METRICS_PORT = 9401
+"""The standalone trainer's (`voxloop train`) Prometheus port, next to the server's (ServerConfig.metrics_port);
+in `voxloop serve` the in-process trainer's metrics share the server's endpoint."""
 
 
 Objective = Literal["ppo", "sft", "ppo+sft"]
@@ -144,7 +150,7 @@ class TrainerConfig:
     """Feedback store (SQLite path or SQLAlchemy URL); None: <data_dir>/feedback.sqlite3, the server's."""
     registry_dir: Path | None = None
     """Model registry published to; None: <data_dir>/registry, the server's."""
-    corpus_dir: Path | None = Path("corpus")
+    corpus_dir: Path | None = DEFAULT_CORPUS_DIR
     """Base corpus for the anchor set (dev) and replay (train); missing: a small one is synthesized."""
     min_feedback: int = 64
     """A cycle starts as soon as this many feedback items are pending..."""

@@ -24,7 +24,7 @@ from transformers import AutoModelForCTC
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..core.decoder import BLANK_TOKEN, UNK_TOKEN, greedy_ctc_text, serving_vocabulary
-from ..core.model import WINDOWED_CTC_FORMAT, metadata_props, onnx_session
+from ..core.model import WINDOWED_CTC_FORMAT, OnnxModel, metadata_props
 from .export import ParityConfig, ParityError, ParityReport, write_onnx_metadata
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class HfCtcPolicy(nn.Module):
     def check_parity(self, onnx_path: Path, config: ParityConfig | None = None) -> ParityReport:
         """torch vs onnxruntime on random audio and history, at two chunk lengths; raises ParityError."""
         config = config or ParityConfig()
-        session = onnx_session(onnx_path, intra_op_threads=0)  # 0: onnxruntime's default threads
+        graph = OnnxModel(onnx_path, intra_op_threads=0)  # as the server runs it; 0: onnxruntime's default threads
         wrapper = WindowedCTCWrapper(self.model.eval(), self.config.hop_samples).eval()
         generator = torch.Generator().manual_seed(config.seed)
         worst, equal, lengths = 0.0, True, []
@@ -238,7 +238,7 @@ class HfCtcPolicy(nn.Module):
             history = 0.1 * torch.randn(2, self.config.history_samples, generator=generator)
             with torch.no_grad():
                 expected, _ = wrapper(audio, history)
-            actual, _ = session.run(None, {"audio": audio.numpy(), "audio_history": history.numpy()})
+            actual, _ = graph.run(audio.numpy(), {"audio_history": history.numpy()})
             if expected.shape != actual.shape:
                 raise ParityError(f"{chunks} chunk(s): torch gives {tuple(expected.shape)}, ONNX {actual.shape}")
             worst = max(worst, float(np.abs(expected.numpy() - actual).max()))

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.lm_decoder import BeamSettings
-from ..core.registry import CARD_FILE, sha256_file, version_file
+from ..core.registry import CARD_FILE, version_file, write_card
 from ..core.text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -279,13 +279,10 @@ def add_decoder_to_version(version_dir: Path, texts: Iterable[str], settings: De
                            source: str) -> dict:
     """Build decoder files for a version directory in place and record them in its card (files + decoder)."""
     version_dir = Path(version_dir)
-    card_path = version_dir / CARD_FILE
-    card = json.loads(card_path.read_text())
-    files = write_decoder_files(sentence_counts(texts), version_dir, settings.order)
-    card.setdefault("files", {}).update({name: sha256_file(path) for name, path in files.items()})
+    card = json.loads((version_dir / CARD_FILE).read_text())
+    write_decoder_files(sentence_counts(texts), version_dir, settings.order)
     card["decoder"] = decoder_section(settings, source=source)
-    card_path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
-    return card
+    return write_card(version_dir, card, indent=2)  # re-hashes the directory, the new files with the rest
 
 
 def manifest_texts(manifest: Path) -> list[str]:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.decoder import greedy_ctc_text, serving_vocabulary
-from ..core.model import WINDOWED_CTC_FORMAT, metadata_props, onnx_session
+from ..core.model import WINDOWED_CTC_FORMAT, OnnxModel, metadata_props, onnx_session
 from .export import ONNX_OPSET, ParityError, ParityReport, write_onnx_metadata
 from .whisper_model import (
     ENCODER_STRIDE,
@@ -283,7 +283,7 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
     config = config or WhisperParityConfig()
     policy = policy.eval()
     generator = torch.Generator().manual_seed(config.seed)
-    first = onnx_session(out_dir / FIRST_PASS_FILE)
+    first_pass = OnnxModel(out_dir / FIRST_PASS_FILE)  # as the server streams it
     encoder = onnx_session(out_dir / ENCODER_FILE)
     decoder = onnx_session(out_dir / DECODER_FILE)
     wrapper = FirstPassWrapper(policy)
@@ -296,7 +296,7 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
             audio = 0.1 * torch.randn(2, chunk, generator=generator)
             history = 0.1 * torch.randn(2, s.history_samples, generator=generator)
             expected, _ = wrapper(audio, history)
-            actual, _ = first.run(None, {"audio": audio.numpy(), "audio_history": history.numpy()})
+            actual, _ = first_pass.run(audio.numpy(), {"audio_history": history.numpy()})
             if expected.shape != actual.shape:
                 raise ParityError(f"first pass, {chunk} samples: torch {tuple(expected.shape)}, ONNX {actual.shape}")
             worst_ctc = max(worst_ctc, float(np.abs(expected.numpy() - actual).max()))

@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..core.decoder import greedy_ctc_text, serving_vocabulary
+from ..core.pcm import read_wav
 from ..core.text import normalize_text
+from .config import DEFAULT_CORPUS_DIR
 from .evaluate import error_rates
 from .tokenizer import encode_targets, make_tokenizer
 from .whisper_model import SAMPLE_RATE_HZ, SAMPLES_PER_ENCODER_FRAME, WhisperPolicy, run_encoder
@@ -79,11 +80,7 @@ def streamed_states(policy: WhisperPolicy, audio: np.ndarray, batch_windows: int
     """(S,) -> (T, L + 1, D) every layer's encoder states of each chunk's frames, as the streaming graph
     computes them (float16: thousands of utterances are kept in memory)."""
     s = policy.settings
-    wave = torch.from_numpy(audio)
-    frames = math.ceil(len(wave) / SAMPLES_PER_ENCODER_FRAME)
-    total = math.ceil(frames / s.chunk_frames) * s.chunk_samples
-    padded = F.pad(wave, (s.history_samples, total - len(wave)))
-    windows = padded.unfold(0, s.history_samples + s.chunk_samples, s.chunk_samples)  # (N, H + C)
+    windows, frames = policy.first_pass_windows(torch.from_numpy(audio))  # (N, H + C)
     first = s.history_samples // SAMPLES_PER_ENCODER_FRAME
     states = [run_encoder(policy.model, policy.log_mel(w), all_layers=True)[:, :, first : first + s.chunk_frames]
               for w in windows.split(batch_windows)]  # each (N, L + 1, chunk_frames, D)
@@ -100,9 +97,7 @@ def _cache(policy: WhisperPolicy, rows: list[dict], corpus_dir: Path, tokenizer,
             targets = encode_targets(tokenizer, text)
         except ValueError:
             continue
-        audio, rate = sf.read(corpus_dir / row["path"], dtype="float32")
-        if rate != SAMPLE_RATE_HZ:
-            raise ValueError(f"{row['path']} is {rate} Hz; the corpus is {SAMPLE_RATE_HZ} Hz")
+        audio = read_wav(corpus_dir / row["path"], SAMPLE_RATE_HZ)
         cached.append((streamed_states(policy, _augment(audio, rng, config), config.encoder_batch_windows),
                        targets, text))
     return cached
@@ -167,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     from .whisper_import import HEAD_FILE, HEAD_REPORT_FILE, pinned_ct2_files
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=Path("corpus"))
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
     parser.add_argument("--out", type=Path, required=True, help="directory for the head's weights and report")
     parser.add_argument("--train-utterances", type=int, default=CtcHeadTrainingConfig.train_utterances)
     parser.add_argument("--epochs", type=int, default=CtcHeadTrainingConfig.epochs)

@@ -24,16 +24,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import WhisperForConditionalGeneration
 
-from ..core.model import WHISPER_TWO_PASS_FORMAT
-from ..core.registry import CARD_FILE, MODEL_FILE, atomic_write_text, sha256_file
+from ..core.model import MODEL_SAMPLE_RATE_HZ, WHISPER_TWO_PASS_FORMAT
+from ..core.pcm import read_wav
+from ..core.registry import CARD_FILE, MODEL_FILE, write_card
 from ..core.warmup import probe_card_entry
-from ..core.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, WhisperSecondPass
+from ..core.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, SecondPassSettings, WhisperSecondPass
 from .whisper_ct2 import (
     END_OF_TEXT,
     FIRST_TIMESTAMP,
@@ -159,13 +158,10 @@ def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *,
     card = {**card, "version": version, "format": WHISPER_TWO_PASS_FORMAT,
             SECOND_PASS_KEY: second_pass_section(policy, context_words), "parity": parity,
             "model": policy_card_section(policy)}
-    card["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*"))
-                     if p.is_file() and p.name != CARD_FILE}
     card["probe"] = probe_card_entry(out_dir / MODEL_FILE, out_dir / PROBE_FILE)
     card["probe"]["final_transcript"] = transcribe_probe(out_dir, card)
     step()
-    atomic_write_text(out_dir / CARD_FILE, json.dumps(card, indent=1, sort_keys=True) + "\n")
-    return card
+    return write_card(out_dir, card)
 
 
 def policy_card_section(policy: WhisperPolicy) -> dict:
@@ -223,9 +219,12 @@ def shipped_version_dir(recipe_dir: Path, build_root: Path, *, show_progress: bo
 
 
 def transcribe_probe(out_dir: Path, card: dict) -> str:
-    """The second pass's transcript of the version's probe (recorded in the card, checked at warm-up)."""
-    audio, _ = sf.read(out_dir / PROBE_FILE, dtype="float32")
-    second_pass = WhisperSecondPass.from_card(card, out_dir)
-    return second_pass.transcribe(np.asarray(audio))[0].transcript
+    """The second pass's transcript of the version's probe (recorded in the card, checked at warm-up), by the
+    graphs just written to `out_dir` that card[SECOND_PASS_KEY] names (before the card hashes them)."""
+    audio = read_wav(out_dir / PROBE_FILE, MODEL_SAMPLE_RATE_HZ)
+    settings = SecondPassSettings.from_card(card)
+    paths = (out_dir / name for name in (settings.encoder, settings.decoder, settings.tokenizer))
+    second_pass = WhisperSecondPass(*paths, settings)
+    return second_pass.transcribe(audio)[0].transcript
 
 

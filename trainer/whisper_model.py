@@ -303,15 +303,21 @@ class WhisperPolicy(nn.Module):
         states = run_encoder(self.model, self.log_mel(window), all_layers=True)  # (B, L + 1, T, D)
         return self.ctc_head(states[:, :, states.shape[2] - new_frames :])
 
-    def streaming_ctc_log_probs(self, audio: torch.Tensor) -> torch.Tensor:
-        """One utterance (S,) -> (T, V) log-probs exactly as the streaming graph yields them chunk by chunk
-        (zero history at the start; a final partial chunk padded with zeros to a whole encoder frame)."""
+    def first_pass_windows(self, audio: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One utterance (S,) -> the windows (N, H + C) the streaming graph is fed, one per chunk (zero history
+        before the first, the last chunk padded with zeros), and T, the utterance's encoder frames: the first T
+        of the chunks' N * chunk_frames frames. The streaming log-probs and the CTC head's training window here."""
         s = self.settings
         frames = math.ceil(len(audio) / SAMPLES_PER_ENCODER_FRAME)
         total = math.ceil(frames / s.chunk_frames) * s.chunk_samples
         padded = F.pad(audio, (s.history_samples, total - len(audio)))
-        windows = padded.unfold(0, s.history_samples + s.chunk_samples, s.chunk_samples)  # (N, H + C)
-        log_probs = self.window_ctc_log_probs(windows, s.chunk_frames)  # (N, chunk_frames, V)
+        return padded.unfold(0, s.history_samples + s.chunk_samples, s.chunk_samples), frames
+
+    def streaming_ctc_log_probs(self, audio: torch.Tensor) -> torch.Tensor:
+        """One utterance (S,) -> (T, V) log-probs exactly as the streaming graph yields them chunk by chunk
+        (zero history at the start; a final partial chunk padded with zeros to a whole encoder frame)."""
+        windows, frames = self.first_pass_windows(audio)  # (N, H + C)
+        log_probs = self.window_ctc_log_probs(windows, self.settings.chunk_frames)  # (N, chunk_frames, V)
         return log_probs.reshape(-1, log_probs.shape[-1])[:frames]
 
     # --- persistence ---
