@@ -12,8 +12,9 @@
    version changed (the gate may keep the old one, and then says why in its figures), and
 5. re-transcribes the held-out utterances and prints a before/after table (WER, target-word accuracy).
 
-With the in-process trainer a cycle starts once `min_feedback` (64) corrections are pending, hence
-the default of 64 feedback utterances. `--trainer once` serves without the in-process trainer and
+With the in-process trainer a cycle starts once `min_feedback` corrections are pending; the demo sets
+it to 90% of `--feedback` (default 64), since the store flags a correction that shares too little
+with what was heard and keeps it out of training. `--trainer once` serves without the in-process trainer and
 runs `voxloop train --once` after the corrections instead (what the tests use, with a small set).
 
 The server and trainer helpers here (`ServerProcess`, `transcribe_all`, `score`, `run_train_once`)
@@ -89,7 +90,7 @@ class ServerProcess:
     """`voxloop serve` in a subprocess on a free loopback port; ready once it answers GetModelInfo."""
 
     def __init__(self, data_dir: Path, *, in_process_trainer: bool, model_dir: Path | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port = free_loopback_port()
@@ -100,7 +101,7 @@ class ServerProcess:
             command += ["--model-dir", str(model_dir)]
         if not in_process_trainer:
             command.append("--no-trainer")
-        env = {**os.environ, "VOXLOOP_HOME": str(self.data_dir)}
+        env = {**os.environ, "VOXLOOP_HOME": str(self.data_dir), **(env or {})}
         self.log_path = self.data_dir / "server.log"
         log.info("starting %s (log: %s)", shlex.join(command), self.log_path)
         with self.log_path.open("wb") as log_file:
@@ -272,7 +273,7 @@ class DemoConfig:
     home: Path | None = None
     """Data dir of the demo's server (registry, store, trainer state, scenario); None: a temporary one."""
     feedback: int = 64
-    """Feedback utterances streamed and corrected (the in-process trainer cycles at 64 pending)."""
+    """Feedback utterances streamed and corrected (the in-process trainer cycles at 90% of them pending)."""
     test: int = 24
     """Held-out domain utterances transcribed before and after."""
     trainer: str = "inprocess"
@@ -327,8 +328,10 @@ def _run_demo(config: DemoConfig, home: Path, out: Callable[[str], None]) -> Dem
     scenario = load_scenario(build_scenario(scenario_config))
 
     out("2/5 starting voxloop serve" + (" with the in-process trainer" if config.trainer == "inprocess" else ""))
-    with ServerProcess(home / "server", in_process_trainer=config.trainer == "inprocess",
-                       model_dir=config.model_dir) as server:
+    # Flagged corrections (too unlike what was heard) are not trained on: start at 90% of the batch.
+    min_feedback = max(1, int(0.9 * config.feedback))
+    with ServerProcess(home / "server", in_process_trainer=config.trainer == "inprocess", model_dir=config.model_dir,
+                       env={"VOXLOOP_TRAINER_MIN_FEEDBACK": str(min_feedback)}) as server:
         version_before = server.wait_ready()
         out(f"    serving {version_before} at {server.target}")
 
