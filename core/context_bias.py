@@ -4,12 +4,13 @@ A version's context words are the rare words its users corrected into transcript
 them, trainer/kinds.py): words Whisper spells with several tokens and cannot be expected to know. While
 decoding, a token that starts one of their spellings gets `start_bonus` nats added to its log-prob, and
 a token that continues a spelling the decoded tokens end in gets `continue_bonus`, so a name the user
-taught wins once the audio makes it plausible, before the weights learn it (WeNet's context biasing is
-the same idea). The bonus only steers the search: the hypothesis keeps the model's own log-probs.
+taught is completed once the audio has started it, before the weights learn it (WeNet's context biasing
+is the same idea). The bonus only steers the search: the hypothesis keeps the model's own log-probs.
 
-Measured (docs/benchmarks.md, "The shipped model"): start 2 / continue 6 nats left dev WER unchanged and
-raised the warehouse scenario's target-word accuracy; a "previous text" prompt of the same words instead
-raised dev WER by 12-25 points.
+Measured (docs/benchmarks.md, "The shipped model"): a continue bonus of 6 nats raised the warehouse
+scenario's target-word accuracy and left general WER where it was; a start bonus (1-2 nats) raised it
+further but cost 2.5-3.2 points of anchor WER (the first tokens of names are common word starts), so the
+default is 0; a "previous text" prompt of the same words instead raised dev WER by 12-25 points.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-START_BONUS = 2.0
-"""Nats added to a token that begins a context word's spelling (higher starts raised dev WER: 3 -> +10 points)."""
+START_BONUS = 0.0
+"""Nats added to a token that begins a context word's spelling (2 cost 3.2 anchor points, 3 cost 10 on dev)."""
 CONTINUE_BONUS = 6.0
 """Nats added to a token that continues a spelling the decoded tokens end in."""
 MAX_CONTEXT_WORDS = 256
