@@ -76,7 +76,8 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long open streams may run on before they are cancelled."""
     interim_interval_s: float = 0.2
-    """With interim_results, the longest stretch of audio between two interim results."""
+    """With interim_results, the longest stretch of audio between two interim results. A model whose chunk is
+    longer gives one per chunk (the Whisper default: 0.4 s, its recipe's chunk_s; the server logs it at start)."""
     trailing_silence_before_speech_s: float = 2.4
     """Endpoint when nothing has been recognized in an utterance and this much silence passed."""
     trailing_silence_after_speech_s: float = 1.2
