@@ -3,7 +3,7 @@
 Both models are scored with onnxruntime on their exported graphs (what the server would run),
 decoded as the server decodes their finals (`evaluate.version_transcriber`): a Whisper version's
 second pass, a CTC version's lexicon + LM beam search when its card has a "decoder" section (the
-candidate with its own, possibly adapted, decoder files or vocabulary prompt), greedily otherwise:
+candidate with its own, possibly adapted, decoder files or context words), greedily otherwise:
 
 - held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
   a hash of the feedback id); the candidate's WER must not be higher than the serving model's, and

@@ -4,8 +4,8 @@
   CTC paths; the candidate is model.onnx (+ decoder files); text-side adaptation re-estimates the
   lexicon + word LM with the corrections;
 - Whisper (`whisper-two-pass/1`; WhisperPolicy): whisper_update.py's per-token transcripts; the
-  candidate is model.onnx, encoder.onnx, decoder.onnx and the tokenizer; text-side adaptation puts
-  the corrections' new words into Whisper's vocabulary prompt.
+  candidate is model.onnx, encoder.onnx, decoder.onnx and the tokenizer; text-side adaptation adds
+  the corrections' rare words to its context words (the second pass biases its search toward them).
 
 A kind is made per cycle from the trainer's policy (`policy_kind`): it holds what the cycle's
 rollout, update steps and before/after rewards share (the Whisper kind's frozen reference and cached
