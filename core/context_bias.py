@@ -58,6 +58,8 @@ class ContextBias:
 
     def biased(self, scores: np.ndarray, decoded: Sequence[int]) -> np.ndarray:
         """`scores` (V,) of the next token after `decoded`, with the bonuses added (a copy when any apply)."""
+        if not self._next:  # no context words: every decoder step of most versions
+            return scores
         bonuses = self.bonuses(decoded)
         if not bonuses:
             return scores

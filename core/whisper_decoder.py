@@ -52,8 +52,8 @@ SAMPLES_PER_ENCODER_FRAME = 320
 MIN_TOKENS = 8
 """Decoding may always run this many tokens, however short the utterance."""
 MAX_TOTAL_TOKENS = 224
-MAX_BEAM_SIZE = 16
 """Whisper's own sample_len: half its 448 positions."""
+MAX_BEAM_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,6 @@ class WhisperSecondPass:
         self._cross_names = [o.name for o in self._encoder.get_outputs()]
         self._suppress = np.array(sorted({*settings.suppress_tokens}), dtype=np.int64)
         self._begin_suppress = np.array(sorted({*settings.begin_suppress_tokens}), dtype=np.int64)
-        self._prompt = settings.prompt
         spellings = word_spellings(settings.context_words,
                                    lambda text: self._tokenizer.encode(text, add_special_tokens=False).ids)
         self._bias = ContextBias(spellings, start_bonus=settings.context_start_bonus,
@@ -191,7 +190,7 @@ class WhisperSecondPass:
     def _first_call(self, cross: Cross):
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
-        return self._step(np.array([self._prompt], dtype=np.int64), empty, empty, cross)
+        return self._step(np.array([self.settings.prompt], dtype=np.int64), empty, empty, cross)
 
     def greedy(self, cross: Cross, max_tokens: int) -> DecodedTokens:
         """The best token at every step, until end-of-text or `max_tokens`."""
@@ -258,9 +257,9 @@ class WhisperSecondPass:
         teacher-forced decoder call (as openai/whisper timing.py reads the alignment heads)."""
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
-        sequence = np.array([[*self._prompt, *tokens]], dtype=np.int64)
+        sequence = np.array([[*self.settings.prompt, *tokens]], dtype=np.int64)
         _, _, _, alignment = self._step(sequence, empty, empty, cross)  # (1, P + N, 1500)
-        return alignment[0, len(self._prompt) - 1 :]
+        return alignment[0, len(self.settings.prompt) - 1 :]
 
     def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1) -> tuple[Hypothesis, ...]:
         """One endpointed utterance, float32 (S,) at 16 kHz starting `start_s` into its stream -> the n-best
