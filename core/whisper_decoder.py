@@ -210,6 +210,42 @@ class WhisperSecondPass:
             log_probs, self_k, self_v, _ = self._step(np.array([[token]], dtype=np.int64), self_k, self_v, cross)
         return DecodedTokens(tuple(tokens), tuple(token_log_probs), float(sum(token_log_probs)))
 
+    def greedy_batch(self, crosses: list[Cross], budgets: list[int]) -> list[DecodedTokens]:
+        """`greedy` for several utterances in lockstep: one decoder call per step for all of them, so the
+        output projection (20 M weights, read once per call) is shared; an utterance leaves the batch when
+        it ends. The same tokens as `greedy` on each, up to the int8 graph's per-call activation scale."""
+        cross = {name: np.concatenate([c[name] for c in crosses]) for name in self._cross_names}
+        layers, heads, head_dim = self._cache_shape
+        empty = np.zeros((layers, len(crosses), heads, 0, head_dim), dtype=np.float32)
+        prompt = np.repeat(np.array([self.settings.prompt], dtype=np.int64), len(crosses), axis=0)
+        log_probs, self_k, self_v, _ = self._step(prompt, empty, empty, cross)
+        tokens: list[list[int]] = [[] for _ in crosses]
+        token_log_probs: list[list[float]] = [[] for _ in crosses]
+        live = list(range(len(crosses)))  # the utterance of each decoder row
+        while live:
+            scores = self._mask(log_probs, first=not tokens[live[0]])  # rows step together: all first or none
+            ended = []
+            for row, index in enumerate(live):
+                token = int(self._bias.biased(scores[row], tokens[index]).argmax())
+                if token == self.settings.end_of_text:
+                    ended.append(row)
+                    continue
+                tokens[index].append(token)
+                token_log_probs[index].append(float(scores[row, token]))
+                if len(tokens[index]) == budgets[index]:
+                    log.warning("second pass hit its token budget (%d); the final is cut there", budgets[index])
+                    ended.append(row)
+            if ended:
+                keep = [row for row in range(len(live)) if row not in ended]
+                live = [live[row] for row in keep]
+                if not live:
+                    break
+                self_k, self_v = self_k[:, keep], self_v[:, keep]
+                cross = {name: x[keep] for name, x in cross.items()}
+            step = np.array([[tokens[index][-1]] for index in live], dtype=np.int64)
+            log_probs, self_k, self_v, _ = self._step(step, self_k, self_v, cross)
+        return [DecodedTokens(tuple(t), tuple(p), float(sum(p))) for t, p in zip(tokens, token_log_probs, strict=True)]
+
     def beam_search(self, cross: Cross, max_tokens: int, beam_size: int) -> list[DecodedTokens]:
         """Whisper's beam search (patience 1): the beam_size best unfinished continuations are kept each
         step; it ends when beam_size transcripts have ended. Best first by mean token log-prob."""
@@ -267,8 +303,7 @@ class WhisperSecondPass:
         search (greedy, or `beam_size` beams) whatever the client asks, so an offline decode equals a
         stream's final; the others from that beam, or a wider one when more alternatives are asked for."""
         cross, speech_frames = self.encode(audio)
-        budget = min(MAX_TOTAL_TOKENS, max(MIN_TOKENS, int(len(audio) / MODEL_SAMPLE_RATE_HZ
-                                                           * self.settings.max_tokens_per_s)))
+        budget = self._budget(audio)
         beam = self.settings.beam_size
         results = [self.greedy(cross, budget)] if beam == 1 else \
             self.beam_search(cross, budget, beam)
@@ -284,6 +319,23 @@ class WhisperSecondPass:
                     seen.add(hypothesis.transcript)
                     hypotheses.append(hypothesis)
         return tuple(hypotheses)
+
+    def transcribe_batch(self, utterances: list[tuple[np.ndarray, float]]) -> list[Hypothesis]:
+        """Several endpointed utterances ((audio, start_s) each) -> each one's best transcript, as
+        `transcribe` gives it; greedy versions only (a beam search batches its beams instead). Each
+        utterance is encoded and aligned on its own (their lengths differ); the decoder steps are shared."""
+        if self.settings.beam_size != 1:
+            raise ValueError("transcribe_batch decodes greedily; this version searches with beams")
+        encoded = [self.encode(audio) for audio, _ in utterances]
+        decoded = self.greedy_batch([cross for cross, _ in encoded],
+                                    [self._budget(audio) for audio, _ in utterances])
+        return [self._hypothesis(best, self.align(cross, best.tokens), frames, start_s)
+                for best, (cross, frames), (_, start_s) in zip(decoded, encoded, utterances, strict=True)]
+
+    def _budget(self, audio: np.ndarray) -> int:
+        """The most tokens an utterance of this length may decode to (a loop breaker)."""
+        return min(MAX_TOTAL_TOKENS, max(MIN_TOKENS, int(len(audio) / MODEL_SAMPLE_RATE_HZ
+                                                         * self.settings.max_tokens_per_s)))
 
     def text(self, tokens: tuple[int, ...]) -> str:
         return self._tokenizer.decode(list(tokens), skip_special_tokens=True)

@@ -49,6 +49,7 @@ from .batcher import Batcher, ServingModel
 from .config import ServerConfig
 from .feedback import FeedbackIntake
 from .feedback_servicer import FEEDBACK_SERVICE_NAME, FeedbackServicer
+from .finals import FinalsQueue
 from .interceptors import RpcMetricsInterceptor
 from .model_admin import MODEL_ADMIN_SERVICE_NAME, ModelAdminServicer
 from .model_holder import ModelHolder
@@ -131,10 +132,10 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
                     model.spec.chunk_s * 1000, config.interim_interval_s * 1000)
     batcher = Batcher(model, max_batch_size=config.batch_max_size, max_wait_s=config.batch_max_wait_s,
                       open_streams=open_streams)
-    executor = (ThreadPoolExecutor(max_workers=config.second_pass_threads, thread_name_prefix=f"final-{version}")
-                if second_pass is not None else None)
+    finals = (FinalsQueue(second_pass, threads=config.second_pass_threads, max_batch=config.second_pass_max_batch,
+                          version=version) if second_pass is not None else None)
     return ServingModel(version=version, model=model, card=card, batcher=batcher, decoder_factory=decoder_factory,
-                        second_pass=second_pass, second_pass_executor=executor)
+                        second_pass=second_pass, finals=finals)
 
 
 def _listen_address(host: str, port: int) -> str:
@@ -181,7 +182,7 @@ class VoxloopServer:
         return self.slots.active
 
     async def start(self) -> None:
-        self.model.batcher.start()
+        self.model.start()
         await self._server.start()
         self.watcher.start()
         for service in ("", SERVICE_NAME, FEEDBACK_SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME):

@@ -27,9 +27,10 @@ from datetime import datetime
 import numpy as np
 
 from ..core.decoder import CtcGreedyDecoder, DecoderFactory, Hypothesis, UtteranceDecoder
-from ..core.metrics import observe_inference, observe_second_pass
-from ..core.model import BLANK_ID, MODEL_SAMPLE_RATE_HZ, ModelSpec, OnnxModel, State
+from ..core.metrics import observe_inference
+from ..core.model import BLANK_ID, ModelSpec, OnnxModel, State
 from ..core.whisper_decoder import WhisperSecondPass
+from .finals import FinalsQueue, FinalsStopped
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,8 @@ class ServingModel:
     """The version's decoder (card["decoder"]: lexicon + LM beam search); None: greedy best path."""
     second_pass: WhisperSecondPass | None = field(default=None, repr=False)
     """A Whisper-based version's finals (card["second_pass"]); None: finals are the first pass's."""
-    second_pass_executor: ThreadPoolExecutor | None = field(default=None, repr=False)
-    """Where the second pass runs: its own thread, so finals never wait behind streaming chunks."""
+    finals: FinalsQueue | None = field(default=None, repr=False)
+    """Where the second pass runs: its own threads, so finals never wait behind streaming chunks."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -211,6 +212,12 @@ class ServingModel:
             return self.decoder_factory(previous_token)
         return CtcGreedyDecoder(self.spec.vocabulary, self.spec.frame_shift_s, previous_token=previous_token)
 
+    def start(self) -> None:
+        """Start the batcher and the second pass's workers (in the event loop that will use them)."""
+        self.batcher.start()
+        if self.finals is not None:
+            self.finals.start()
+
     async def infer(self, audio: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         return await self.batcher.infer(audio, state)
 
@@ -218,27 +225,21 @@ class ServingModel:
                                max_alternatives: int) -> tuple[Hypothesis, ...]:
         """An endpointed utterance's n-best: the second pass's on its audio (float32 (S,) at 16 kHz) when
         the version has one, else the first pass decoder's."""
-        if self.second_pass is None:
+        if self.finals is None:
             return decoder.final_hypotheses(max_alternatives)  # closes a beam search
         if not decoder.has_output:
             # The first pass heard no speech: no second pass, whose decoder would make up words for
             # silence (Whisper's "you" on an empty recording), so silence stays without a final.
             return (Hypothesis(),)
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
         try:
-            hypotheses = await loop.run_in_executor(self.second_pass_executor, self.second_pass.transcribe,
-                                                    audio, start_s, max_alternatives)
-        except RuntimeError as e:  # the executor was shut down: the server is stopping
-            raise ModelUnavailable("the server is stopping; retry on another replica") from e
-        except Exception as e:
-            log.exception("second pass of %s failed", self.version)
+            return await self.finals.transcribe(audio, start_s, max_alternatives)
+        except FinalsStopped as e:
+            raise ModelUnavailable(str(e)) from e
+        except Exception as e:  # the queue logged it
             raise InferenceError(f"model {self.version} failed: {type(e).__name__}") from e
-        observe_second_pass(time.perf_counter() - started, len(audio) / MODEL_SAMPLE_RATE_HZ)
-        return hypotheses
 
     async def close(self) -> None:
         """Stop the batcher and the second pass's thread (the model serves nothing more)."""
         await self.batcher.close()
-        if self.second_pass_executor is not None:
-            self.second_pass_executor.shutdown(wait=False, cancel_futures=True)
+        if self.finals is not None:
+            await self.finals.close()

@@ -95,6 +95,9 @@ class ServerConfig:
     second_pass_threads: int = 2
     """A two-pass (Whisper) version's finals decoded at once (one thread each): streams that end together
     (an endpoint is a pause, and pauses coincide) wait for one another less."""
+    second_pass_max_batch: int = 8
+    """Most queued finals a second-pass thread decodes in one lockstep call (greedy one-best finals; the
+    decoder's output projection is shared, ~30% less CPU per final in fours). 1: one at a time."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
     store_utterances: bool = True
@@ -172,8 +175,9 @@ class ServerConfig:
                 _invalid(name, "must be >= 1")
         if not 4096 <= self.max_message_bytes <= 64 * MIB:
             _invalid("max_message_bytes", f"must be 4096..{64 * MIB} bytes (default {MIB}: 32 s of 16 kHz audio)")
-        if self.second_pass_threads < 1:
-            raise ValueError(f"second_pass_threads must be >= 1; got {self.second_pass_threads}")
+        for name in ("second_pass_threads", "second_pass_max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("shutdown_grace_s", "batch_max_wait_ms", "onnx_intra_op_threads", "store_flush_wait_s"):
             if getattr(self, name) < 0:
                 _invalid(name, "must be >= 0")

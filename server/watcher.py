@@ -258,7 +258,7 @@ class ModelWatcher:
         self._unreadable_until.pop(version, None)
         self._refused_here.pop(version, None)
         await asyncio.to_thread(_clear_lapsed_refusal, self.registry, version)
-        model.batcher.start()
+        model.start()
         old = self.holder.swap(model)
         self.swaps += 1
         metrics.MODEL_SWAPS.inc()

@@ -180,3 +180,45 @@ def test_a_card_with_too_many_or_malformed_context_words_is_refused(whisper_vers
     for words in (["w"] * 257, [""], ["x" * 65]):
         with pytest.raises(ModelFormatError, match="context_words"):
             _second_pass(whisper_version_dir, context_words=words)
+
+
+def test_finals_of_streams_that_end_together_share_decoder_calls_and_equal_each_decoded_alone(
+        whisper_registry, tmp_path):
+    """One second-pass thread: while it decodes the first final, the others queue and go in one call."""
+    config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry,
+                          second_pass_threads=1)
+    names = ["one.wav", "two.wav", "three.wav", "two.wav"]
+    transcripts: dict[int, list[str]] = {}
+    with BackgroundServer(config) as running:
+        def stream(index: int) -> None:
+            with RecognizerClient(running.target, timeout=120) as client:
+                transcripts[index] = [r.alternatives[0].transcript for r in finals(client, speech(names[index]))]
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(names))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        stats = running.server.model.finals.stats
+    expected = {"one.wav": "the meeting starts at nine in the morning",
+                "two.wav": "please turn off the lights in the kitchen",
+                "three.wav": "the train leaves the station at noon"}
+    assert [transcripts[i] for i in range(len(names))] == [[expected[name]] for name in names]
+    assert stats.finals == len(names) and stats.largest >= 2 and stats.calls < len(names)
+
+
+def test_a_batch_of_utterances_decodes_to_what_each_decodes_to_alone(whisper_registry):
+    version_dir = Registry(whisper_registry).version_dir(WHISPER_VERSION)
+    second_pass = WhisperSecondPass.from_card(json.loads((version_dir / "card.json").read_text()), version_dir)
+    clips = [read_wav(DATA_DIR / name, 16000) for name in ("one.wav", "two.wav", "three.wav")]
+    clips.append(clips[1][: len(clips[1]) // 2])  # a cut-off utterance: fewer tokens, it leaves the batch first
+    alone = [second_pass.transcribe(clip, start_s=1.0)[0] for clip in clips]
+    together = second_pass.transcribe_batch([(clip, 1.0) for clip in clips])
+    # The same words and timings; confidences move a little: the int8 graph scales its activations per
+    # call, so a row shares its scale with the others (measured: up to 0.07).
+    assert [h.transcript for h in together] == [h.transcript for h in alone]
+    for batched, single in zip(together, alone, strict=True):
+        timings = [[(w.word, w.start_s, w.end_s) for w in h.words] for h in (batched, single)]
+        assert timings[0] == timings[1]
+        assert [w.confidence for w in batched.words] == pytest.approx([w.confidence for w in single.words], abs=0.1)
+    assert len({len(h.words) for h in together}) > 1  # rows really ended at different steps
