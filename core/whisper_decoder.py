@@ -114,6 +114,18 @@ Cross = dict[str, np.ndarray]
 """The decoder's cross-attention inputs of one utterance: cross_k_<l>, cross_v_<l>, each (B, heads, 1500, hd)."""
 
 
+@dataclass(frozen=True)
+class EncodedUtterance:
+    """An endpointed utterance through the encoder, waiting for the decoder."""
+
+    cross: Cross
+    speech_frames: int
+    budget: int
+    """Most tokens its transcript may have."""
+    start_s: float
+    """Where it starts in its stream (word offsets count from the stream's start)."""
+
+
 @dataclass
 class _Beam:
     tokens: list[int]
@@ -320,17 +332,24 @@ class WhisperSecondPass:
                     hypotheses.append(hypothesis)
         return tuple(hypotheses)
 
-    def transcribe_batch(self, utterances: list[tuple[np.ndarray, float]]) -> list[Hypothesis]:
-        """Several endpointed utterances ((audio, start_s) each) -> each one's best transcript, as
-        `transcribe` gives it; greedy versions only (a beam search batches its beams instead). Each
-        utterance is encoded and aligned on its own (their lengths differ); the decoder steps are shared."""
+    def encoded(self, audio: np.ndarray, start_s: float = 0.0) -> EncodedUtterance:
+        """The first half of a greedy final, done on its own (a batch of them then shares the decoder)."""
+        cross, speech_frames = self.encode(audio)
+        return EncodedUtterance(cross, speech_frames, self._budget(audio), start_s)
+
+    def decode_batch(self, utterances: list[EncodedUtterance]) -> list[Hypothesis]:
+        """Encoded utterances -> each one's best transcript, as `transcribe` gives it (greedy versions only;
+        a beam search batches its beams instead): the decoder steps are shared, the alignments (whose
+        lengths differ) are each utterance's own."""
         if self.settings.beam_size != 1:
-            raise ValueError("transcribe_batch decodes greedily; this version searches with beams")
-        encoded = [self.encode(audio) for audio, _ in utterances]
-        decoded = self.greedy_batch([cross for cross, _ in encoded],
-                                    [self._budget(audio) for audio, _ in utterances])
-        return [self._hypothesis(best, self.align(cross, best.tokens), frames, start_s)
-                for best, (cross, frames), (_, start_s) in zip(decoded, encoded, utterances, strict=True)]
+            raise ValueError("decode_batch decodes greedily; this version searches with beams")
+        decoded = self.greedy_batch([u.cross for u in utterances], [u.budget for u in utterances])
+        return [self._hypothesis(best, self.align(u.cross, best.tokens), u.speech_frames, u.start_s)
+                for best, u in zip(decoded, utterances, strict=True)]
+
+    def transcribe_batch(self, utterances: list[tuple[np.ndarray, float]]) -> list[Hypothesis]:
+        """Several endpointed utterances ((audio, start_s) each) -> each one's best transcript."""
+        return self.decode_batch([self.encoded(audio, start_s) for audio, start_s in utterances])
 
     def _budget(self, audio: np.ndarray) -> int:
         """The most tokens an utterance of this length may decode to (a loop breaker)."""
