@@ -18,7 +18,10 @@ endpoints and finals) fall at different times across streams. Per N it reports:
 - partial lag: from sending the chunk that ends at audio time t to receiving the first result whose
   `audio_processed` >= t (pooled over all chunks of all streams; p50/p95);
 - final latency: from the end of sending (half-close) to the last final result received after it, or
-  to the end of the stream when no final came after it (p50/p95 over streams);
+  to the end of the stream when no final came after it (p50/p95 over streams). Every stream half-closes
+  at the same moment, so with a two-pass model this is the time to drain a burst of N finals at once;
+- endpoint final lag: for the finals of endpoints inside the stream (a pause), from sending the chunk
+  that ends at the final's `audio_processed` (the endpoint's audio) to receiving the final (pooled);
 - server CPU seconds per audio second (utime+stime of the server process, /proc/<pid>/stat; needs
   --spawn-server or --server-pid), and the bench client's own CPU per audio second (it shares the
   machine: read the server figure with that in mind);
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import dataclasses
 import ipaddress
@@ -172,6 +176,7 @@ def bench_audio(config: BenchConfig) -> tuple[bytes, int]:
 class StreamResult:
     partial_lags_s: list[float] = field(default_factory=list)
     final_latency_s: float | None = None
+    endpoint_final_lags_s: list[float] = field(default_factory=list)
     uncovered_chunks: int = 0
     """Chunks no result ever reported as processed (audio_processed never reached their end)."""
     error: str | None = None
@@ -182,6 +187,7 @@ async def run_stream(client: AsyncRecognizerClient, chunks: Sequence[bytes], sam
                      start_delay_s: float, deadline_s: float) -> StreamResult:
     result = StreamResult()
     pending: collections.deque[tuple[float, float]] = collections.deque()  # (audio end s, sent at)
+    sent: list[tuple[float, float]] = []  # every chunk's (audio end s, sent at), for finals' lag
     end_sent: list[float] = []
     clock = time.perf_counter
 
@@ -192,6 +198,7 @@ async def run_stream(client: AsyncRecognizerClient, chunks: Sequence[bytes], sam
             await asyncio.sleep(max(0.0, start + audio_s - clock()))  # chunk leaves when its audio is "heard"
             audio_s += len(chunk) / 2 / sample_rate_hz
             pending.append((audio_s, clock()))
+            sent.append(pending[-1])
             yield chunk
         end_sent.append(clock())
 
@@ -206,6 +213,10 @@ async def run_stream(client: AsyncRecognizerClient, chunks: Sequence[bytes], sam
                     result.partial_lags_s.append(now - pending.popleft()[1])
                 if r.is_final and end_sent:
                     last_final = now
+                elif r.is_final:
+                    chunk = bisect.bisect_left(sent, (r.audio_processed - AUDIO_PROCESSED_TOLERANCE_S, 0.0))
+                    if chunk < len(sent):
+                        result.endpoint_final_lags_s.append(now - sent[chunk][1])
     except VoxloopError as e:
         result.error = e.code
         return result
@@ -229,6 +240,8 @@ class RunSummary:
     failed: int
     errors: dict[str, int]
     uncovered_chunks: int
+    endpoint_final_lag_ms: tuple[float, float] | None = None
+    """(p50, p95) of the finals of endpoints inside the streams (none when no stream paused)."""
 
 
 def _p50_p95_ms(values_s: list[float]) -> tuple[float, float] | None:
@@ -300,6 +313,7 @@ async def run_streams(config: BenchConfig, n: int, pcm: bytes, sample_rate_hz: i
         streams=n,
         partial_lag_ms=_p50_p95_ms([lag for r in ok for lag in r.partial_lags_s]),
         final_latency_ms=_p50_p95_ms([r.final_latency_s for r in ok if r.final_latency_s is not None]),
+        endpoint_final_lag_ms=_p50_p95_ms([lag for r in ok for lag in r.endpoint_final_lags_s]),
         server_cpu_per_audio_s=None if server_cpu is None else server_cpu / total_audio_s,
         client_cpu_per_audio_s=client_cpu / total_audio_s,
         failed=sum(errors.values()),
@@ -311,7 +325,8 @@ async def run_streams(config: BenchConfig, n: int, pcm: bytes, sample_rate_hz: i
 # --- report --------------------------------------------------------------------------------------
 
 TABLE_HEADER = ("| streams | partial lag p50 (ms) | partial lag p95 (ms) | final latency p50 (ms) | "
-                "final latency p95 (ms) | server CPU s / audio s | client CPU s / audio s | failed |")
+                "final latency p95 (ms) | endpoint final lag p50 / p95 (ms) | server CPU s / audio s | "
+                "client CPU s / audio s | failed |")
 
 
 def _fmt_pair(pair: tuple[float, float] | None) -> tuple[str, str]:
@@ -320,9 +335,10 @@ def _fmt_pair(pair: tuple[float, float] | None) -> tuple[str, str]:
 
 def table_row(s: RunSummary) -> str:
     lag, final = _fmt_pair(s.partial_lag_ms), _fmt_pair(s.final_latency_ms)
+    endpoint_final = " / ".join(_fmt_pair(s.endpoint_final_lag_ms))
     server_cpu = "n/a" if s.server_cpu_per_audio_s is None else f"{s.server_cpu_per_audio_s:.4f}"
     failed = str(s.failed) + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(s.errors.items()))})" if s.errors else "")
-    return (f"| {s.streams} | {lag[0]} | {lag[1]} | {final[0]} | {final[1]} | {server_cpu} | "
+    return (f"| {s.streams} | {lag[0]} | {lag[1]} | {final[0]} | {final[1]} | {endpoint_final} | {server_cpu} | "
             f"{s.client_cpu_per_audio_s:.4f} | {failed} |")
 
 
@@ -464,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nFor docs/benchmarks.md:\n")
     print(f"`{shlex.join(['python', 'bench/streaming.py', *(argv if argv is not None else sys.argv[1:])])}`\n")
     print(TABLE_HEADER)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * TABLE_HEADER.count("| ") + "|")
     for s in summaries:
         print(table_row(s))
     return 0 if all(s.failed == 0 for s in summaries) else 1

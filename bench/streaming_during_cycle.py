@@ -111,7 +111,7 @@ def print_report(rows: list[tuple[str, RunSummary]]) -> None:
     print("\nFor docs/benchmarks.md:\n")
     print(f"`{shlex.join(['python', 'bench/streaming_during_cycle.py', *sys.argv[1:]])}`\n")
     print("| trainer " + TABLE_HEADER)
-    print("|---" * 9 + "|")
+    print("|---" * (TABLE_HEADER.count("| ") + 1) + "|")
     for label, summary in rows:
         print(f"| {label} " + table_row(summary))
 
