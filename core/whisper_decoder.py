@@ -224,8 +224,9 @@ class WhisperSecondPass:
 
     def greedy_batch(self, crosses: list[Cross], budgets: list[int]) -> list[DecodedTokens]:
         """`greedy` for several utterances in lockstep: one decoder call per step for all of them, so the
-        output projection (20 M weights, read once per call) is shared; an utterance leaves the batch when
-        it ends. The same tokens as `greedy` on each, up to the int8 graph's per-call activation scale."""
+        output projection (20 M weights, read once per call) is shared; ended utterances leave the batch
+        once half of it has ended. The same tokens as `greedy` on each, up to the int8 graph's per-call
+        activation scale."""
         cross = {name: np.concatenate([c[name] for c in crosses]) for name in self._cross_names}
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, len(crosses), heads, 0, head_dim), dtype=np.float32)
@@ -233,28 +234,31 @@ class WhisperSecondPass:
         log_probs, self_k, self_v, _ = self._step(prompt, empty, empty, cross)
         tokens: list[list[int]] = [[] for _ in crosses]
         token_log_probs: list[list[float]] = [[] for _ in crosses]
-        live = list(range(len(crosses)))  # the utterance of each decoder row
-        while live:
-            scores = self._mask(log_probs, first=not tokens[live[0]])  # rows step together: all first or none
-            ended = []
+        live: list[int | None] = list(range(len(crosses)))  # each decoder row's utterance (None: ended)
+        first = True  # rows step together: all at their first token or none
+        while True:
+            scores = self._mask(log_probs, first=first)
+            first = False
             for row, index in enumerate(live):
-                token = int(self._bias.biased(scores[row], tokens[index]).argmax())
-                if token == self.settings.end_of_text:
-                    ended.append(row)
+                if index is None:
                     continue
-                tokens[index].append(token)
-                token_log_probs[index].append(float(scores[row, token]))
-                if len(tokens[index]) == budgets[index]:
-                    log.warning("second pass hit its token budget (%d); the final is cut there", budgets[index])
-                    ended.append(row)
-            if ended:
-                keep = [row for row in range(len(live)) if row not in ended]
-                live = [live[row] for row in keep]
-                if not live:
-                    break
-                self_k, self_v = self_k[:, keep], self_v[:, keep]
-                cross = {name: x[keep] for name, x in cross.items()}
-            step = np.array([[tokens[index][-1]] for index in live], dtype=np.int64)
+                token = int(self._bias.biased(scores[row], tokens[index]).argmax())
+                if token != self.settings.end_of_text:
+                    tokens[index].append(token)
+                    token_log_probs[index].append(float(scores[row, token]))
+                if token == self.settings.end_of_text or len(tokens[index]) == budgets[index]:
+                    if token != self.settings.end_of_text:
+                        log.warning("second pass hit its token budget (%d); the final is cut there", budgets[index])
+                    live[row] = None  # its row keeps stepping, unread, until the batch is compacted
+            alive = [row for row, index in enumerate(live) if index is not None]
+            if not alive:
+                break
+            if len(alive) <= len(live) // 2:  # compact: copying the cross inputs costs ~3 ms per row kept
+                live = [live[row] for row in alive]
+                self_k, self_v = self_k[:, alive], self_v[:, alive]
+                cross = {name: x[alive] for name, x in cross.items()}
+            step = np.array([[tokens[index][-1] if index is not None else self.settings.end_of_text]
+                             for index in live], dtype=np.int64)
             log_probs, self_k, self_v, _ = self._step(step, self_k, self_v, cross)
         return [DecodedTokens(tuple(t), tuple(p), float(sum(p))) for t, p in zip(tokens, token_log_probs, strict=True)]
 

@@ -1,15 +1,13 @@
 """Finals of a two-pass (Whisper) version: endpointed utterances share the decoder's calls.
 
-A greedy one-best final (the default) is encoded as soon as it arrives, on one of the version's
-`second_pass_threads` threads, then queues for the decoder; `second_pass_threads` decode workers each
-take a share of what is queued when they come free and run it in lockstep
-(WhisperSecondPass.decode_batch): one decoder call per step for all, so the output projection's 20 M
-weights are read once per step instead of once per final. Nothing waits for a batch to fill: under
-light load a final is decoded alone at once; under load finals queue while the workers decode, and the
-next call takes them together (docs/benchmarks.md: a 7 s utterance's final costs 267 ms alone, 185 ms
-each in fours). A final asking for an n-best, and every final of a beam-search version, is decoded on
-its own.
-"""
+Finals queue here; `second_pass_threads` workers each take their share of what is queued when they
+come free (at most 1 / second_pass_threads of it, so a burst is split between the threads) and decode
+greedy one-best finals (the default) together (WhisperSecondPass.transcribe_batch): each utterance is
+encoded and aligned on its own, the decoder steps in lockstep, one call per step for all of them, so
+the output projection's 20 M weights are read once per step instead of once per final. Nothing waits
+for a batch to fill: under light load a final is decoded alone at once; under load finals queue while
+the workers decode, and the next call takes them together. A final asking for an n-best, and every
+final of a beam-search version, is decoded on its own. Figures: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -27,7 +25,7 @@ import numpy as np
 from ..core.decoder import Hypothesis
 from ..core.metrics import observe_second_pass
 from ..core.model import MODEL_SAMPLE_RATE_HZ
-from ..core.whisper_decoder import EncodedUtterance, WhisperSecondPass
+from ..core.whisper_decoder import WhisperSecondPass
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +44,15 @@ class FinalsStats:
 
 
 @dataclass(eq=False)
-class _Queued:
-    utterance: EncodedUtterance
+class _Final:
+    audio: np.ndarray  # float32 (S,) at 16 kHz
+    start_s: float
+    max_alternatives: int
     future: asyncio.Future
+
+    @property
+    def batchable(self) -> bool:
+        return self.max_alternatives == 1
 
 
 class FinalsQueue:
@@ -59,11 +63,10 @@ class FinalsQueue:
         self.max_batch = max_batch
         self.stats = FinalsStats()
         self._threads = threads
-        self._pending: deque[_Queued] = deque()
+        self._pending: deque[_Final] = deque()
         self._arrived = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"final-{version}")
         self._workers: list[asyncio.Task] = []
-        self._idle_workers = 0
         self._closed = False
         self._version = version
 
@@ -73,31 +76,12 @@ class FinalsQueue:
                          for i in range(self._threads)]
 
     async def transcribe(self, audio: np.ndarray, start_s: float, max_alternatives: int) -> tuple[Hypothesis, ...]:
-        """One endpointed utterance's n-best (best first)."""
+        """One endpointed utterance's n-best (best first), decoded by the next free worker."""
         if self._closed or not self._workers:
-            raise FinalsStopped("the server is stopping; retry on another replica")
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        try:
-            if max_alternatives > 1 or self.second_pass.settings.beam_size != 1:
-                hypotheses = await loop.run_in_executor(self._executor, self.second_pass.transcribe,
-                                                        audio, start_s, max_alternatives)
-            else:
-                utterance = await loop.run_in_executor(self._executor, self.second_pass.encoded, audio, start_s)
-                hypotheses = await self._decoded(utterance)
-        except RuntimeError as e:
-            if self._closed:  # the executor was shut down under it
-                raise FinalsStopped("the server is stopping; retry on another replica") from e
-            raise
-        observe_second_pass(time.perf_counter() - started, len(audio) / MODEL_SAMPLE_RATE_HZ)
-        return hypotheses
-
-    async def _decoded(self, utterance: EncodedUtterance) -> tuple[Hypothesis, ...]:
-        if self._closed:
             raise FinalsStopped("the server is stopping; retry on another replica")
         future = asyncio.get_running_loop().create_future()
         async with self._arrived:
-            self._pending.append(_Queued(utterance, future))
+            self._pending.append(_Final(audio, start_s, max_alternatives, future))
             self._arrived.notify()
         return await future
 
@@ -110,42 +94,57 @@ class FinalsQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
         while self._pending:
-            queued = self._pending.popleft()
-            if not queued.future.done():
-                queued.future.set_exception(FinalsStopped("the server is stopping; retry on another replica"))
+            final = self._pending.popleft()
+            if not final.future.done():
+                final.future.set_exception(FinalsStopped("the server is stopping; retry on another replica"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _take(self) -> list[_Queued]:
-        """The oldest queued finals: an even share among the idle workers (this one included), so no
-        worker decodes a long batch while another waits with nothing to do."""
-        share = min(self.max_batch, math.ceil(len(self._pending) / (self._idle_workers + 1)))
-        return [self._pending.popleft() for _ in range(share)]
+    def _take(self) -> list[_Final]:
+        """The oldest queued final and, when it is batchable, the batchable ones behind it: at most
+        max_batch and at most an even share among the threads (a burst keeps both threads busy)."""
+        first = self._pending.popleft()
+        if not first.batchable or self.max_batch == 1 or self.second_pass.settings.beam_size != 1:
+            return [first]
+        share = min(self.max_batch, math.ceil((len(self._pending) + 1) / self._threads))
+        taken, kept = [first], deque()
+        while self._pending:
+            final = self._pending.popleft()
+            (taken if final.batchable and len(taken) < share else kept).append(final)
+        self._pending = kept
+        return taken
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             async with self._arrived:
-                self._idle_workers += 1
-                try:
-                    await self._arrived.wait_for(lambda: bool(self._pending))
-                finally:
-                    self._idle_workers -= 1
-                batch = [queued for queued in self._take() if not queued.future.done()]  # done: stream cancelled
+                await self._arrived.wait_for(lambda: bool(self._pending))
+                batch = [final for final in self._take() if not final.future.done()]  # done: stream cancelled
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.second_pass.decode_batch,
-                                                     [queued.utterance for queued in batch])
+                results = await loop.run_in_executor(self._executor, self._decode, batch)
             except Exception as e:  # fail this batch's finals, keep serving the others
                 if not self._closed:
                     log.exception("second pass of %s failed on %d utterance(s)", self._version, len(batch))
-                for queued in batch:
-                    if not queued.future.done():
-                        queued.future.set_exception(e)
+                error = FinalsStopped("the server is stopping; retry on another replica") if self._closed else e
+                for final in batch:
+                    if not final.future.done():
+                        final.future.set_exception(error)
                 continue
             self.stats.calls += 1
             self.stats.finals += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
-            for queued, hypothesis in zip(batch, results, strict=True):
-                if not queued.future.done():
-                    queued.future.set_result((hypothesis,))
+            elapsed = time.perf_counter() - started
+            for final, hypotheses in zip(batch, results, strict=True):
+                observe_second_pass(elapsed, len(final.audio) / MODEL_SAMPLE_RATE_HZ)
+                if not final.future.done():
+                    final.future.set_result(hypotheses)
+
+    def _decode(self, batch: list[_Final]) -> list[tuple[Hypothesis, ...]]:
+        """In a worker thread: one final alone (its n-best), or greedy one-best finals together."""
+        if len(batch) == 1:
+            final = batch[0]
+            return [self.second_pass.transcribe(final.audio, final.start_s, final.max_alternatives)]
+        best = self.second_pass.transcribe_batch([(final.audio, final.start_s) for final in batch])
+        return [(hypothesis,) for hypothesis in best]
