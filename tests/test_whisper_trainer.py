@@ -31,6 +31,8 @@ from voxloop.trainer.whisper_update import (
     WhisperRolloutContext,
     candidate_log_probs,
     collect_whisper_rollout,
+    generate,
+    sample_tokens,
     whisper_style,
 )
 from whisper_support import TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy, tokenizer_json
@@ -77,13 +79,75 @@ def test_token_log_probs_and_the_per_token_kl_are_what_a_hand_computation_gives(
         other_k, other_v = cross_key_values(other.model, other_states)
         other_full, _, _ = candidate_log_probs(other, other_k, other_v, [candidate])
     assert mask.tolist() == [[True, True, True]]
-    assert torch.allclose(full[0], expected, atol=1e-4)
+    assert torch.allclose(full, expected, atol=1e-4)
     assert torch.allclose(chosen[0], expected[torch.arange(3), torch.tensor(candidate)], atol=1e-4)
-    p, q = full[0].double(), other_full[0].double()
+    p, q = full.double(), other_full.double()
     by_hand = torch.tensor([sum(float(p[t, v].exp()) * (float(p[t, v]) - float(q[t, v])) for v in range(p.shape[1]))
                             for t in range(3)], dtype=torch.float64)
-    assert torch.allclose(kl_to_reference(full[0], other_full[0]).double(), by_hand, atol=1e-6)
-    assert (by_hand > 0).all() and float(kl_to_reference(full[0], full[0]).abs().max()) < 1e-6
+    assert torch.allclose(kl_to_reference(full, other_full).double(), by_hand, atol=1e-6)
+    assert (by_hand > 0).all() and float(kl_to_reference(full, full).abs().max()) < 1e-6
+
+
+def _listening_policy() -> WhisperPolicy:
+    """The tiny random Whisper with its cross-attention amplified: its tokens then depend on the utterance (a
+    random tiny model barely listens), so a row decoded on the wrong utterance's keys shows."""
+    policy = tiny_whisper_policy(seed=0)
+    with torch.no_grad():
+        for layer in policy.model.model.decoder.layers:
+            layer.encoder_attn.q_proj.weight *= 5
+            layer.encoder_attn.out_proj.weight *= 20
+    return policy
+
+
+def _two_utterances() -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross keys and values (L, 2, heads, 1500, hd) of two strongly different "utterances" for the tiny model."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(3 * torch.randn(2, 2, 2, 1500, 32, generator=generator) for _ in range(2))
+
+
+def test_candidates_sharing_an_utterance_score_as_with_their_own_copy_of_its_keys():
+    policy = _listening_policy()
+    cross_k, cross_v = _two_utterances()
+    candidates = [[440, 1234, 50256], [440, 50256], [220, 318, 257, 1332, 50256], [1002, 50256], [5, 6, 7, 50256]]
+    per_row = torch.tensor([0, 0, 0, 1, 1])  # the first three score utterance 0, the other two utterance 1
+    with torch.no_grad():
+        copied = candidate_log_probs(policy, cross_k[:, per_row], cross_v[:, per_row], candidates)
+        shared = candidate_log_probs(policy, cross_k, cross_v, candidates, audio_rows=[3, 2])
+    full, chosen, mask = shared
+    assert mask.sum(1).tolist() == [len(c) for c in candidates]
+    assert full.shape == (sum(len(c) for c in candidates), 51864)  # the candidates' positions only, no padding
+    assert torch.allclose(full, copied[0], atol=1e-5) and torch.allclose(chosen, copied[1], atol=1e-5)
+    swapped = candidate_log_probs(policy, cross_k[:, [1, 0]], cross_v[:, [1, 0]], candidates, audio_rows=[3, 2])[1]
+    assert float((swapped - chosen).abs().max()) > 0.1  # which utterance a row scores matters
+    assert float(chosen[~mask].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="audio_rows"):
+        candidate_log_probs(policy, cross_k, cross_v, candidates, audio_rows=[3, 3])
+
+
+def test_sampled_tokens_follow_the_softmax_and_never_take_an_excluded_token():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0]])).repeat(20_000, 1)
+    tokens = sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
+    first, second = tokens[0::2], tokens[1::2]
+    shares = torch.bincount(first, minlength=4).double() / len(first)
+    assert torch.allclose(shares, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64), atol=0.01)
+    assert not bool((first == 3).any()) and bool((second == 3).all())
+    hot = sample_tokens(torch.log(torch.tensor([[0.9, 0.1]])).repeat(20_000, 1), 2.0,
+                        torch.Generator().manual_seed(1))
+    expected = torch.softmax(torch.log(torch.tensor([0.9, 0.1])) / 2.0, -1)[1]  # temperature flattens
+    assert abs(float(hot.double().mean()) - float(expected)) < 0.01
+
+
+def test_greedy_transcripts_decoded_together_are_those_decoded_one_by_one():
+    policy = _listening_policy()
+    cross_k, cross_v = _two_utterances()
+    budgets = [1, 2, 1, 9, 6]  # utterance 0 (three rows) is done after 2 tokens and leaves the batch
+    together = generate(policy, cross_k, cross_v, [True, False, True, True, True], budgets,
+                        torch.Generator().manual_seed(0), 1.0, audio_rows=[3, 2])
+    alone = [generate(policy, cross_k[:, [a]], cross_v[:, [a]], [True], [budget], None, 1.0)[0]
+             for a, budget in ((0, 1), (0, 1), (1, 9), (1, 6))]
+    assert alone[0] != alone[2][:1] and len(set(alone[2])) > 3  # the tokens depend on the utterance and the step
+    assert [together[0], together[2], together[3], together[4]] == alone
+    assert all(0 < len(t) <= b and (len(t) == b or t[-1] == 50256) for t, b in zip(together, budgets, strict=True))
 
 
 def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_path):

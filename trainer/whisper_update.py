@@ -26,6 +26,7 @@ tokenized, so supervised terms teach words, not a new style.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import random
@@ -146,38 +147,63 @@ def _suppressed(policy: WhisperPolicy) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(sorted(set(generation.begin_suppress_tokens or ())), dtype=torch.long))
 
 
+def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of logits (R, V), drawn from softmax(logits / temperature) by inverting its cumulative
+    sum at a uniform draw: the distribution of torch.multinomial at a tenth of its cost over Whisper's 51,864
+    tokens (multinomial draws an exponential per token). A token of probability 0 is never drawn: the sum
+    does not rise at it, and the draw is above 0."""
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)  # (R, V)
+    draw = (1.0 - torch.rand(len(logits), 1, generator=generator)) * cdf[:, -1:]  # in (0, total]
+    return torch.searchsorted(cdf, draw)[:, 0].clamp(max=logits.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor, greedy: Sequence[bool],
-             max_tokens: Sequence[int], generator: torch.Generator | None, temperature: float) -> list[list[int]]:
-    """One transcript per row (tokens ending with end-of-text when finished): rows of cross keys and values
-    (L, R, heads, 1500, hd) -- several utterances' rows decode in one batch --, each row greedy or sampled
-    at `temperature`, and cut at its own `max_tokens`. Whisper's token filters apply (suppressed tokens,
-    no timestamps, no blank or end-of-text first)."""
+             max_tokens: Sequence[int], generator: torch.Generator | None, temperature: float,
+             audio_rows: Sequence[int] | None = None) -> list[list[int]]:
+    """One transcript per row (tokens ending with end-of-text when finished): the rows decode the audios
+    whose cross keys and values are given (L, A, heads, 1500, hd), audio a the next audio_rows[a] rows (None:
+    one row each) -- several utterances decode in one batch --, each row greedy or sampled at
+    `temperature`, and cut at its own `max_tokens`. An audio whose rows are all finished leaves the batch.
+    Whisper's token filters apply (suppressed tokens, no timestamps, no blank or end-of-text first)."""
     suppress, begin_suppress = _suppressed(policy)
-    layers, rows, heads, _, head_dim = cross_k.shape
+    layers, audios, heads, _, head_dim = cross_k.shape
+    counts = list(audio_rows) if audio_rows is not None else [1] * audios
+    rows = sum(counts)
+    owner = [a for a, count in enumerate(counts) for _ in range(count)]  # the audio of each row
     empty = torch.zeros(layers, rows, heads, 0, head_dim)
     states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, torch.tensor([PROMPT] * rows)),
-                                               empty, empty, cross_k, cross_v)
+                                               empty, empty, cross_k, cross_v, audio_rows=counts)
     logits = _logits(policy, states[:, -1])  # (R, V)
     greedy_rows = torch.tensor(list(greedy), dtype=torch.bool)
     budgets = list(max_tokens)
     sequences: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool)
+    done = [False] * rows
+    live = list(range(rows))  # the rows still in the batch, in batch order
+    present = list(range(audios))  # the audios still in the batch (cross_k's second axis), in batch order
     for step in range(max(budgets)):
         logits[:, suppress] = -math.inf
         logits[:, FIRST_TIMESTAMP:] = -math.inf
         if step == 0:
             logits[:, begin_suppress] = -math.inf
-        sampled = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-        tokens = torch.where(greedy_rows, logits.argmax(-1), sampled)
-        for i, token in enumerate(tokens.tolist()):
+        tokens = torch.where(greedy_rows[live], logits.argmax(-1), sample_tokens(logits, temperature, generator))
+        for i, token in zip(live, tokens.tolist(), strict=True):
             if not done[i]:
                 sequences[i].append(token)
                 done[i] = token == END_OF_TEXT or len(sequences[i]) >= budgets[i]
-        if bool(done.all()):
+        if all(done):
             break
+        finished = {a for a in present if all(done[i] for i in live if owner[i] == a)}
+        if finished:  # the finished audios leave the batch with their rows, caches and keys/values
+            kept_rows = [j for j, i in enumerate(live) if owner[i] not in finished]
+            kept_audios = [position for position, a in enumerate(present) if a not in finished]
+            live, present = [live[j] for j in kept_rows], [present[p] for p in kept_audios]
+            index = torch.tensor(kept_rows)
+            self_k, self_v, tokens = self_k[:, index], self_v[:, index], tokens[index]
+            cross_k, cross_v = cross_k[:, kept_audios], cross_v[:, kept_audios]
+            counts = [counts[p] for p in kept_audios]
         states, self_k, self_v, _ = decoder_states(policy.model, _embed(policy, tokens[:, None]), self_k, self_v,
-                                                   cross_k, cross_v)
+                                                   cross_k, cross_v, audio_rows=counts)
         logits = _logits(policy, states[:, -1])
     return sequences
 
@@ -195,20 +221,26 @@ def _token_batch(candidates: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tor
 
 
 def candidate_log_probs(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor,
-                        candidates: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced pass over candidates (B sequences, each with its utterance's keys/values (L, B, ...)):
-    (full log-probs (B, N, V) at each candidate position, the candidates' token log-probs (B, N), mask (B, N))."""
+                        candidates: Sequence[Sequence[int]], audio_rows: Sequence[int] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced pass over candidates (B sequences) on their utterances' keys/values (L, A, ...): one
+    utterance each (A = B) or, with `audio_rows`, utterance a for the next audio_rows[a] candidates ->
+    (full log-probs (M, V) at the M candidate positions -- the mask's True entries, row by row --, the
+    candidates' token log-probs (B, N) (0 past each end), mask (B, N)).
+
+    Only the candidates' own positions go through the output projection and the softmax: a padding position
+    would cost as much as a token (51,864 logits, and their gradient), and the batch pads every candidate to
+    the longest (a sample that loops runs to its token budget)."""
     tokens, mask = _token_batch(candidates)
-    layers, batch, heads, _, head_dim = cross_k.shape
-    empty = torch.zeros(layers, batch, heads, 0, head_dim)
-    states, _, _, _ = decoder_states(policy.model, _embed(policy, tokens), empty, empty, cross_k, cross_v)
-    positions = states[:, len(PROMPT) - 1 :]  # (B, N, D): the states that predict the candidate's tokens
-    log_probs = torch.log_softmax(_logits(policy, positions).float(), dim=-1)  # (B, N, V)
-    targets = torch.zeros(mask.shape, dtype=torch.long)
-    for i, c in enumerate(candidates):
-        targets[i, : len(c)] = torch.tensor(list(c))
-    chosen = log_probs.gather(-1, targets[..., None])[..., 0]  # (B, N)
-    return log_probs, chosen, mask
+    layers, _, heads, _, head_dim = cross_k.shape
+    empty = torch.zeros(layers, len(candidates), heads, 0, head_dim)
+    states, _, _, _ = decoder_states(policy.model, _embed(policy, tokens), empty, empty, cross_k, cross_v,
+                                     audio_rows=audio_rows)
+    positions = states[:, len(PROMPT) - 1 :][mask]  # (M, D): the states that predict the candidates' tokens
+    log_probs = torch.log_softmax(_logits(policy, positions).float(), dim=-1)  # (M, V)
+    targets = torch.tensor([token for c in candidates for token in c], dtype=torch.long)  # (M,), in mask order
+    chosen = log_probs.gather(-1, targets[:, None])[:, 0]  # (M,)
+    return log_probs, torch.zeros(mask.shape, dtype=chosen.dtype).masked_scatter(mask, chosen), mask
 
 
 @dataclass
@@ -246,9 +278,10 @@ def _max_tokens(seconds: float) -> int:
     return max(MIN_NEW_TOKENS, int(seconds * TOKENS_PER_SECOND))
 
 
-ITEMS_PER_GENERATION = 4
-"""Feedback items whose candidate rows are sampled in one decoder batch (their cross keys/values are
-copied per row: 4 items of 5 rows hold ~370 MB)."""
+ITEMS_PER_GENERATION = 16
+"""Feedback items whose candidate rows are sampled in one decoder batch: each step's output projection
+reads the 80 MB token embedding once for all their rows, and each item's cross keys/values (18 MB) are
+read once for its rows."""
 
 
 def _generate_groups(policy: WhisperPolicy, context: WhisperRolloutContext, items: Sequence[FeedbackItem],
@@ -260,10 +293,11 @@ def _generate_groups(policy: WhisperPolicy, context: WhisperRolloutContext, item
     for first in range(0, len(items), ITEMS_PER_GENERATION):
         group = items[first : first + ITEMS_PER_GENERATION]
         encoded = [context.encodings.of(item.feedback_id, item.samples) for item in group]
-        cross_k, cross_v = context.encodings.full([e for e in encoded for _ in range(per_item)])
+        cross_k, cross_v = context.encodings.full(encoded)
         greedy = ([False] * samples + [True] * int(with_greedy)) * len(group)
         budgets = [_max_tokens(e.seconds) for e in encoded for _ in range(per_item)]
-        rows = generate(policy, cross_k, cross_v, greedy, budgets, generator, temperature)
+        rows = generate(policy, cross_k, cross_v, greedy, budgets, generator, temperature,
+                        audio_rows=[per_item] * len(group))
         out += [rows[i * per_item : (i + 1) * per_item] for i in range(len(group))]
     return out
 
@@ -285,8 +319,7 @@ def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem]
             if text != item.target or config.include_target_alignment:
                 candidates.append(context.tokenizer.encode(whisper_style(text)))
         candidates = [c for c in candidates if c]
-        _, old, mask = candidate_log_probs(policy, cross_k.expand(-1, len(candidates), -1, -1, -1),
-                                           cross_v.expand(-1, len(candidates), -1, -1, -1), candidates)
+        _, old, mask = candidate_log_probs(policy, cross_k, cross_v, candidates, audio_rows=[len(candidates)])
         rewards = torch.tensor([item.reward(context.tokenizer.normalized(c), config.reward_unit) for c in candidates])
         advantages = group_advantages(rewards[None], torch.ones(1, len(rewards), dtype=torch.bool),
                                       config.normalize_advantages)[0]
@@ -342,14 +375,17 @@ def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperIt
         chunk = rows[first : first + config.rows_per_forward]
         candidates = [r.candidates[k] for r, k in chunk]
         # 1. forward (teacher forcing) under pi_theta and the frozen reference
-        cross_k, cross_v = context.encodings.full([r.encoded for r, _ in chunk])
-        log_probs, new, mask = candidate_log_probs(policy, cross_k, cross_v, candidates)  # (R, N, V), (R, N)
+        # each item's keys/values once, for its consecutive rows
+        groups = [list(rows_of_item) for _, rows_of_item in itertools.groupby(chunk, key=lambda row: id(row[0]))]
+        cross_k, cross_v = context.encodings.full([group[0][0].encoded for group in groups])
+        audio_rows = [len(group) for group in groups]
+        log_probs, new, mask = candidate_log_probs(policy, cross_k, cross_v, candidates, audio_rows)  # (M, V), (R, N)
         with torch.no_grad():
-            ref_log_probs, _, _ = candidate_log_probs(context.reference, cross_k, cross_v, candidates)
+            ref_log_probs, _, _ = candidate_log_probs(context.reference, cross_k, cross_v, candidates, audio_rows)
         share = float(mask.sum()) / total_tokens
         # 2. PPO terms: clipped ratio per token, exact per-token KL to the reference, entropy bonus
-        kl = masked_mean(kl_to_reference(log_probs, ref_log_probs), mask)
-        ent = masked_mean(entropy(log_probs), mask)
+        kl = kl_to_reference(log_probs, ref_log_probs).mean()  # over the chunk's M candidate tokens
+        ent = entropy(log_probs).mean()
         figures = {"kl": float(kl.detach()), "entropy": float(ent.detach())}
         if config.uses_rewards:
             old = torch.stack([F.pad(r.old_log_probs[k], (0, mask.shape[1] - r.old_log_probs.shape[1]))[: mask.shape[1]]
