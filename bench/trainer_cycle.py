@@ -66,16 +66,20 @@ def main() -> None:
                         help="version directory to start from (default models/base; a built Whisper version: "
                              "<data_dir>/shipped/whisper-tiny.en-v1)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=TrainerConfig.num_threads,
+                        help="torch intra-op threads (TrainerConfig.num_threads, `voxloop train --threads`; default "
+                             "%(default)s, the in-process trainer's, which leaves the other core to serving)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     work = args.work or Path(f"/tmp/voxloop-bench-trainer-{uuid.uuid4().hex[:8]}")
     rows = read_manifest(args.corpus / f"{args.split}.jsonl")
     eval_rows, feedback_rows = rows[-args.eval:], rows[: -args.eval]
     registry = Registry(work / "registry")
     registry.seed_from(args.shipped)
-    config = TrainerConfig(data_dir=work, corpus_dir=args.corpus).with_objective(args.objective)
+    config = TrainerConfig(data_dir=work, corpus_dir=args.corpus, num_threads=args.threads)
+    config = config.with_objective(args.objective)
     if args.set:
         types = {f.name: f.type for f in dataclasses.fields(config.ppo)}
         overrides = {}
@@ -105,7 +109,8 @@ def main() -> None:
             peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             gate = report.gate or {}
             result = {
-                "cycle": cycle + 1, "objective": args.objective, "overrides": args.set, "outcome": report.outcome,
+                "cycle": cycle + 1, "objective": args.objective, "overrides": args.set, "threads": args.threads,
+                "outcome": report.outcome,
                 "version": serving,
                 "seconds": round(elapsed, 1), "stage_seconds": report.seconds, "steps": report.steps,
                 "domain_wer": domain.wer, "domain_cer": domain.cer,

@@ -193,6 +193,11 @@ def test_a_cycle_raises_the_mean_reward_and_publishes_a_version(tmp_path, tiny_v
         assert card["training"]["last_step"] == cycle.stats["last_step"] == report.last_step.as_dict()
         assert report.last_step.head_ctc_loss is None and "head_ctc_loss" not in card["training"]["last_step"]
         assert set(report.last_step.gauges()) == set(StepStats.GAUGED)
+        # the update's parts are timed within it (what a bench reads to see where a cycle's time goes)
+        parts = [f"update.{part}" for part in ("rollout", "replay_pool", "steps", "reward_after")]
+        assert {"read", "update", "export", "gate", "total", *parts} <= set(report.seconds)
+        assert sum(report.seconds[part] for part in parts) == pytest.approx(report.seconds["update"], abs=0.05)
+        assert cycle.stats["seconds"] == report.seconds
 
 
 @pytest.mark.slow  # a training cycle (update, export, gate)

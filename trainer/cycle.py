@@ -112,7 +112,8 @@ class CycleReport:
     """The update's last optimizer step (None without an update)."""
     gate: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of each stage and in total."""
+    """Wall time of each stage ("read", "update", "export", "gate"), of the update's parts ("update.rollout",
+    "update.replay_pool", "update.steps", "update.reward_after") and in total ("total")."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "last_step": self.last_step.as_dict() if self.last_step is not None else {}}
@@ -205,16 +206,20 @@ def _load_base_data(config: TrainerConfig, state: TrainerState, data_parallel: D
 
 
 def _update(state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData, config: TrainerConfig,
-            should_stop, data_parallel: DataParallel):
+            should_stop, data_parallel: DataParallel, clock: _StageClock | None = None):
     """Stage 4 in every process: the same starting weights, the same rollout, a share of each step."""
+    clock = clock or _StageClock()
     data_parallel.broadcast_module(state.policy)
     generator = torch.Generator().manual_seed(config.ppo.seed + state.cycles)
     ppo_config = kind.ppo_config(config.ppo)
     rollout = kind.collect_rollout(train, ppo_config, generator)
+    clock.part("rollout")
     replay = kind.replay(base_data) if ppo_config.replay_coef > 0 else None
+    clock.part("replay_pool")
     update = ppo_update(state.policy, state.optimizer, state.kl_controller, rollout, ppo_config, replay=replay,
                         should_stop=should_stop, data_parallel=data_parallel,
                         minibatch_gradients=kind.minibatch_gradients)
+    clock.part("steps")
     return generator, rollout, update
 
 
@@ -231,15 +236,24 @@ def _update_share(state: TrainerState, train: list[FeedbackItem], base_data: Bas
 
 
 class _StageClock:
-    """Wall time of each stage (report.seconds): `lap(stage)` closes the stage that ran since the last lap."""
+    """Wall time of each stage (report.seconds): `lap(stage)` closes the stage that ran since the last lap;
+    `part(name)` closes a part of the running stage (since its start or the last part), recorded as
+    "<stage>.<name>" once the stage's lap names it."""
 
     def __init__(self) -> None:
-        self.started = self._last = time.monotonic()
+        self.started = self._last = self._part = time.monotonic()
         self.seconds: dict[str, float] = {}
+        self._parts: dict[str, float] = {}
 
     def lap(self, stage: str) -> None:
         now = time.monotonic()
         self.seconds[stage], self._last = round(now - self._last, 3), now
+        self.seconds.update({f"{stage}.{name}": seconds for name, seconds in self._parts.items()})
+        self._part, self._parts = now, {}
+
+    def part(self, name: str) -> None:
+        now = time.monotonic()
+        self._parts[name], self._part = round(now - self._part, 3), now
 
     def total(self) -> dict[str, float]:
         return {**self.seconds, "total": round(time.monotonic() - self.started, 3)}
@@ -293,7 +307,7 @@ def run_cycle(
     base_data = base_data or _load_base_data(config, state, data_parallel)
     snapshot = state.snapshot()
     kind = policy_kind(state.policy, registry.version_dir(parent))
-    stats = _train(report, state, kind, train, base_data, config, should_stop, data_parallel)
+    stats = _train(report, state, kind, train, base_data, config, should_stop, data_parallel, clock)
     clock.lap("update")
     with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=config.trainer_dir) as tmp:
         cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
@@ -344,14 +358,15 @@ def _read(store: FeedbackStore, config: TrainerConfig) -> tuple[list, list[Feedb
 
 
 def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData,
-           config: TrainerConfig, should_stop, data_parallel: DataParallel) -> dict[str, Any]:
+           config: TrainerConfig, should_stop, data_parallel: DataParallel, clock: _StageClock) -> dict[str, Any]:
     """Stage 4 in the main process: the update and the trained items' reward before and after (into `report`);
     returns the cycle's stats for its record and card."""
-    generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel)
+    generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel, clock)
     report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
     report.steps, report.last_step = update.steps, update.last
     sampled_after, greedy_after = kind.mean_rewards(train, kind.ppo_config(config.ppo), generator)
     report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}
+    clock.part("reward_after")
     log.info("cycle update (%s): %d steps; reward of the trained items (sampled / greedy) %.3f / %.3f -> "
              "%.3f / %.3f", kind.name, update.steps, rollout.sampled_reward_mean, rollout.greedy_reward_mean,
              sampled_after, greedy_after)
