@@ -7,7 +7,7 @@ Design invariant 8: training never starves serving. `voxloop serve` runs its tra
 the same process (nice 10, one torch thread); this measures what that costs the streams:
 
 1. builds the adaptation scenario (trainer/scenario.py) and starts `voxloop serve` with the
-   in-process trainer at its defaults, except `min_feedback` = `--feedback` (64 by default);
+   in-process trainer at its defaults, except `min_feedback` = 90% of `--feedback` (64 by default);
 2. streams `--feedback` scenario utterances and corrects each, which makes the trainer start a cycle
    (the bench waits for the server log's "cycle on" line);
 3. at once runs `--streams` real-time streams of `--duration-s` (bench/streaming.py's load: partial
@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from voxloop.clients.client import RecognizerClient
-from voxloop.clients.demo import USERS, ServerProcess, transcribe_all, user_token
+from voxloop.clients.demo import USERS, ServerProcess, trainer_min_feedback, transcribe_all, user_token
 from voxloop.trainer.scenario import ScenarioConfig, build_scenario, load_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     scenario = load_scenario(build_scenario(ScenarioConfig(out_dir=args.scenario)))
     if len(scenario.feedback) < args.feedback:
         raise ValueError(f"--feedback {args.feedback}: the scenario has only {len(scenario.feedback)} utterances")
-    os.environ["VOXLOOP_TRAINER_MIN_FEEDBACK"] = str(args.feedback)  # the server's trainer reads it at start
+    # The server's trainer reads it at start.
+    os.environ["VOXLOOP_TRAINER_MIN_FEEDBACK"] = str(trainer_min_feedback(args.feedback))
     home = args.out / "server"
     shutil.rmtree(home, ignore_errors=True)  # a fresh registry and store: the shipped model, no feedback yet
     with ServerProcess(home, in_process_trainer=True) as server:
@@ -120,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=30.0)
-    parser.add_argument("--feedback", type=int, default=64, help="corrections sent (the trainer's min_feedback)")
+    parser.add_argument("--feedback", type=int, default=64, help="corrections sent (the trainer starts at 90%% of them)")
     parser.add_argument("--audio", type=Path, default=None, help="WAV/FLAC to stream (default: synthesized)")
     parser.add_argument("--scenario", type=Path, default=Path("runs/scenario"), help="scenario dir (built if missing)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-during-cycle"))

@@ -204,6 +204,12 @@ def score(references: Sequence[str], hypotheses: Sequence[str]) -> Scores:
     return Scores(summary.utterances, summary.wer, targets.accuracy if targets.total else None)
 
 
+def trainer_min_feedback(corrections: int) -> int:
+    """The trainer's min_feedback for a batch of `corrections`: flagged corrections (too unlike what was
+    heard) are not trained on, so a cycle starts at 90% of the batch rather than waiting for all of it."""
+    return max(1, int(0.9 * corrections))
+
+
 def served_version(target: str) -> str:
     with RecognizerClient(target, token=user_token(0), timeout=10.0) as client:
         return client.get_model_info().version
@@ -328,10 +334,8 @@ def _run_demo(config: DemoConfig, home: Path, out: Callable[[str], None]) -> Dem
     scenario = load_scenario(build_scenario(scenario_config))
 
     out("2/5 starting voxloop serve" + (" with the in-process trainer" if config.trainer == "inprocess" else ""))
-    # Flagged corrections (too unlike what was heard) are not trained on: start at 90% of the batch.
-    min_feedback = max(1, int(0.9 * config.feedback))
     with ServerProcess(home / "server", in_process_trainer=config.trainer == "inprocess", model_dir=config.model_dir,
-                       env={"VOXLOOP_TRAINER_MIN_FEEDBACK": str(min_feedback)}) as server:
+                       env={"VOXLOOP_TRAINER_MIN_FEEDBACK": str(trainer_min_feedback(config.feedback))}) as server:
         version_before = server.wait_ready()
         out(f"    serving {version_before} at {server.target}")
 
