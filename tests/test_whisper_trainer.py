@@ -29,10 +29,12 @@ from voxloop.trainer.whisper_model import WhisperPolicy
 from voxloop.trainer.whisper_update import (
     PROMPT,
     WhisperRolloutContext,
+    _cross_entropy,
     candidate_log_probs,
     collect_whisper_rollout,
     generate,
     sample_tokens,
+    whisper_minibatch_gradients,
     whisper_style,
 )
 from whisper_support import TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy, tokenizer_json
@@ -173,6 +175,31 @@ def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_pat
     assert texts == ["the red car", "the bed car"]  # the chosen alternative (the target), then the other one
     assert choice.rewards[-2] == 0.0 and choice.rewards[-1] < 0
     assert all(c[-1] == 50256 or len(c) >= 8 for r in rollout.items for c in r.candidates[:4])
+
+
+def test_the_users_text_among_the_candidates_gives_the_supervised_gradient_of_a_forward_of_its_own(tmp_path):
+    policy = tiny_whisper_policy(seed=0)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        add_feedback(store, flite("the red car"), kind="correction", text="the red car", hypothesis="the bed car")
+        add_feedback(store, flite("we meet at noon"), kind="correction", text="we meet at noon", hypothesis="we eat")
+        items = [feedback_item(p) for p in store.pending_feedback(10)]
+    context = WhisperRolloutContext(policy, tokenizer_json())
+    # sft alone (no PPO gradient), 3 rows a forward: the users' texts fall in different chunks
+    config = PPOConfig(objective="sft", samples_per_utterance=2, head_ctc_coef=0.0, rows_per_forward=3)
+    rollout = collect_whisper_rollout(policy, items, config, torch.Generator().manual_seed(0), context)
+    batch = rollout.items
+    policy.zero_grad()
+    figures = whisper_minibatch_gradients(policy, batch, None, 1.0, config, 0.5, context=context)
+    folded = {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+    own = _cross_entropy(policy, context, [r.encoded for r in batch], [r.target for r in batch])
+    (config.sft_coef * own * 0.5).backward()
+    alone = {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+    assert figures["sft_loss"] == pytest.approx(float(own.detach()), rel=1e-5)
+    assert figures["ptx_loss"] == figures["sft_loss"]  # no replay, no head
+    assert folded.keys() == alone.keys() and len(folded) > 10
+    for name, grad in folded.items():
+        assert torch.allclose(grad, alone[name], atol=1e-6, rtol=1e-4), name
 
 
 def test_context_words_keep_the_newest_corrected_words_once():

@@ -361,16 +361,27 @@ def _cross_entropy(policy: WhisperPolicy, context: WhisperRolloutContext, encode
     return -masked_mean(chosen, mask)
 
 
+def _row_of(candidates: Sequence[list[int]], tokens: list[int]) -> int | None:
+    """The last of `candidates` equal to `tokens` (an identical row scores identically), None if none is."""
+    return next((k for k in range(len(candidates) - 1, -1, -1) if candidates[k] == tokens), None)
+
+
 def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperItemRollout], drawn: list | None,
                                 kl_coef: float, config: PPOConfig, scale: float, *,
                                 context: WhisperRolloutContext) -> dict[str, float]:
     """Stages 1-3 of update.ppo_update for one minibatch of Whisper groups (update.MinibatchGradients).
 
     The candidates run through the decoder `rows_per_forward` at a time, each chunk's share of the
-    minibatch's token-mean loss back-propagated before the next, so memory stays bounded."""
+    minibatch's token-mean loss back-propagated before the next, so memory stays bounded. The user's
+    text is one of its item's candidates (include_target_alignment): its cross-entropy (sft_loss) is
+    then read off the candidates' forward, not computed by a forward of its own."""
     rows = [(r, k) for r in batch for k in range(len(r.candidates))]
     total_tokens = sum(len(r.candidates[k]) for r, k in rows)
     sums: dict[str, float] = {}
+    with_target = [r for r in batch if r.target] if config.uses_targets else []
+    target_rows = {id(r): _row_of(r.candidates, r.target) for r in with_target}
+    folds_sft = bool(with_target) and None not in target_rows.values()
+    target_tokens = sum(len(r.target) for r in with_target)
     for first in range(0, len(rows), config.rows_per_forward):
         chunk = rows[first : first + config.rows_per_forward]
         candidates = [r.candidates[k] for r, k in chunk]
@@ -387,21 +398,27 @@ def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperIt
         kl = kl_to_reference(log_probs, ref_log_probs).mean()  # over the chunk's M candidate tokens
         ent = entropy(log_probs).mean()
         figures = {"kl": float(kl.detach()), "entropy": float(ent.detach())}
+        loss = torch.zeros(())
         if config.uses_rewards:
             old = torch.stack([F.pad(r.old_log_probs[k], (0, mask.shape[1] - r.old_log_probs.shape[1]))[: mask.shape[1]]
                                for r, k in chunk])
             advantages = torch.stack([r.advantages[k] for r, k in chunk])
             policy_loss = clipped_policy_loss(new[None], old[None], advantages[None], mask[None], config.clip_range)
-            loss = policy_loss.loss + kl_coef * kl - config.entropy_coef * ent
-            (loss * share * scale).backward()
+            loss = loss + (policy_loss.loss + kl_coef * kl - config.entropy_coef * ent) * share
             figures.update(policy_loss=float(policy_loss.loss.detach()),
                            clip_fraction=float(policy_loss.clip_fraction), approx_kl=float(policy_loss.approx_kl))
+        targets_here = [j for j, (r, k) in enumerate(chunk) if target_rows.get(id(r)) == k] if folds_sft else []
+        if targets_here:  # this chunk's share of the token-mean cross-entropy on the users' texts (ptx)
+            sft_part = -new[targets_here].sum() / target_tokens  # new is 0 past each candidate's end
+            loss = loss + config.sft_coef * sft_part
+            sums["sft_loss"] = sums.get("sft_loss", 0.0) + float(sft_part.detach())
+        if loss.requires_grad:
+            (loss * scale).backward()
         for name, value in figures.items():
             sums[name] = sums.get(name, 0.0) + value * share
     # 3. supervised (ptx) terms, each back-propagated on its own
     ptx_terms = []
-    with_target = [r for r in batch if r.target]
-    if config.uses_targets and with_target:
+    if with_target and not folds_sft:
         ptx_terms.append(("sft_loss", config.sft_coef, lambda: _cross_entropy(
             policy, context, [r.encoded for r in with_target], [r.target for r in with_target])))
     if drawn:
@@ -409,7 +426,7 @@ def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperIt
             policy, context, [e for e, _ in drawn], [t for _, t in drawn])))
     if config.uses_targets and config.head_ctc_coef > 0:
         ptx_terms.append(("head_ctc_loss", config.head_ctc_coef, lambda: _ctc_head_loss(policy, batch)))
-    ptx = 0.0
+    ptx = config.sft_coef * sums["sft_loss"] if folds_sft else 0.0
     for name, coef, term in ptx_terms:
         value = term()
         if value is None:
