@@ -31,6 +31,7 @@ from voxloop.trainer.whisper_update import (
     WhisperRolloutContext,
     _cross_entropy,
     candidate_log_probs,
+    candidate_states,
     collect_whisper_rollout,
     generate,
     sample_tokens,
@@ -175,6 +176,18 @@ def test_a_group_holds_samples_the_greedy_transcript_and_the_users_texts(tmp_pat
     assert texts == ["the red car", "the bed car"]  # the chosen alternative (the target), then the other one
     assert choice.rewards[-2] == 0.0 and choice.rewards[-1] < 0
     assert all(c[-1] == 50256 or len(c) >= 8 for r in rollout.items for c in r.candidates[:4])
+    # the reference's decoder states, kept for the update's KL, are what the reference computes
+    with torch.no_grad():
+        policy.model.model.decoder.layer_norm.weight.mul_(2.0)  # a step taken: the policy is no longer the reference
+        cross_k, cross_v = context.encodings.full([choice.encoded])
+        expected, _ = candidate_states(context.reference, cross_k, cross_v, choice.candidates, [len(choice.candidates)])
+        moved, _ = candidate_states(policy, cross_k, cross_v, choice.candidates, [len(choice.candidates)])
+    assert torch.allclose(torch.cat(choice.reference_states), expected, atol=1e-5)
+    assert not torch.allclose(moved, expected, atol=1e-3)
+    later = collect_whisper_rollout(policy, items, config, torch.Generator().manual_seed(0), context)
+    # a rollout by a moved policy still keeps the reference's states (the users' texts: the same candidates)
+    named = sum(len(c) for c in choice.candidates[-2:])
+    assert torch.allclose(torch.cat(later.items[2].reference_states[-2:]), expected[-named:], atol=1e-5)
 
 
 def test_the_users_text_among_the_candidates_gives_the_supervised_gradient_of_a_forward_of_its_own(tmp_path):

@@ -220,27 +220,42 @@ def _token_batch(candidates: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tor
     return tokens, mask
 
 
-def candidate_log_probs(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor,
-                        candidates: Sequence[Sequence[int]], audio_rows: Sequence[int] | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced pass over candidates (B sequences) on their utterances' keys/values (L, A, ...): one
-    utterance each (A = B) or, with `audio_rows`, utterance a for the next audio_rows[a] candidates ->
-    (full log-probs (M, V) at the M candidate positions -- the mask's True entries, row by row --, the
-    candidates' token log-probs (B, N) (0 past each end), mask (B, N)).
-
-    Only the candidates' own positions go through the output projection and the softmax: a padding position
-    would cost as much as a token (51,864 logits, and their gradient), and the batch pads every candidate to
-    the longest (a sample that loops runs to its token budget)."""
+def candidate_states(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor,
+                     candidates: Sequence[Sequence[int]], audio_rows: Sequence[int] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced decoder pass over candidates (B sequences) on their utterances' keys/values (L, A, ...): one
+    utterance each (A = B) or, with `audio_rows`, utterance a for the next audio_rows[a] candidates -> (the
+    decoder's output states (M, D) at the M candidate positions -- the mask's True entries, row by row --,
+    mask (B, N))."""
     tokens, mask = _token_batch(candidates)
     layers, _, heads, _, head_dim = cross_k.shape
     empty = torch.zeros(layers, len(candidates), heads, 0, head_dim)
     states, _, _, _ = decoder_states(policy.model, _embed(policy, tokens), empty, empty, cross_k, cross_v,
                                      audio_rows=audio_rows)
-    positions = states[:, len(PROMPT) - 1 :][mask]  # (M, D): the states that predict the candidates' tokens
+    return states[:, len(PROMPT) - 1 :][mask], mask  # (M, D): the states that predict the candidates' tokens
+
+
+def token_log_probs(policy: WhisperPolicy, positions: torch.Tensor, candidates: Sequence[Sequence[int]],
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """candidate_states' output -> (full log-probs (M, V), the candidates' token log-probs (B, N), 0 past each end).
+
+    Only the candidates' own positions go through the output projection and the softmax: a padding position
+    would cost as much as a token (51,864 logits, and their gradient), and the batch pads every candidate to
+    the longest (a sample that loops runs to its token budget)."""
     log_probs = torch.log_softmax(_logits(policy, positions).float(), dim=-1)  # (M, V)
     targets = torch.tensor([token for c in candidates for token in c], dtype=torch.long)  # (M,), in mask order
     chosen = log_probs.gather(-1, targets[:, None])[:, 0]  # (M,)
-    return log_probs, torch.zeros(mask.shape, dtype=chosen.dtype).masked_scatter(mask, chosen), mask
+    return log_probs, torch.zeros(mask.shape, dtype=chosen.dtype).masked_scatter(mask, chosen)
+
+
+def candidate_log_probs(policy: WhisperPolicy, cross_k: torch.Tensor, cross_v: torch.Tensor,
+                        candidates: Sequence[Sequence[int]], audio_rows: Sequence[int] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """candidate_states then token_log_probs: (full log-probs (M, V) at the M candidate positions, the
+    candidates' token log-probs (B, N) (0 past each end), mask (B, N))."""
+    positions, mask = candidate_states(policy, cross_k, cross_v, candidates, audio_rows)
+    log_probs, chosen = token_log_probs(policy, positions, candidates, mask)
+    return log_probs, chosen, mask
 
 
 @dataclass
@@ -261,6 +276,10 @@ class WhisperItemRollout:
     ctc_states: torch.Tensor | None
     """(T, L + 1, D) the first pass's streamed encoder states (for the CTC head's loss), with a target only."""
     ctc_target: list[int] | None
+    reference_states: list[torch.Tensor]
+    """Per candidate (its length, D): the frozen reference's decoder output states at its positions, computed once
+    in the rollout (where the policy still is the reference), so the update's exact KL runs the reference's
+    output projection only, not its decoder, at every step."""
 
 
 class WhisperRolloutContext:
@@ -310,6 +329,9 @@ def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem]
     out: list[WhisperItemRollout] = []
     generated = _generate_groups(policy, context, items, config.samples_per_utterance, config.include_greedy,
                                  generator, config.sampling_temperature)
+    # At a cycle's start the policy is the reference: its states are the reference's (checked, not assumed).
+    is_reference = all(torch.equal(a, b) for a, b in zip(policy.parameters(), context.reference.parameters(),
+                                                          strict=True))
     for item, candidates in zip(items, generated, strict=True):
         encoded = context.encodings.of(item.feedback_id, item.samples)
         cross_k, cross_v = context.encodings.full([encoded])
@@ -319,7 +341,8 @@ def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem]
             if text != item.target or config.include_target_alignment:
                 candidates.append(context.tokenizer.encode(whisper_style(text)))
         candidates = [c for c in candidates if c]
-        _, old, mask = candidate_log_probs(policy, cross_k, cross_v, candidates, audio_rows=[len(candidates)])
+        positions, mask = candidate_states(policy, cross_k, cross_v, candidates, audio_rows=[len(candidates)])
+        _, old = token_log_probs(policy, positions, candidates, mask)
         rewards = torch.tensor([item.reward(context.tokenizer.normalized(c), config.reward_unit) for c in candidates])
         advantages = group_advantages(rewards[None], torch.ones(1, len(rewards), dtype=torch.bool),
                                       config.normalize_advantages)[0]
@@ -330,8 +353,11 @@ def collect_whisper_rollout(policy: WhisperPolicy, items: Sequence[FeedbackItem]
                 ctc_states = streamed_states(context.reference, np.asarray(item.samples, np.float32), 32)
             except ValueError as e:
                 log.warning("feedback %d: no CTC target for the first pass (%s)", item.feedback_id, e)
+        reference = positions if is_reference else \
+            candidate_states(context.reference, cross_k, cross_v, candidates, audio_rows=[len(candidates)])[0]
         out.append(WhisperItemRollout(item, encoded, candidates, old * mask, rewards, advantages,
-                                      config.samples_per_utterance, target, ctc_states, ctc_target))
+                                      config.samples_per_utterance, target, ctc_states, ctc_target,
+                                      list(reference.split([len(c) for c in candidates]))))
     all_rewards = torch.cat([r.rewards for r in out]) if out else torch.zeros(0)
     sampled = torch.cat([r.rewards[: r.sampled] for r in out]) if out else torch.zeros(0)
     greedy = [float(r.rewards[r.sampled]) for r in out if config.include_greedy]
@@ -391,8 +417,9 @@ def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperIt
         cross_k, cross_v = context.encodings.full([group[0][0].encoded for group in groups])
         audio_rows = [len(group) for group in groups]
         log_probs, new, mask = candidate_log_probs(policy, cross_k, cross_v, candidates, audio_rows)  # (M, V), (R, N)
-        with torch.no_grad():
-            ref_log_probs, _, _ = candidate_log_probs(context.reference, cross_k, cross_v, candidates, audio_rows)
+        with torch.no_grad():  # the reference's decoder states were computed in the rollout
+            ref_positions = torch.cat([r.reference_states[k] for r, k in chunk])  # (M, D), in mask order
+            ref_log_probs, _ = token_log_probs(context.reference, ref_positions, candidates, mask)
         share = float(mask.sum()) / total_tokens
         # 2. PPO terms: clipped ratio per token, exact per-token KL to the reference, entropy bonus
         kl = kl_to_reference(log_probs, ref_log_probs).mean()  # over the chunk's M candidate tokens
