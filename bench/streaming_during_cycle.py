@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--duration-s", type=float, default=30.0)
-    parser.add_argument("--feedback", type=int, default=64, help="corrections sent (the trainer starts at 90%% of them)")
+    parser.add_argument("--feedback", type=int, default=64,
+                        help="corrections sent (the trainer starts at 90%% of them)")
     parser.add_argument("--audio", type=Path, default=None, help="WAV/FLAC to stream (default: synthesized)")
     parser.add_argument("--scenario", type=Path, default=Path("runs/scenario"), help="scenario dir (built if missing)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-during-cycle"))

@@ -7,7 +7,9 @@ encoded and aligned on its own, the decoder steps in lockstep, one call per step
 the output projection's 20 M weights are read once per step instead of once per final. Nothing waits
 for a batch to fill: under light load a final is decoded alone at once; under load finals queue while
 the workers decode, and the next call takes them together. A final asking for an n-best, and every
-final of a beam-search version, is decoded on its own. Figures: docs/benchmarks.md."""
+final of a beam-search version, is decoded on its own. Batching is off by default
+(`second_pass_max_batch` = 1): a batched final can differ from its utterance's offline decode.
+Figures: docs/benchmarks.md, "Finals in batches"."""
 
 from __future__ import annotations
 

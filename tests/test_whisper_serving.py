@@ -186,7 +186,7 @@ def test_finals_of_streams_that_end_together_share_decoder_calls_and_equal_each_
         whisper_registry, tmp_path):
     """One second-pass thread: while it decodes the first final, the others queue and go in one call."""
     config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry,
-                          second_pass_threads=1)
+                          second_pass_threads=1, second_pass_max_batch=8)
     names = ["one.wav", "two.wav", "three.wav", "two.wav"]
     transcripts: dict[int, list[str]] = {}
     with BackgroundServer(config) as running:
