@@ -114,18 +114,6 @@ Cross = dict[str, np.ndarray]
 """The decoder's cross-attention inputs of one utterance: cross_k_<l>, cross_v_<l>, each (B, heads, 1500, hd)."""
 
 
-@dataclass(frozen=True)
-class EncodedUtterance:
-    """An endpointed utterance through the encoder, waiting for the decoder."""
-
-    cross: Cross
-    speech_frames: int
-    budget: int
-    """Most tokens its transcript may have."""
-    start_s: float
-    """Where it starts in its stream (word offsets count from the stream's start)."""
-
-
 @dataclass
 class _Beam:
     tokens: list[int]
@@ -206,28 +194,15 @@ class WhisperSecondPass:
 
     def greedy(self, cross: Cross, max_tokens: int) -> DecodedTokens:
         """The best token at every step, until end-of-text or `max_tokens`."""
-        log_probs, self_k, self_v, _ = self._first_call(cross)
-        tokens: list[int] = []
-        token_log_probs: list[float] = []
-        while True:
-            scores = self._mask(log_probs, first=not tokens)[0]  # (V,)
-            token = int(self._bias.biased(scores, tokens).argmax())
-            if token == self.settings.end_of_text:
-                break
-            tokens.append(token)
-            token_log_probs.append(float(scores[token]))
-            if len(tokens) == max_tokens:
-                log.warning("second pass hit its token budget (%d); the final is cut there", max_tokens)
-                break
-            log_probs, self_k, self_v, _ = self._step(np.array([[token]], dtype=np.int64), self_k, self_v, cross)
-        return DecodedTokens(tuple(tokens), tuple(token_log_probs), float(sum(token_log_probs)))
+        return self.greedy_batch([cross], [max_tokens])[0]
 
     def greedy_batch(self, crosses: list[Cross], budgets: list[int]) -> list[DecodedTokens]:
         """`greedy` for several utterances in lockstep: one decoder call per step for all of them, so the
         output projection (20 M weights, read once per call) is shared; ended utterances leave the batch
         once half of it has ended. The same tokens as `greedy` on each, up to the int8 graph's per-call
         activation scale."""
-        cross = {name: np.concatenate([c[name] for c in crosses]) for name in self._cross_names}
+        cross = crosses[0] if len(crosses) == 1 else {  # one utterance: no 18 MB copy
+            name: np.concatenate([c[name] for c in crosses]) for name in self._cross_names}
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, len(crosses), heads, 0, head_dim), dtype=np.float32)
         prompt = np.repeat(np.array([self.settings.prompt], dtype=np.int64), len(crosses), axis=0)
@@ -336,24 +311,16 @@ class WhisperSecondPass:
                     hypotheses.append(hypothesis)
         return tuple(hypotheses)
 
-    def encoded(self, audio: np.ndarray, start_s: float = 0.0) -> EncodedUtterance:
-        """The first half of a greedy final, done on its own (a batch of them then shares the decoder)."""
-        cross, speech_frames = self.encode(audio)
-        return EncodedUtterance(cross, speech_frames, self._budget(audio), start_s)
-
-    def decode_batch(self, utterances: list[EncodedUtterance]) -> list[Hypothesis]:
-        """Encoded utterances -> each one's best transcript, as `transcribe` gives it (greedy versions only;
-        a beam search batches its beams instead): the decoder steps are shared, the alignments (whose
-        lengths differ) are each utterance's own."""
-        if self.settings.beam_size != 1:
-            raise ValueError("decode_batch decodes greedily; this version searches with beams")
-        decoded = self.greedy_batch([u.cross for u in utterances], [u.budget for u in utterances])
-        return [self._hypothesis(best, self.align(u.cross, best.tokens), u.speech_frames, u.start_s)
-                for best, u in zip(decoded, utterances, strict=True)]
-
     def transcribe_batch(self, utterances: list[tuple[np.ndarray, float]]) -> list[Hypothesis]:
-        """Several endpointed utterances ((audio, start_s) each) -> each one's best transcript."""
-        return self.decode_batch([self.encoded(audio, start_s) for audio, start_s in utterances])
+        """Several endpointed utterances ((audio, start_s) each) -> each one's best transcript, as `transcribe`
+        gives it (greedy versions only; a beam search batches its beams instead): each encoded and aligned on
+        its own (their lengths differ), the decoder steps shared."""
+        if self.settings.beam_size != 1:
+            raise ValueError("transcribe_batch decodes greedily; this version searches with beams")
+        encoded = [self.encode(audio) for audio, _ in utterances]
+        decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for audio, _ in utterances])
+        return [self._hypothesis(best, self.align(cross, best.tokens), frames, start_s)
+                for best, (cross, frames), (_, start_s) in zip(decoded, encoded, utterances, strict=True)]
 
     def _budget(self, audio: np.ndarray) -> int:
         """The most tokens an utterance of this length may decode to (a loop breaker)."""

@@ -135,7 +135,7 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
     finals = (FinalsQueue(second_pass, threads=config.second_pass_threads, max_batch=config.second_pass_max_batch,
                           version=version) if second_pass is not None else None)
     return ServingModel(version=version, model=model, card=card, batcher=batcher, decoder_factory=decoder_factory,
-                        second_pass=second_pass, finals=finals)
+                        finals=finals)
 
 
 def _listen_address(host: str, port: int) -> str:

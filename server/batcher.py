@@ -190,10 +190,9 @@ class ServingModel:
     batcher: Batcher = field(repr=False)
     decoder_factory: DecoderFactory | None = field(default=None, repr=False)
     """The version's decoder (card["decoder"]: lexicon + LM beam search); None: greedy best path."""
-    second_pass: WhisperSecondPass | None = field(default=None, repr=False)
-    """A Whisper-based version's finals (card["second_pass"]); None: finals are the first pass's."""
     finals: FinalsQueue | None = field(default=None, repr=False)
-    """Where the second pass runs: its own threads, so finals never wait behind streaming chunks."""
+    """A Whisper-based version's finals (card["second_pass"]), on their own threads so they never wait
+    behind streaming chunks; None: finals are the first pass's."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -211,6 +210,10 @@ class ServingModel:
         if self.decoder_factory is not None:
             return self.decoder_factory(previous_token)
         return CtcGreedyDecoder(self.spec.vocabulary, self.spec.frame_shift_s, previous_token=previous_token)
+
+    @property
+    def second_pass(self) -> WhisperSecondPass | None:
+        return self.finals.second_pass if self.finals is not None else None
 
     def start(self) -> None:
         """Start the batcher and the second pass's workers (in the event loop that will use them)."""
