@@ -8,7 +8,8 @@ scenario's target words (trainer/scenario.py) that Whisper spells with several t
 trainer would add once corrected --, all of them, as if every one had been corrected: an upper bound of
 what the trainer's context words can do. For each start:continue bonus pair the version's card is
 changed in memory (second_pass.context_words and the bonuses) and every utterance is decoded as the
-server decodes finals; WER is scored with voxloop's normalizer on both sides. Prints a markdown table:
+server decodes finals; WER and target-word accuracy are scored as bench/adaptation.py scores them
+(clients.demo.score: voxloop's normalizer on both sides, target words by alignment). Prints a markdown table:
 dev WER (the base corpus's dev split: general sentences, where the bias must not hurt) and the
 scenario split's WER and target-word accuracy. Choose bonuses on the feedback split, report on test.
 """
@@ -19,8 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-import jiwer
 from tokenizers import Tokenizer
+from voxloop.clients.demo import score
 from voxloop.core.pcm import read_wav
 from voxloop.core.text import normalize_text
 from voxloop.core.whisper_decoder import SECOND_PASS_KEY, WhisperSecondPass
@@ -36,17 +37,6 @@ def _utterances(manifest: Path, count: int) -> list[tuple[object, str]]:
 
 def _decode(second_pass: WhisperSecondPass, utterances) -> tuple[list[str], list[str]]:
     return [second_pass.transcribe(audio)[0].transcript for audio, _ in utterances], [ref for _, ref in utterances]
-
-
-def _target_accuracy(hypotheses: list[str], references: list[str], targets: set[str]) -> float:
-    said = heard = 0
-    for hypothesis, reference in zip(hypotheses, references, strict=True):
-        words = set(hypothesis.split())
-        for word in reference.split():
-            if word in targets:
-                said += 1
-                heard += word in words
-    return heard / max(said, 1)
 
 
 def main() -> None:
@@ -74,12 +64,10 @@ def main() -> None:
         section = {**card[SECOND_PASS_KEY], "context_words": context, "context_start_bonus": start,
                    "context_continue_bonus": cont}
         second_pass = WhisperSecondPass.from_card({**card, SECOND_PASS_KEY: section}, args.version_dir)
-        dev_wer = jiwer.wer(*reversed(_decode(second_pass, dev)))
-        hypotheses, references = _decode(second_pass, domain)
-        domain_wer = jiwer.wer(references, hypotheses)
-        accuracy = _target_accuracy(hypotheses, references, set(targets))
-        print(f"| {start:g} / {cont:g} | {100 * dev_wer:.1f} | {100 * domain_wer:.1f} | {100 * accuracy:.1f}% |",
-              flush=True)
+        dev_scores = score(*reversed(_decode(second_pass, dev)))
+        domain_scores = score(*reversed(_decode(second_pass, domain)))
+        print(f"| {start:g} / {cont:g} | {100 * dev_scores.wer:.1f} | {100 * domain_scores.wer:.1f} | "
+              f"{100 * domain_scores.target_accuracy:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,18 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         with RecognizerClient(args.server, token=args.token) as client:
             hypotheses = [client.transcribe_file(data / r["path"]).transcript for r in rows]
     else:
-        from voxloop.trainer.evaluate import version_transcriber
+        from voxloop.trainer.evaluate import load_samples, version_transcriber
 
         transcribe = version_transcriber(args.version_dir)
         hypotheses = []
         for r in rows:
-            audio, rate = sf.read(data / r["path"], dtype="float32", always_2d=True)
-            if rate != 16000:
-                import torch
-                import torchaudio.functional as AF
-
-                audio = AF.resample(torch.from_numpy(audio.T.copy()), rate, 16000).numpy().T
-            hypotheses.append(transcribe(np.ascontiguousarray(audio.mean(axis=1), dtype=np.float32)))
+            hypotheses.append(transcribe(load_samples(data / r["path"])))
     references = [normalize_text(r["text"]) for r in rows]
     hypotheses = [normalize_text(h) for h in hypotheses]
     for r, ref, hyp in zip(rows, references, hypotheses, strict=True):

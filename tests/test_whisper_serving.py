@@ -19,12 +19,13 @@ from voxloop.core.registry import Registry
 from voxloop.core.whisper_decoder import WhisperSecondPass
 from voxloop.server.app import BackgroundServer
 from voxloop.server.config import BASE_MODEL_DIR, ServerConfig
+from voxloop.trainer.whisper_import import ImportRecipe
 from whisper_support import DATA_DIR
 
 pytestmark = pytest.mark.slow
 
 CHUNK_100MS = 3200
-WHISPER_VERSION = "whisper-tiny.en-v1"
+WHISPER_VERSION = ImportRecipe.named("whisper-tiny.en").version
 
 
 def speech(*names: str, pause_s: float = 1.5) -> np.ndarray:

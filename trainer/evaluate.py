@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
@@ -141,8 +142,14 @@ def version_transcriber(version_dir: Path) -> Transcriber:
 
 
 def load_samples(path: Path) -> np.ndarray:
-    """An evaluation manifest's audio: float32 (S,) mono at 16 kHz (ValueError at another rate)."""
-    return read_wav(path, MODEL_SAMPLE_RATE_HZ)
+    """An evaluation manifest's audio as float32 (S,) mono at 16 kHz; a recording at another rate (the real-speech
+    clips) is resampled (torchaudio's sinc interpolation)."""
+    if sf.info(str(path)).samplerate == MODEL_SAMPLE_RATE_HZ:
+        return read_wav(path, MODEL_SAMPLE_RATE_HZ)
+    import torchaudio.functional as AF
+
+    audio, rate_hz = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
+    return AF.resample(torch.from_numpy(audio.mean(axis=1)), rate_hz, MODEL_SAMPLE_RATE_HZ).numpy()
 
 
 def evaluate(

@@ -63,7 +63,8 @@ class CtcHeadTrainingConfig:
             raise ValueError("train_utterances, epochs and batch_size must be >= 1")
 
 
-def _augment(audio: np.ndarray, rng: random.Random, config: CtcHeadTrainingConfig) -> np.ndarray:
+def augment_utterance(audio: np.ndarray, rng: random.Random, config) -> np.ndarray:
+    """Random edge silence and, for some, white noise (config: max_edge_silence_s, noise_fraction, noise_snr_db)."""
     before = np.zeros(int(rng.uniform(0, config.max_edge_silence_s) * SAMPLE_RATE_HZ), np.float32)
     after = np.zeros(int(rng.uniform(0, config.max_edge_silence_s) * SAMPLE_RATE_HZ), np.float32)
     audio = np.concatenate([before, audio, after])
@@ -98,7 +99,7 @@ def _cache(policy: WhisperPolicy, rows: list[dict], corpus_dir: Path, tokenizer,
         except ValueError:
             continue
         audio = read_wav(corpus_dir / row["path"], SAMPLE_RATE_HZ)
-        cached.append((streamed_states(policy, _augment(audio, rng, config), config.encoder_batch_windows),
+        cached.append((streamed_states(policy, augment_utterance(audio, rng, config), config.encoder_batch_windows),
                        targets, text))
     return cached
 
