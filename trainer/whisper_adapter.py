@@ -55,7 +55,7 @@ TARGET_MODULES = (r"model\.decoder\.layers\.\d+\."
 class AdapterTrainingConfig:
     """How the decoder adapter is trained on the synthetic corpus."""
 
-    train_utterances: int = 4000
+    train_utterances: int = 6000
     dev_utterances: int = 100
     """Utterances of each evaluation manifest decoded (greedy, torch) before and after training."""
     epochs: int = 1

