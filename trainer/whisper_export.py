@@ -234,8 +234,8 @@ def _decoder_agreement(encoders: tuple, decoders: tuple, speech: np.ndarray, max
 def quantize_graphs(out_dir: Path, probe: np.ndarray, seed: int = 0) -> QuantizationReport:
     """Replace the three fp32 graphs in `out_dir` by int8 ones (dynamic quantization of the MatMul weights, per
     output channel: 2.5-4x faster on CPU, the same WER on the real and synthetic checks; docs/benchmarks.md) and
-    compare them with the fp32 ones (the decoder on `probe`, the version's probe utterance); raises ParityError when they
-    drift beyond MIN_INT8_*."""
+    compare them with the fp32 ones (the decoder on `probe`, the version's probe utterance); raises ParityError
+    when they drift beyond MIN_INT8_*."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     generator = np.random.default_rng(seed)
