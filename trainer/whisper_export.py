@@ -210,11 +210,10 @@ MIN_INT8_ARGMAX_AGREEMENT = 0.75
 """The first pass's frames are random audio, where near-ties flip; the decoder's steps are the probe's speech."""
 
 
-def _decoder_agreement(encoders: tuple, decoders: tuple, speech: np.ndarray, max_steps: int = 40) -> float:
+def _decoder_agreement(encoder32, decoder32, decoder8, speech: np.ndarray, max_steps: int = 40) -> float:
     """Share of the fp32 decoder's greedy steps on `speech` (teacher-forced, both decoders on the fp32 encoder's
     keys/values) where the int8 decoder picks the same next token. Speech, not noise: on noise every next-token
     distribution is flat and a near-tie flips with any rounding (an adapted decoder is flatter still there)."""
-    encoder32, decoder32, decoder8 = encoders[0], *decoders
     names = [o.name for o in encoder32.get_outputs()]
     padded = np.pad(speech, (0, -len(speech) % SAMPLES_PER_ENCODER_FRAME)).astype(np.float32)[None]
     cross = dict(zip(names, encoder32.run(names, {"audio": padded}), strict=True))
@@ -254,14 +253,14 @@ def quantize_graphs(out_dir: Path, probe: np.ndarray, seed: int = 0) -> Quantiza
         first_pass = float((a.argmax(-1) == b.argmax(-1)).mean())
         cosines = []
         for seconds in (1.3, 4.7):
-            speech = (0.1 * generator.standard_normal((1, round(seconds * 50) * 320))).astype(np.float32)
+            noise = (0.1 * generator.standard_normal((1, round(seconds * 50) * 320))).astype(np.float32)
             names = [o.name for o in sessions[ENCODER_FILE][0].get_outputs()]
-            cross32, cross8 = ({n: x for n, x in zip(names, s.run(names, {"audio": speech}), strict=True)}
+            cross32, cross8 = ({n: x for n, x in zip(names, s.run(names, {"audio": noise}), strict=True)}
                                for s in sessions[ENCODER_FILE])
             x, y = (np.concatenate([c[n].ravel() for n in names]) for c in (cross32, cross8))
             cosines.append(float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum())))
-        agreements = _decoder_agreement(sessions[ENCODER_FILE], sessions[DECODER_FILE], probe)
-    report = QuantizationReport(first_pass, min(cosines), agreements)
+        agreement = _decoder_agreement(sessions[ENCODER_FILE][0], *sessions[DECODER_FILE], probe)
+    report = QuantizationReport(first_pass, min(cosines), agreement)
     if (report.cross_kv_cosine < MIN_INT8_COSINE or min(report.first_pass_argmax_agreement,
                                                           report.decoder_argmax_agreement) < MIN_INT8_ARGMAX_AGREEMENT):
         raise ParityError(f"the int8 graphs drift from the fp32 ones: {report}")
