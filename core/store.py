@@ -598,13 +598,29 @@ class FeedbackStore:
             )
             query = query.join(ranked, ranked.c.id == feedback.c.id).where(ranked.c.rank <= per_user_cap)
         with self._read() as conn:
-            rows = conn.execute(query.order_by(*order).limit(limit)).all()
-        items = []
-        for row in rows:
-            mapping = row._mapping
-            utterance = {c.name: mapping[f"u_{c.name}"] for c in utterances.c}
-            items.append(PendingFeedback(_feedback_record(mapping), _utterance_record(utterance)))
-        return items
+            return [_pending_feedback(row) for row in conn.execute(query.order_by(*order).limit(limit)).all()]
+
+    def consumed_feedback(self, limit: int, *, exclude_ids: Iterable[int] = ()) -> list[PendingFeedback]:
+        """Up to `limit` items earlier cycles consumed that name a text (corrections, acceptances, choices), with
+        their utterances, the most recently consumed first: the trainer's rehearsal memory.
+
+        Only current, unflagged items whose audio is still stored: a superseded correction, a flagged one,
+        an expired utterance or a deleted user's data is never rehearsed. `exclude_ids` leaves some out.
+        """
+        if limit <= 0:
+            raise ValueError(f"limit must be a positive number of items (got {limit})")
+        named = [FeedbackKind.CORRECTION.value, FeedbackKind.ACCEPTANCE.value, FeedbackKind.CHOICE.value]
+        conditions = [_current, feedback.c.consumed_by_cycle.is_not(None), utterances.c.audio.is_not(None),
+                      sa.not_(feedback.c.flagged), feedback.c.kind.in_(named),
+                      feedback.c.id.not_in([int(i) for i in exclude_ids])]
+        utterance_columns = [c.label(f"u_{c.name}") for c in utterances.c]
+        query = (sa.select(*feedback.c, *utterance_columns)
+                 .select_from(feedback.join(utterances, feedback.c.utterance_id == utterances.c.id))
+                 .where(*conditions)
+                 .order_by(feedback.c.consumed_by_cycle.desc(), feedback.c.id.desc())
+                 .limit(limit))
+        with self._read() as conn:
+            return [_pending_feedback(row) for row in conn.execute(query).all()]
 
     def pending_count(self, *, include_flagged: bool = False) -> int:
         """How many items pending_feedback could return with no limit (the trainer's wake-up test)."""
@@ -801,6 +817,13 @@ class FeedbackStore:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _pending_feedback(row: sa.Row) -> PendingFeedback:
+    """A row of feedback joined with its utterance's columns (labelled u_<name>) -> PendingFeedback."""
+    mapping = row._mapping
+    utterance = {c.name: mapping[f"u_{c.name}"] for c in utterances.c}
+    return PendingFeedback(_feedback_record(mapping), _utterance_record(utterance))
 
 
 def _pending_conditions(include_flagged: bool) -> list[sa.ColumnElement]:

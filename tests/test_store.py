@@ -221,6 +221,38 @@ def test_record_cycle_marks_exactly_the_given_ids_consumed(store):
     assert store.stats().consumed == 2 and store.latest_cycle() == cycle
 
 
+def test_consumed_feedback_is_the_texts_earlier_cycles_consumed_newest_first(store):
+    """The trainer's rehearsal memory: consumed items naming a text, never a rejection, a flagged, superseded or
+    expired one, nor a deleted user's."""
+    store.add_utterances([make_utterance(f"u{i}", age_s=3600 if i == 5 else 0.0,
+                                         alternatives=(HYPOTHESIS, CORRECTION)) for i in range(7)])
+    first = correct(store, "u0")
+    accepted = store.submit_feedback("u1", tenant=TENANT, user="alice", kind="acceptance", reward=0.0)
+    rejected = store.submit_feedback("u2", tenant=TENANT, user="alice", kind="rejection", reward=-1.0)
+    flagged = correct(store, "u3", flagged=True, flag_reason="too far from the transcript")
+    bob = correct(store, "u4", user="bob")
+    expired = correct(store, "u5")
+    store.record_cycle([first.id, accepted.id, rejected.id, flagged.id, bob.id, expired.id], "published", "v2")
+    chosen = store.submit_feedback("u6", tenant=TENANT, user="alice", kind="choice", chosen_index=1, reward=0.0)
+    replaced = correct(store, "u0", "turn on the kitchen light please")  # a new text for an utterance trained on
+    pending = correct(store, "u1", "turn off the kitchen lights", user="carol")
+    store.record_cycle([chosen.id, replaced.id], "gated")
+    assert store.expire_audio(older_than_s=600) == 1
+    store.delete_user_data(TENANT, "bob")
+
+    memory = store.consumed_feedback(10)
+
+    # the later cycle's first; the superseded u0 text, the rejection, the flagged item, the expired audio, bob's
+    # deleted data and the still pending item are left out
+    assert [p.feedback.id for p in memory] == [replaced.id, chosen.id, accepted.id]
+    assert memory[0].feedback.corrected_text == "turn on the kitchen light please" and memory[0].utterance.audio
+    assert [p.feedback.id for p in store.consumed_feedback(1)] == [replaced.id]
+    assert [p.feedback.id for p in store.consumed_feedback(10, exclude_ids=[chosen.id])] == [replaced.id, accepted.id]
+    assert pending.id not in [p.feedback.id for p in memory]
+    with pytest.raises(ValueError, match="positive"):
+        store.consumed_feedback(0)
+
+
 def test_record_cycle_refuses_double_consumption_and_changes_nothing(store):
     store.add_utterances([make_utterance(f"u{i}") for i in range(3)])
     items = [correct(store, f"u{i}") for i in range(3)]

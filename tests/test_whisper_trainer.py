@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import subprocess
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from voxloop.trainer.whisper_update import (
     generate,
     sample_tokens,
     whisper_minibatch_gradients,
+    whisper_rehearsal,
     whisper_style,
 )
 from whisper_support import TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy, tokenizer_json
@@ -268,6 +270,56 @@ def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_re
     assert isinstance(state.policy, WhisperPolicy) and state.version == child
     for (name, a), (_, b) in zip(state.policy.named_parameters(), after.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_later_cycle_rehearses_the_texts_earlier_cycles_consumed(tmp_path, flite_corpus):
+    registry = Registry(tmp_path / "registry")
+    publish_whisper_version(tiny_whisper_policy(seed=0), registry.root, TINY_WHISPER_VERSION)
+    registry.activate(TINY_WHISPER_VERSION)
+    config = _config(tmp_path / "data", flite_corpus)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        first = [add_feedback(store, flite(s, "rms"), kind="correction", text=s, hypothesis="x")
+                 for s in SENTENCES[:2]]
+        assert run_cycle(store, registry, config).rehearsed_ids != []  # this cycle's own texts, once more
+        later = [add_feedback(store, flite(s, "rms"), kind="correction", text=s, hypothesis="x")
+                 for s in SENTENCES[2:]]
+        add_feedback(store, flite(SENTENCES[0], "rms"), kind="rejection", hypothesis="a wrong transcript")
+        report = run_cycle(store, registry, config)
+        assert report.outcome == CycleOutcome.PUBLISHED, report.gate
+        # one minibatch of 4: the first cycle's two corrections and this cycle's two (a rejection names no text)
+        assert sorted(report.rehearsed_ids) == sorted(first + later)
+        card = registry.verify(report.version_out)
+        assert card["training"]["rehearsal"]["steps"] == 1 and card["training"]["rehearsal"]["items"] == 4
+        # the reward-only objective has no supervised term to rehearse with
+        add_feedback(store, flite(SENTENCES[1], "rms"), kind="correction", text=SENTENCES[1], hypothesis="x")
+        reward_only = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, objective="ppo"))
+        assert run_cycle(store, registry, reward_only).rehearsed_ids == []
+
+
+def test_rehearsal_steps_lower_the_cross_entropy_of_the_texts_they_rehearse(tmp_path):
+    policy = tiny_whisper_policy(seed=0)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        for sentence in SENTENCES:
+            add_feedback(store, flite(sentence, "rms"), kind="correction", text=f"{sentence} zebulon",
+                         hypothesis=sentence)
+        items = [feedback_item(p) for p in store.pending_feedback(10)]
+    context = WhisperRolloutContext(policy, tokenizer_json())
+    config = PPOConfig(minibatch_size=2, rehearsal_steps=8, replay_coef=0.0, learning_rate=1e-3)
+
+    def cross_entropy() -> float:
+        encoded = [context.encodings.of(i.feedback_id, i.samples) for i in items]
+        with torch.no_grad():
+            return float(_cross_entropy(policy, context, encoded,
+                                        [context.tokenizer.encode(whisper_style(i.target)) for i in items]))
+
+    before = cross_entropy()
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    report = whisper_rehearsal(policy, optimizer, items, config, context, None, random.Random(0))
+    assert report.steps == 2 and sorted(report.feedback_ids) == sorted(i.feedback_id for i in items)  # one pass
+    assert cross_entropy() < before - 0.1
+    capped = whisper_rehearsal(policy, optimizer, items, dataclasses.replace(config, rehearsal_steps=1), context,
+                               None, random.Random(0))
+    assert capped.steps == 1 and len(capped.feedback_ids) == 2
 
 
 def test_a_harmful_update_of_the_real_whisper_is_refused_by_the_gate(whisper_registry, tmp_path, flite_corpus):

@@ -83,6 +83,13 @@ class PPOConfig:
     costs far more (a 64-item cycle: 154 s with 1 epoch and 2 samples, 276 s with 2 and 4; docs/benchmarks.md)."""
     two_pass_samples_per_utterance: int = 2
     """samples_per_utterance for a two-pass policy (each sample is a full decode)."""
+    rehearsal_steps: int = 8
+    """Two-pass (Whisper) policies, objectives sft and ppo+sft: after the cycle's update, up to this many
+    supervised minibatches (cross-entropy on the users' texts, with base replay) drawn from the rehearsal
+    memory -- texts earlier cycles consumed (TrainerConfig.rehearsal_memory) -- and this cycle's, one pass
+    at most. One exposure per correction moves a pretrained decoder little at a learning rate that keeps
+    the anchor (128 corrections: -8% domain WER without, docs/benchmarks.md); 0 turns it off. CTC
+    policies do not rehearse: their text side learns a corrected word outright."""
     head_ctc_coef: float = 1.0
     """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
     (objective sft, ppo+sft; its interim results learn the corrected words too)."""
@@ -123,6 +130,8 @@ class PPOConfig:
                              "must be >= 1")
         if self.two_pass_samples_per_utterance < 0:
             raise ValueError("two_pass_samples_per_utterance must be >= 0")
+        if self.rehearsal_steps < 0:
+            raise ValueError("rehearsal_steps must be >= 0")
         if self.learning_rate <= 0 or self.two_pass_learning_rate <= 0 or self.grad_clip_norm <= 0:
             raise ValueError("learning_rate, two_pass_learning_rate and grad_clip_norm must be > 0")
 
@@ -168,6 +177,9 @@ class TrainerConfig:
     """Longer utterances are not trained on (bounded memory); they are still consumed."""
     anchor_size: int = 100
     """Base-corpus dev utterances in the fixed anchor set."""
+    rehearsal_memory: int = 512
+    """Most recently consumed items with a text (corrections, acceptances, choices; not held out, not flagged,
+    audio still stored) a cycle may rehearse (PPOConfig.rehearsal_steps); 0: none."""
     replay_pool_size: int = 512
     """Base-corpus train utterances held in memory for replay."""
     fallback_sentences: int = 600
@@ -209,8 +221,8 @@ class TrainerConfig:
                              "(absolute WER, 0.01 = 1 point)")
         if self.min_heldout_utterances < 0:
             raise ValueError(f"min_heldout_utterances must be >= 0 (got {self.min_heldout_utterances})")
-        if self.anchor_size < 0 or self.replay_pool_size < 0 or self.num_threads < 1:
-            raise ValueError("anchor_size and replay_pool_size must be >= 0, num_threads >= 1")
+        if min(self.anchor_size, self.replay_pool_size, self.rehearsal_memory) < 0 or self.num_threads < 1:
+            raise ValueError("anchor_size, replay_pool_size and rehearsal_memory must be >= 0, num_threads >= 1")
 
     @property
     def trainer_dir(self) -> Path:

@@ -9,7 +9,9 @@ Stages (each logged with its figures):
     for the gate and never trained on. Held-out items ARE consumed by the cycle that gated on them:
     the store has no "held out" state, and leaving them pending would let them fill every later
     batch (pending_feedback returns the oldest first). Their ids are in the cycle's stats;
- 4. update: rollout under the serving weights (= the frozen reference), then `ppo.epochs` passes;
+ 4. update: rollout under the serving weights (= the frozen reference), then `ppo.epochs` passes; a
+    two-pass (Whisper) policy then rehearses: supervised steps on texts of this cycle and earlier ones
+    (the rehearsal memory: recently consumed items, never a held-out one; `ppo.rehearsal_steps`);
  5. export + parity: the candidate's ONNX graph, checked against its torch weights;
  6. gate (gate.py): held-out WER must not rise, anchor WER may rise by at most
     `max_anchor_regression` per cycle and `max_total_anchor_regression` over the lineage's base
@@ -37,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import tempfile
 import time
@@ -62,6 +65,7 @@ from .policies import ctc_vocabulary
 from .rewards import FeedbackItem, feedback_item
 from .state import TrainerState, clear_intent, read_intent, write_intent
 from .update import StepStats, ppo_update
+from .whisper_model import WhisperPolicy
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,8 @@ class CycleReport:
     unusable_ids: list[int] = field(default_factory=list)
     objective: str | None = None
     steps: int = 0
+    rehearsed_ids: list[int] = field(default_factory=list)
+    """Items of earlier cycles and this one a two-pass policy rehearsed after the update (PPOConfig.rehearsal_steps)."""
     reward_before: dict[str, float] = field(default_factory=dict)
     """Mean reward of the serving policy on the trained items: sampled paths and the greedy path."""
     reward_after: dict[str, float] = field(default_factory=dict)
@@ -113,7 +119,7 @@ class CycleReport:
     gate: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each stage ("read", "update", "export", "gate"), of the update's parts ("update.rollout",
-    "update.replay_pool", "update.steps", "update.reward_after") and in total ("total")."""
+    "update.replay_pool", "update.steps", "update.rehearsal", "update.reward_after") and in total ("total")."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "last_step": self.last_step.as_dict() if self.last_step is not None else {}}
@@ -205,9 +211,10 @@ def _load_base_data(config: TrainerConfig, state: TrainerState, data_parallel: D
     return BaseData(corpus, ctc_vocabulary(state.policy), config.anchor_size, config.replay_pool_size)
 
 
-def _update(state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData, config: TrainerConfig,
-            should_stop, data_parallel: DataParallel, clock: _StageClock | None = None):
-    """Stage 4 in every process: the same starting weights, the same rollout, a share of each step."""
+def _update(state: TrainerState, kind, train: list[FeedbackItem], memory: list[FeedbackItem], base_data: BaseData,
+            config: TrainerConfig, should_stop, data_parallel: DataParallel, clock: _StageClock | None = None):
+    """Stage 4 in every process: the same starting weights, the same rollout, a share of each step; then the
+    rehearsal of `memory` and `train` (a two-pass policy's)."""
     clock = clock or _StageClock()
     data_parallel.broadcast_module(state.policy)
     generator = torch.Generator().manual_seed(config.ppo.seed + state.cycles)
@@ -220,17 +227,21 @@ def _update(state: TrainerState, kind, train: list[FeedbackItem], base_data: Bas
                         should_stop=should_stop, data_parallel=data_parallel,
                         minibatch_gradients=kind.minibatch_gradients)
     clock.part("steps")
-    return generator, rollout, update
+    rehearsal = kind.rehearse(state.optimizer, [*memory, *train], replay, ppo_config,
+                              random.Random(config.ppo.seed + state.cycles), should_stop, data_parallel)
+    clock.part("rehearsal")
+    return generator, rollout, update, rehearsal
 
 
-def _update_share(state: TrainerState, train: list[FeedbackItem], base_data: BaseData | None, config: TrainerConfig,
-                  data_parallel: DataParallel, registry_dir: Path) -> CycleReport:
+def _update_share(state: TrainerState, train: list[FeedbackItem], memory: list[FeedbackItem],
+                  base_data: BaseData | None, config: TrainerConfig, data_parallel: DataParallel,
+                  registry_dir: Path) -> CycleReport:
     """A process other than the main one: its share of stage 4, then a "trained" report (nothing recorded)."""
     if not train:
         return CycleReport(CycleOutcome.IDLE, version_in=state.version)
     base_data = base_data or _load_base_data(config, state, data_parallel)
     kind = policy_kind(state.policy, registry_dir / state.version)
-    _, _, update = _update(state, kind, train, base_data, config, lambda: False, data_parallel)
+    _, _, update, _ = _update(state, kind, train, memory, base_data, config, lambda: False, data_parallel)
     return CycleReport(CycleOutcome.TRAINED, version_in=state.version, trained_ids=[i.feedback_id for i in train],
                        objective=config.ppo.objective, steps=update.steps, last_step=update.last)
 
@@ -290,9 +301,10 @@ def run_cycle(
     pending, items, unusable = _read(store, config) if main else ([], [], [])
     # 3. split
     train, heldout = _split(items, config.heldout_share)
-    train = data_parallel.broadcast(train)
+    memory = _rehearsal_memory(store, config, state, [p.feedback.id for p in pending]) if main and train else []
+    train, memory = data_parallel.broadcast((train, memory))
     if not main:
-        return _update_share(state, train, base_data, config, data_parallel, registry.versions_root)
+        return _update_share(state, train, memory, base_data, config, data_parallel, registry.versions_root)
     if not pending:
         return CycleReport(CycleOutcome.IDLE, version_in=parent)
     report = CycleReport(CycleOutcome.SKIPPED, version_in=parent, feedback_ids=[p.feedback.id for p in pending],
@@ -307,7 +319,7 @@ def run_cycle(
     base_data = base_data or _load_base_data(config, state, data_parallel)
     snapshot = state.snapshot()
     kind = policy_kind(state.policy, registry.version_dir(parent))
-    stats = _train(report, state, kind, train, base_data, config, should_stop, data_parallel, clock)
+    stats = _train(report, state, kind, train, memory, base_data, config, should_stop, data_parallel, clock)
     clock.lap("update")
     with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=config.trainer_dir) as tmp:
         cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
@@ -339,6 +351,27 @@ def run_cycle(
     return report
 
 
+def _rehearsal_memory(store: FeedbackStore, config: TrainerConfig, state: TrainerState,
+                      pending_ids: list[int]) -> list[FeedbackItem]:
+    """Stage 2b: earlier cycles' items with a text that this cycle may rehearse (a two-pass policy with a
+    supervised objective): the most recently consumed, never an item the gate held out."""
+    ppo = config.ppo
+    if not (isinstance(state.policy, WhisperPolicy) and ppo.uses_targets and ppo.rehearsal_steps > 0
+            and config.rehearsal_memory > 0):
+        return []
+    memory = []
+    for p in store.consumed_feedback(config.rehearsal_memory, exclude_ids=pending_ids):
+        if is_heldout(p.feedback.id, config.heldout_share):
+            continue
+        try:
+            item = feedback_item(p)
+        except ValueError:
+            continue  # logged as unusable when it was read
+        if item.target and len(item.samples) <= config.max_utterance_s * MODEL_SAMPLE_RATE_HZ:
+            memory.append(item)
+    return memory
+
+
 def _read(store: FeedbackStore, config: TrainerConfig) -> tuple[list, list[FeedbackItem], list[int]]:
     """Stage 2: up to max_batch pending items as FeedbackItems; the ids of those training cannot use."""
     pending = store.pending_feedback(config.max_batch, max_share_per_user=config.max_share_per_user)
@@ -357,13 +390,16 @@ def _read(store: FeedbackStore, config: TrainerConfig) -> tuple[list, list[Feedb
     return pending, items, unusable
 
 
-def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackItem], base_data: BaseData,
-           config: TrainerConfig, should_stop, data_parallel: DataParallel, clock: _StageClock) -> dict[str, Any]:
+def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackItem], memory: list[FeedbackItem],
+           base_data: BaseData, config: TrainerConfig, should_stop, data_parallel: DataParallel,
+           clock: _StageClock) -> dict[str, Any]:
     """Stage 4 in the main process: the update and the trained items' reward before and after (into `report`);
     returns the cycle's stats for its record and card."""
-    generator, rollout, update = _update(state, kind, train, base_data, config, should_stop, data_parallel, clock)
+    generator, rollout, update, rehearsal = _update(state, kind, train, memory, base_data, config, should_stop,
+                                                    data_parallel, clock)
     report.reward_before = {"sampled": rollout.sampled_reward_mean, "greedy": rollout.greedy_reward_mean}
     report.steps, report.last_step = update.steps, update.last
+    report.rehearsed_ids = rehearsal.feedback_ids if rehearsal else []
     sampled_after, greedy_after = kind.mean_rewards(train, kind.ppo_config(config.ppo), generator)
     report.reward_after = {"sampled": sampled_after, "greedy": greedy_after}
     clock.part("reward_after")
@@ -373,7 +409,8 @@ def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackI
     return {"parent_version": report.version_in, "objective": config.ppo.objective, "policy_kind": kind.name,
             "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
             "unusable_feedback_ids": report.unusable_ids, "steps": update.steps, "reward_before": report.reward_before,
-            "reward_after": report.reward_after, "last_step": update.last.as_dict() if update.last else {}}
+            "reward_after": report.reward_after, "last_step": update.last.as_dict() if update.last else {},
+            "rehearsal": rehearsal.as_dict() if rehearsal else None}
 
 
 def _gate(registry: Registry, parent: str, version: str, candidate, heldout: list[FeedbackItem],

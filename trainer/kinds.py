@@ -17,6 +17,7 @@ and the registry publishes unchanged.
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,6 +107,11 @@ class CtcKind:
                      generator: torch.Generator) -> tuple[float, float]:
         return mean_rewards(self.policy, items, config, generator)
 
+    def rehearse(self, *_args) -> None:
+        """CTC policies do not rehearse earlier corrections: their text side (lexicon, LM) learns a corrected
+        word outright (PPOConfig.rehearsal_steps)."""
+        return None
+
     def build_candidate(self, directory: Path, version: str, parent_dir: Path, parent_card: dict,
                         items: Sequence[FeedbackItem], anchor: Sequence[Utterance], card: dict,
                         adapt: bool) -> Candidate:
@@ -191,6 +197,17 @@ class WhisperKind:
         from .whisper_update import whisper_mean_rewards
 
         return whisper_mean_rewards(self.policy, items, config, generator, self.context)
+
+    def rehearse(self, optimizer: torch.optim.Optimizer, items: Sequence[FeedbackItem], replay: ReplaySampler | None,
+                 config: PPOConfig, rng: random.Random, should_stop, data_parallel):
+        """Supervised steps on `items`' texts after the update (whisper_update.whisper_rehearsal); None when the
+        objective has no supervised term (ppo) or rehearsal is off."""
+        from .whisper_update import whisper_rehearsal
+
+        if not config.uses_targets or config.rehearsal_steps == 0:
+            return None
+        return whisper_rehearsal(self.policy, optimizer, items, config, self.context, replay, rng,
+                                 should_stop=should_stop, data_parallel=data_parallel)
 
     def build_candidate(self, directory: Path, version: str, parent_dir: Path, parent_card: dict,
                         items: Sequence[FeedbackItem], anchor: Sequence[Utterance], card: dict,

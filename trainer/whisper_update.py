@@ -467,6 +467,66 @@ def whisper_minibatch_gradients(policy: WhisperPolicy, batch: Sequence[WhisperIt
     return sums
 
 
+@dataclass
+class RehearsalReport:
+    """What a cycle's rehearsal did (stats["rehearsal"] of its record)."""
+
+    feedback_ids: list[int]
+    """The items rehearsed, in step order."""
+    steps: int = 0
+    sft_loss: float = math.nan
+    """Mean cross-entropy (nats per token) on the rehearsed texts over the steps, as they were taken."""
+
+    def as_dict(self) -> dict:
+        return {"items": len(self.feedback_ids), "steps": self.steps, "sft_loss": self.sft_loss}
+
+
+def whisper_rehearsal(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, items: Sequence[FeedbackItem],
+                      config: PPOConfig, context: WhisperRolloutContext, replay, rng: random.Random, *,
+                      should_stop=lambda: False, data_parallel=None) -> RehearsalReport:
+    """Supervised steps on items with a text -- earlier cycles' and this one's -- after the cycle's update.
+
+    One pass at most over `items` in shuffled minibatches of `minibatch_size`, at most `rehearsal_steps` of
+    them; each step follows the cross-entropy on its texts (sft_coef) plus that on `replay_per_minibatch`
+    base-corpus utterances (replay_coef), as the update's ptx terms do. The first pass's CTC head is not
+    rehearsed (its states cost a streamed encoder pass per item). Under data parallelism the main process
+    computes each step and the others add zero gradients (every process walks the same steps)."""
+    from .distributed import SINGLE
+    from .update import UpdateAborted
+
+    data_parallel = data_parallel or SINGLE
+    pool = [item for item in items if item.target]
+    rng.shuffle(pool)
+    steps = min(config.rehearsal_steps, math.ceil(len(pool) / config.minibatch_size))
+    report = RehearsalReport([item.feedback_id for item in pool[: steps * config.minibatch_size]])
+    losses = []
+    for step in range(steps):
+        if should_stop():
+            raise UpdateAborted(f"stopped at rehearsal step {step}")
+        batch = pool[step * config.minibatch_size : (step + 1) * config.minibatch_size]
+        drawn = replay(config.replay_per_minibatch, rng) if replay is not None and config.replay_coef > 0 else None
+        optimizer.zero_grad(set_to_none=True)
+        if data_parallel.is_main:
+            policy.eval()  # no dropout: as the update's steps (update.py, stage 1)
+            sft = _cross_entropy(policy, context, [context.encodings.of(i.feedback_id, i.samples) for i in batch],
+                                 [context.tokenizer.encode(whisper_style(i.target)) for i in batch])
+            loss = config.sft_coef * sft
+            if drawn:
+                loss = loss + config.replay_coef * _cross_entropy(policy, context, [e for e, _ in drawn],
+                                                                  [t for _, t in drawn])
+            loss.backward()
+            losses.append(float(sft.detach()))
+        data_parallel.sum_gradients(policy.parameters())
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
+        optimizer.step()
+        report.steps += 1
+    if losses:
+        report.sft_loss = round(float(np.mean(losses)), 4)
+    log.info("rehearsal: %d steps on %d of %d items with a text; cross-entropy %.3f", report.steps,
+             len(report.feedback_ids), len(pool), report.sft_loss)
+    return report
+
+
 def whisper_replay_sampler(pool, context: WhisperRolloutContext):
     """A ReplaySampler over base-corpus utterances: (encoded audio, Whisper-style target tokens) pairs, each
     utterance encoded once (update.ReplaySampler, with this kind's minibatch loss as the consumer)."""
