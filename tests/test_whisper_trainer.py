@@ -304,7 +304,7 @@ def test_rehearsal_steps_lower_the_cross_entropy_of_the_texts_they_rehearse(tmp_
                          hypothesis=sentence)
         items = [feedback_item(p) for p in store.pending_feedback(10)]
     context = WhisperRolloutContext(policy, tokenizer_json())
-    config = PPOConfig(minibatch_size=2, rehearsal_steps=8, replay_coef=0.0, learning_rate=1e-3)
+    config = PPOConfig(minibatch_size=2, rehearsal_steps=8, replay_coef=0.0, rehearsal_learning_rate=1e-3)
 
     def cross_entropy() -> float:
         encoded = [context.encodings.of(i.feedback_id, i.samples) for i in items]
@@ -313,8 +313,9 @@ def test_rehearsal_steps_lower_the_cross_entropy_of_the_texts_they_rehearse(tmp_
                                         [context.tokenizer.encode(whisper_style(i.target)) for i in items]))
 
     before = cross_entropy()
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     report = whisper_rehearsal(policy, optimizer, items, config, context, None, random.Random(0))
+    assert optimizer.param_groups[0]["lr"] == 1e-5  # the update's own rate again for the next cycle
     assert report.steps == 2 and sorted(report.feedback_ids) == sorted(i.feedback_id for i in items)  # one pass
     assert cross_entropy() < before - 0.1
     capped = whisper_rehearsal(policy, optimizer, items, dataclasses.replace(config, rehearsal_steps=1), context,

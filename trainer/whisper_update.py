@@ -500,31 +500,48 @@ def whisper_rehearsal(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, i
     steps = min(config.rehearsal_steps, math.ceil(len(pool) / config.minibatch_size))
     report = RehearsalReport([item.feedback_id for item in pool[: steps * config.minibatch_size]])
     losses = []
-    for step in range(steps):
-        if should_stop():
-            raise UpdateAborted(f"stopped at rehearsal step {step}")
-        batch = pool[step * config.minibatch_size : (step + 1) * config.minibatch_size]
-        drawn = replay(config.replay_per_minibatch, rng) if replay is not None and config.replay_coef > 0 else None
-        optimizer.zero_grad(set_to_none=True)
-        if data_parallel.is_main:
-            policy.eval()  # no dropout: as the update's steps (update.py, stage 1)
-            sft = _cross_entropy(policy, context, [context.encodings.of(i.feedback_id, i.samples) for i in batch],
-                                 [context.tokenizer.encode(whisper_style(i.target)) for i in batch])
-            loss = config.sft_coef * sft
-            if drawn:
-                loss = loss + config.replay_coef * _cross_entropy(policy, context, [e for e, _ in drawn],
-                                                                  [t for _, t in drawn])
-            loss.backward()
-            losses.append(float(sft.detach()))
-        data_parallel.sum_gradients(policy.parameters())
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
-        optimizer.step()
-        report.steps += 1
+    update_rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = config.rehearsal_learning_rate
+    try:
+        for step in range(steps):
+            if should_stop():
+                raise UpdateAborted(f"stopped at rehearsal step {step}")
+            batch = pool[step * config.minibatch_size : (step + 1) * config.minibatch_size]
+            loss = _rehearsal_step(policy, optimizer, batch, config, context, replay, rng, data_parallel)
+            losses += [loss] if loss is not None else []
+            report.steps += 1
+    finally:  # the next cycle's update steps at its own rate
+        for group, rate in zip(optimizer.param_groups, update_rates, strict=True):
+            group["lr"] = rate
     if losses:
         report.sft_loss = round(float(np.mean(losses)), 4)
     log.info("rehearsal: %d steps on %d of %d items with a text; cross-entropy %.3f", report.steps,
              len(report.feedback_ids), len(pool), report.sft_loss)
     return report
+
+
+def _rehearsal_step(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, batch: Sequence[FeedbackItem],
+                    config: PPOConfig, context: WhisperRolloutContext, replay, rng: random.Random,
+                    data_parallel) -> float | None:
+    """One optimizer step on `batch`'s texts (and base replay) -> the texts' cross-entropy (None where another
+    process computed the step)."""
+    sft = None
+    drawn = replay(config.replay_per_minibatch, rng) if replay is not None and config.replay_coef > 0 else None
+    optimizer.zero_grad(set_to_none=True)
+    if data_parallel.is_main:
+        policy.eval()  # no dropout: as the update's steps (update.py, stage 1)
+        sft = _cross_entropy(policy, context, [context.encodings.of(i.feedback_id, i.samples) for i in batch],
+                             [context.tokenizer.encode(whisper_style(i.target)) for i in batch])
+        loss = config.sft_coef * sft
+        if drawn:
+            loss = loss + config.replay_coef * _cross_entropy(policy, context, [e for e, _ in drawn],
+                                                              [t for _, t in drawn])
+        loss.backward()
+    data_parallel.sum_gradients(policy.parameters())
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
+    optimizer.step()
+    return float(sft.detach()) if sft is not None else None
 
 
 def whisper_replay_sampler(pool, context: WhisperRolloutContext):
