@@ -12,8 +12,9 @@ trainer's own code (whisper_update.whisper_rehearsal, base replay, one AdamW opt
    rate (PPOConfig.two_pass_learning_rate; the reward terms move the domain WER little, docs/benchmarks.md);
 2. the rehearsal: up to `--rehearsal-steps` minibatches over every correction so far, at each learning
    rate of `--learning-rates` (0 steps: no rehearsal, the trainer before it).
-Domain WER (the scenario's test split) and the scenario's anchor WER (base sentences, other voices) are
-decoded before the first cycle and after each of `--eval-cycles`. Prints a markdown table.
+Domain WER (the scenario's test split), the scenario's anchor WER (base sentences, other voices) and the
+gate's anchor WER (the trainer's 100 base dev utterances, training voices) are decoded before the first
+cycle and after each of `--eval-cycles`. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 from voxloop.core.store import FeedbackKind
-from voxloop.trainer.base_data import BaseData
+from voxloop.trainer.base_data import ANCHOR_SEED, BaseData
 from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import is_heldout
 from voxloop.trainer.policies import ctc_vocabulary, load_policy_dir
@@ -46,10 +47,17 @@ def _corrections(scenario: Path) -> list[FeedbackItem]:
             for i, r in enumerate(rows)]
 
 
+def _gate_anchor(corpus: Path, size: int) -> list[dict]:
+    """The gate's anchor rows: the dev utterances trainer/base_data.BaseData picks."""
+    rows = sorted(read_manifest(corpus / "dev.jsonl"), key=lambda r: r["id"])
+    return random.Random(ANCHOR_SEED).sample(rows, min(size, len(rows)))
+
+
 def run(args: argparse.Namespace, learning_rate: float) -> list[dict]:
     policy = load_policy_dir(args.version_dir / "policy")
     context = WhisperRolloutContext(policy, args.version_dir / "tokenizer.json")  # freezes what the trainer freezes
-    config = PPOConfig(rehearsal_steps=args.rehearsal_steps, rehearsal_learning_rate=learning_rate)
+    config = PPOConfig(rehearsal_steps=args.rehearsal_steps, rehearsal_learning_rate=learning_rate,
+                       replay_per_minibatch=args.replay_per_minibatch)
     update = dataclasses.replace(config, rehearsal_steps=10**6, rehearsal_learning_rate=config.two_pass_learning_rate)
     base = BaseData(args.corpus, ctc_vocabulary(policy), 0, TrainerConfig.replay_pool_size)
     replay = whisper_replay_sampler(base.replay_pool, context)
@@ -58,12 +66,14 @@ def run(args: argparse.Namespace, learning_rate: float) -> list[dict]:
     corrections = _corrections(args.scenario)
     test = read_manifest(args.scenario / "test.jsonl")
     anchor = read_manifest(args.scenario / "anchor.jsonl")
+    gate_anchor = _gate_anchor(args.corpus, TrainerConfig.anchor_size)
 
     def evaluate(cycle: int, trained: int, seconds: float) -> dict:
         policy.eval()
         row = {"learning_rate": learning_rate, "cycle": cycle, "corrections_trained": trained,
                "domain_wer": greedy_wer(policy, context.tokenizer, test, args.scenario, "test"),
                "anchor_wer": greedy_wer(policy, context.tokenizer, anchor, args.scenario, "anchor"),
+               "gate_anchor_wer": greedy_wer(policy, context.tokenizer, gate_anchor, args.corpus, "gate anchor"),
                "training_s": round(seconds, 1)}
         print(json.dumps(row), flush=True)
         return row
@@ -91,6 +101,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path("corpus"))
     parser.add_argument("--learning-rates", default="1e-5,3e-5")
     parser.add_argument("--rehearsal-steps", type=int, default=PPOConfig.rehearsal_steps)
+    parser.add_argument("--replay-per-minibatch", type=int, default=PPOConfig.replay_per_minibatch)
     parser.add_argument("--cycles", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-cycles", default="4,8")
@@ -104,11 +115,12 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"\nrehearsal steps per cycle <= {args.rehearsal_steps}, {args.cycles} cycles of {args.batch} corrections\n")
-    print("| rehearsal learning rate | cycle | corrections trained on | domain WER | anchor WER | training s |")
-    print("|---|---|---|---|---|---|")
+    print("| rehearsal learning rate | cycle | corrections trained on | domain WER | scenario anchor WER | "
+          "gate anchor WER | training s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['learning_rate']:g} | {r['cycle']} | {r['corrections_trained']} | {r['domain_wer']:.1%} | "
-              f"{r['anchor_wer']:.1%} | {r['training_s']} |")
+              f"{r['anchor_wer']:.1%} | {r['gate_anchor_wer']:.1%} | {r['training_s']} |")
 
 
 if __name__ == "__main__":

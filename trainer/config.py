@@ -90,10 +90,11 @@ class PPOConfig:
     at most. One exposure per correction moves a pretrained decoder little at a learning rate that keeps
     the anchor (128 corrections: -8% domain WER without, docs/benchmarks.md); 0 turns it off. CTC
     policies do not rehearse: their text side learns a corrected word outright."""
-    rehearsal_learning_rate: float = 3e-5
-    """AdamW learning rate of the rehearsal's steps (the PPO steps keep two_pass_learning_rate). Simulated
-    offline on the warehouse scenario (8 cycles of 16 corrections, v2): 1e-5 took domain WER 75.6% -> 45.4%,
-    3e-5 to 13.5%, the scenario's anchor 32.0% -> 28.6% and 31.0% (docs/benchmarks.md)."""
+    rehearsal_learning_rate: float = 1e-5
+    """AdamW learning rate of the rehearsal's steps (the PPO steps take two_pass_learning_rate). Offline on the
+    warehouse scenario (bench/rehearsal_schedule.py, v2, 8 cycles of 16 corrections): 1e-5 took domain WER
+    75.6% -> 44.4% with the gate's anchor 25.8% -> 27.9%; 3e-5 to 14.1% with the anchor at 27.3%, but in
+    the adaptation bench the gate refused three cycles in a row at 3e-5 (anchor +1.0 to +2.0 points each)."""
     head_ctc_coef: float = 1.0
     """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
     (objective sft, ppo+sft; its interim results learn the corrected words too)."""
