@@ -238,10 +238,16 @@ def _config(data_dir: Path, corpus: Path, **changes) -> TrainerConfig:
     return dataclasses.replace(config, **changes)
 
 
-def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_resumes_it(tmp_path, flite_corpus):
+def _tiny_whisper_registry(tmp_path: Path) -> Registry:
+    """A registry serving a tiny random Whisper version."""
     registry = Registry(tmp_path / "registry")
     publish_whisper_version(tiny_whisper_policy(seed=0), registry.root, TINY_WHISPER_VERSION)
     registry.activate(TINY_WHISPER_VERSION)
+    return registry
+
+
+def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_resumes_it(tmp_path, flite_corpus):
+    registry = _tiny_whisper_registry(tmp_path)
     config = _config(tmp_path / "data", flite_corpus)
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
         for sentence in SENTENCES:
@@ -273,9 +279,7 @@ def test_a_cycle_publishes_a_changed_servable_whisper_version_and_the_trainer_re
 
 
 def test_a_later_cycle_rehearses_the_texts_earlier_cycles_consumed(tmp_path, flite_corpus):
-    registry = Registry(tmp_path / "registry")
-    publish_whisper_version(tiny_whisper_policy(seed=0), registry.root, TINY_WHISPER_VERSION)
-    registry.activate(TINY_WHISPER_VERSION)
+    registry = _tiny_whisper_registry(tmp_path)
     config = _config(tmp_path / "data", flite_corpus)
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
         first = [add_feedback(store, flite(s, "rms"), kind="correction", text=s, hypothesis="x")
@@ -347,9 +351,7 @@ def test_a_candidate_whose_graphs_fail_parity_is_gated_without_being_scored(tmp_
     def broken(*args, **kwargs):
         raise ParityError("the int8 graphs drift from the fp32 ones")
 
-    registry = Registry(tmp_path / "registry")
-    publish_whisper_version(tiny_whisper_policy(seed=0), registry.root, TINY_WHISPER_VERSION)
-    registry.activate(TINY_WHISPER_VERSION)
+    registry = _tiny_whisper_registry(tmp_path)
     monkeypatch.setattr("voxloop.trainer.whisper_import.write_whisper_version", broken)
     with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
         add_feedback(store, flite(SENTENCES[0], "rms"), kind="correction", text=SENTENCES[0], hypothesis="x")
