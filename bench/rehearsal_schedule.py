@@ -31,6 +31,7 @@ from voxloop.core.store import FeedbackKind
 from voxloop.trainer.base_data import ANCHOR_SEED, BaseData
 from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import is_heldout
+from voxloop.trainer.evaluate import load_samples
 from voxloop.trainer.policies import ctc_vocabulary, load_policy_dir
 from voxloop.trainer.rewards import FeedbackItem
 from voxloop.trainer.whisper_adapter import greedy_wer, read_manifest
@@ -40,8 +41,6 @@ HELDOUT_SHARE = 0.2
 
 
 def _corrections(scenario: Path) -> list[FeedbackItem]:
-    from voxloop.trainer.evaluate import load_samples
-
     rows = read_manifest(scenario / "feedback.jsonl")
     return [FeedbackItem(i + 1, FeedbackKind.CORRECTION, load_samples(scenario / r["path"]), "", r["text"])
             for i, r in enumerate(rows)]

@@ -319,6 +319,7 @@ feedback = sa.Table(
     sqlite_autoincrement=True,  # a trainer holding id 7 must never meet a different row 7 after a deletion
 )
 _current = feedback.c.superseded_at.is_(None)
+_FEEDBACK_WITH_UTTERANCE = feedback.join(utterances, feedback.c.utterance_id == utterances.c.id)
 # At most one current (not superseded) submission per (utterance, user); a partial unique index,
 # which SQLite and PostgreSQL both support with the same WHERE clause.
 sa.Index(
@@ -577,10 +578,8 @@ class FeedbackStore:
         if limit <= 0:
             raise ValueError(f"limit must be a positive number of items (got {limit})")
         conditions = _pending_conditions(include_flagged)
-        source = feedback.join(utterances, feedback.c.utterance_id == utterances.c.id)
         order = (feedback.c.created_at, feedback.c.id)
-        utterance_columns = [c.label(f"u_{c.name}") for c in utterances.c]
-        query = sa.select(*feedback.c, *utterance_columns).select_from(source).where(*conditions)
+        query = _feedback_rows().where(*conditions)
         if max_share_per_user is not None:
             if not 0.0 < max_share_per_user <= 1.0:
                 raise ValueError(f"max_share_per_user must be in (0, 1] (got {max_share_per_user}); 1 means no cap")
@@ -592,7 +591,7 @@ class FeedbackStore:
                     .over(partition_by=(feedback.c.tenant, feedback.c.submitted_by), order_by=order)
                     .label("rank"),
                 )
-                .select_from(source)
+                .select_from(_FEEDBACK_WITH_UTTERANCE)
                 .where(*conditions)
                 .subquery()
             )
@@ -613,9 +612,7 @@ class FeedbackStore:
         conditions = [_current, feedback.c.consumed_by_cycle.is_not(None), utterances.c.audio.is_not(None),
                       sa.not_(feedback.c.flagged), feedback.c.kind.in_(named),
                       feedback.c.id.not_in([int(i) for i in exclude_ids])]
-        utterance_columns = [c.label(f"u_{c.name}") for c in utterances.c]
-        query = (sa.select(*feedback.c, *utterance_columns)
-                 .select_from(feedback.join(utterances, feedback.c.utterance_id == utterances.c.id))
+        query = (_feedback_rows()
                  .where(*conditions)
                  .order_by(feedback.c.consumed_by_cycle.desc(), feedback.c.id.desc())
                  .limit(limit))
@@ -819,8 +816,13 @@ class FeedbackStore:
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def _feedback_rows() -> sa.Select:
+    """Feedback rows with their utterance's columns (labelled u_<name>): what _pending_feedback reads."""
+    return sa.select(*feedback.c, *(c.label(f"u_{c.name}") for c in utterances.c)).select_from(_FEEDBACK_WITH_UTTERANCE)
+
+
 def _pending_feedback(row: sa.Row) -> PendingFeedback:
-    """A row of feedback joined with its utterance's columns (labelled u_<name>) -> PendingFeedback."""
+    """A _feedback_rows row -> PendingFeedback."""
     mapping = row._mapping
     utterance = {c.name: mapping[f"u_{c.name}"] for c in utterances.c}
     return PendingFeedback(_feedback_record(mapping), _utterance_record(utterance))

@@ -155,6 +155,11 @@ class PPOConfig:
     def uses_targets(self) -> bool:
         return self.objective in ("sft", "ppo+sft")
 
+    @property
+    def rehearses(self) -> bool:
+        """Whether a two-pass policy's cycle rehearses (rehearsal_steps): a supervised objective and steps > 0."""
+        return self.uses_targets and self.rehearsal_steps > 0
+
 
 @dataclass(frozen=True)
 class TrainerConfig:

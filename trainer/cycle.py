@@ -355,9 +355,7 @@ def _rehearsal_memory(store: FeedbackStore, config: TrainerConfig, state: Traine
                       pending_ids: list[int]) -> list[FeedbackItem]:
     """Stage 2b: earlier cycles' items with a text that this cycle may rehearse (a two-pass policy with a
     supervised objective): the most recently consumed, never an item the gate held out."""
-    ppo = config.ppo
-    if not (isinstance(state.policy, WhisperPolicy) and ppo.uses_targets and ppo.rehearsal_steps > 0
-            and config.rehearsal_memory > 0):
+    if not (isinstance(state.policy, WhisperPolicy) and config.ppo.rehearses and config.rehearsal_memory > 0):
         return []
     memory = []
     for p in store.consumed_feedback(config.rehearsal_memory, exclude_ids=pending_ids):

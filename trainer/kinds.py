@@ -204,7 +204,7 @@ class WhisperKind:
         objective has no supervised term (ppo) or rehearsal is off."""
         from .whisper_update import whisper_rehearsal
 
-        if not config.uses_targets or config.rehearsal_steps == 0:
+        if not config.rehearses:
             return None
         return whisper_rehearsal(self.policy, optimizer, items, config, self.context, replay, rng,
                                  should_stop=should_stop, data_parallel=data_parallel)

@@ -39,10 +39,11 @@ from torch.nn import functional as F
 
 from ..core.text import normalize_text
 from .config import PPOConfig
+from .distributed import SINGLE, DataParallel
 from .ppo import clipped_policy_loss, entropy, group_advantages, kl_to_reference, masked_mean
 from .rewards import FeedbackItem
 from .tokenizer import encode_targets, make_tokenizer
-from .update import Rollout
+from .update import Rollout, UpdateAborted
 from .whisper_ct2 import END_OF_TEXT, FIRST_TIMESTAMP, NO_TIMESTAMPS, START_OF_TRANSCRIPT
 from .whisper_head import streamed_states
 from .whisper_model import SAMPLE_RATE_HZ, WhisperPolicy, cross_key_values, decoder_states
@@ -483,7 +484,7 @@ class RehearsalReport:
 
 def whisper_rehearsal(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, items: Sequence[FeedbackItem],
                       config: PPOConfig, context: WhisperRolloutContext, replay, rng: random.Random, *,
-                      should_stop=lambda: False, data_parallel=None) -> RehearsalReport:
+                      should_stop=lambda: False, data_parallel: DataParallel = SINGLE) -> RehearsalReport:
     """Supervised steps on items with a text -- earlier cycles' and this one's -- after the cycle's update.
 
     One pass at most over `items` in shuffled minibatches of `minibatch_size`, at most `rehearsal_steps` of
@@ -491,10 +492,6 @@ def whisper_rehearsal(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, i
     base-corpus utterances (replay_coef), as the update's ptx terms do. The first pass's CTC head is not
     rehearsed (its states cost a streamed encoder pass per item). Under data parallelism the main process
     computes each step and the others add zero gradients (every process walks the same steps)."""
-    from .distributed import SINGLE
-    from .update import UpdateAborted
-
-    data_parallel = data_parallel or SINGLE
     pool = [item for item in items if item.target]
     rng.shuffle(pool)
     steps = min(config.rehearsal_steps, math.ceil(len(pool) / config.minibatch_size))
@@ -523,7 +520,7 @@ def whisper_rehearsal(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, i
 
 def _rehearsal_step(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, batch: Sequence[FeedbackItem],
                     config: PPOConfig, context: WhisperRolloutContext, replay, rng: random.Random,
-                    data_parallel) -> float | None:
+                    data_parallel: DataParallel) -> float | None:
     """One optimizer step on `batch`'s texts (and base replay) -> the texts' cross-entropy (None where another
     process computed the step)."""
     sft = None
