@@ -90,11 +90,16 @@ class PPOConfig:
     at most. One exposure per correction moves a pretrained decoder little at a learning rate that keeps
     the anchor (128 corrections: -8% domain WER without, docs/benchmarks.md); 0 turns it off. CTC
     policies do not rehearse: their text side learns a corrected word outright."""
-    rehearsal_learning_rate: float = 1e-5
+    rehearsal_learning_rate: float = 3e-5
     """AdamW learning rate of the rehearsal's steps (the PPO steps take two_pass_learning_rate). Offline on the
     warehouse scenario (bench/rehearsal_schedule.py, v2, 8 cycles of 16 corrections): 1e-5 took domain WER
-    75.6% -> 44.4% with the gate's anchor 25.8% -> 27.9%; 3e-5 to 14.1% with the anchor at 27.3%, but in
-    the adaptation bench the gate refused three cycles in a row at 3e-5 (anchor +1.0 to +2.0 points each)."""
+    75.6% -> 44.4% with the gate's anchor 25.8% -> 27.9%; 3e-5 to 14.1% with the anchor at 27.3%. Without
+    rehearsal_kl_coef the gate refused three cycles in a row at 3e-5 (anchor +1.0 to +2.0 points each)."""
+    rehearsal_kl_coef: float = 5.0
+    """Weight of the exact KL to the reference over the replayed base utterances' tokens in each rehearsal
+    step (distillation: it holds the decoder's general behaviour where replay's cross-entropy holds only the
+    replayed tokens). Offline, 3e-5, 4 cycles: the gate's anchor 25.8% -> 27.5% without it, 26.7% at 1,
+    25.6% at 5; 0 turns it off."""
     head_ctc_coef: float = 1.0
     """Weight of the CTC loss on feedback targets that trains a two-pass (Whisper) policy's first-pass head
     (objective sft, ppo+sft; its interim results learn the corrected words too)."""
@@ -125,8 +130,10 @@ class PPOConfig:
             raise ValueError(f"clip_range must be in (0, 1), e.g. 0.2 (got {self.clip_range})")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError("target_kl must be > 0 nats/frame, or None for a fixed KL coefficient")
-        if min(self.init_kl_coef, self.entropy_coef, self.sft_coef, self.replay_coef, self.head_ctc_coef) < 0:
-            raise ValueError("init_kl_coef, entropy_coef, sft_coef, replay_coef and head_ctc_coef must be >= 0")
+        if min(self.init_kl_coef, self.entropy_coef, self.sft_coef, self.replay_coef, self.head_ctc_coef,
+               self.rehearsal_kl_coef) < 0:
+            raise ValueError("init_kl_coef, entropy_coef, sft_coef, replay_coef, head_ctc_coef and rehearsal_kl_coef "
+                             "must be >= 0")
         if self.rows_per_forward < 1:
             raise ValueError("rows_per_forward must be >= 1")
         if min(self.epochs, self.two_pass_epochs, self.minibatch_size, self.kl_horizon,

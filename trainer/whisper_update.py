@@ -489,7 +489,8 @@ def whisper_rehearsal(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, i
 
     One pass at most over `items` in shuffled minibatches of `minibatch_size`, at most `rehearsal_steps` of
     them; each step follows the cross-entropy on its texts (sft_coef) plus that on `replay_per_minibatch`
-    base-corpus utterances (replay_coef), as the update's ptx terms do. The first pass's CTC head is not
+    base-corpus utterances (replay_coef), as the update's ptx terms do, and the KL to the reference on those
+    (rehearsal_kl_coef; _replay_loss). The first pass's CTC head is not
     rehearsed (its states cost a streamed encoder pass per item). Under data parallelism the main process
     computes each step and the others add zero gradients (every process walks the same steps)."""
     pool = [item for item in items if item.target]
@@ -524,7 +525,8 @@ def _rehearsal_step(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, bat
     """One optimizer step on `batch`'s texts (and base replay) -> the texts' cross-entropy (None where another
     process computed the step)."""
     sft = None
-    drawn = replay(config.replay_per_minibatch, rng) if replay is not None and config.replay_coef > 0 else None
+    replays = replay is not None and (config.replay_coef > 0 or config.rehearsal_kl_coef > 0)
+    drawn = replay(config.replay_per_minibatch, rng) if replays else None
     optimizer.zero_grad(set_to_none=True)
     if data_parallel.is_main:
         policy.eval()  # no dropout: as the update's steps (update.py, stage 1)
@@ -532,13 +534,29 @@ def _rehearsal_step(policy: WhisperPolicy, optimizer: torch.optim.Optimizer, bat
                              [context.tokenizer.encode(whisper_style(i.target)) for i in batch])
         loss = config.sft_coef * sft
         if drawn:
-            loss = loss + config.replay_coef * _cross_entropy(policy, context, [e for e, _ in drawn],
-                                                              [t for _, t in drawn])
+            loss = loss + _replay_loss(policy, context, drawn, config)
         loss.backward()
     data_parallel.sum_gradients(policy.parameters())
     torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip_norm)
     optimizer.step()
     return float(sft.detach()) if sft is not None else None
+
+
+def _replay_loss(policy: WhisperPolicy, context: WhisperRolloutContext, drawn: list, config: PPOConfig,
+                 ) -> torch.Tensor:
+    """A rehearsal step's hold on base behaviour over replayed base utterances: replay_coef x their
+    cross-entropy plus rehearsal_kl_coef x the exact KL to the frozen reference over the full distributions at
+    their tokens. The cross-entropy holds only the replayed tokens; the KL holds every token's probability
+    there (distillation), which is what kept the gate's anchor at a rehearsal rate that learns faster."""
+    cross_k, cross_v = context.encodings.full([encoded for encoded, _ in drawn])
+    targets = [tokens for _, tokens in drawn]
+    log_probs, chosen, mask = candidate_log_probs(policy, cross_k, cross_v, targets)
+    loss = -config.replay_coef * masked_mean(chosen, mask)
+    if config.rehearsal_kl_coef > 0:
+        with torch.no_grad():
+            ref_log_probs, _, _ = candidate_log_probs(context.reference, cross_k, cross_v, targets)
+        loss = loss + config.rehearsal_kl_coef * kl_to_reference(log_probs, ref_log_probs).mean()
+    return loss
 
 
 def whisper_replay_sampler(pool, context: WhisperRolloutContext):
