@@ -327,6 +327,42 @@ def test_rehearsal_steps_lower_the_cross_entropy_of_the_texts_they_rehearse(tmp_
     assert capped.steps == 1 and len(capped.feedback_ids) == 2
 
 
+def test_the_rehearsal_kl_holds_the_replayed_base_utterances_near_the_reference(tmp_path):
+    """The same steps at a rate that moves the decoder far: with rehearsal_kl_coef the replayed base utterances'
+    distributions stay nearer the reference's than without it, and the texts are still learned."""
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        for sentence in SENTENCES:
+            add_feedback(store, flite(sentence, "rms"), kind="correction", text=f"{sentence} zebulon",
+                         hypothesis=sentence)
+        items = [feedback_item(p) for p in store.pending_feedback(10)]
+    base_audio = [flite(sentence, "slt") for sentence in SENTENCES]
+
+    def rehearse(kl_coef: float) -> tuple[float, float]:
+        """(KL to the reference over the base utterances, cross-entropy of the texts) after the rehearsal."""
+        policy = tiny_whisper_policy(seed=0)
+        context = WhisperRolloutContext(policy, tokenizer_json())
+        base = [(context.encodings.of(-(k + 1), audio), context.tokenizer.encode(whisper_style(sentence)))
+                for k, (audio, sentence) in enumerate(zip(base_audio, SENTENCES, strict=True))]
+        config = PPOConfig(minibatch_size=1, rehearsal_steps=4, replay_coef=0.0, replay_per_minibatch=4,
+                           rehearsal_learning_rate=3e-3, rehearsal_kl_coef=kl_coef)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
+        whisper_rehearsal(policy, optimizer, items, config, context, lambda count, rng: base[:count],
+                          random.Random(0))
+        with torch.no_grad():
+            cross_k, cross_v = context.encodings.full([encoded for encoded, _ in base])
+            targets = [tokens for _, tokens in base]
+            moved = candidate_log_probs(policy, cross_k, cross_v, targets)[0]
+            held = candidate_log_probs(context.reference, cross_k, cross_v, targets)[0]
+            texts = _cross_entropy(policy, context, [context.encodings.of(i.feedback_id, i.samples) for i in items],
+                                   [context.tokenizer.encode(whisper_style(i.target)) for i in items])
+        return float(kl_to_reference(moved, held).mean()), float(texts)
+
+    free_kl, free_texts = rehearse(0.0)
+    held_kl, held_texts = rehearse(50.0)
+    assert held_kl < 0.5 * free_kl, (held_kl, free_kl)
+    assert held_texts < free_texts + 1.0  # the KL does not stop the texts from being learned
+
+
 def test_a_harmful_update_of_the_real_whisper_is_refused_by_the_gate(whisper_registry, tmp_path, flite_corpus):
     """Learning rate 3e-3 on the decoder wrecks it: the anchor's WER jumps and the gate keeps the serving version."""
     registry = Registry(whisper_registry)
