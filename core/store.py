@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -367,6 +369,22 @@ def _apply_migrations(conn: Connection) -> int:
 # --- the store ----------------------------------------------------------------------------------
 
 
+def _switch_to_wal(cursor: Any) -> str:
+    """Ask for WAL and return the journal mode SQLite settled on.
+
+    Switching a new database to WAL needs its exclusive lock, and SQLite answers "database is locked"
+    at once, without the busy handler, when another connection holds it (replicas opening the same new
+    file together): retry that until the busy timeout instead of failing the open."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -375,14 +393,14 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            mode = _switch_to_wal(cursor)
             if mode.lower() != "wal":
                 log.warning(
                     "feedback store: SQLite refused WAL (journal_mode=%s); commits stay durable, readers block", mode
                 )
             cursor.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: durable before ack
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         finally:
             cursor.close()
 
