@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback-utterances", type=int, default=ScenarioConfig.feedback_utterances)
     parser.add_argument("--test-utterances", type=int, default=ScenarioConfig.test_utterances)
     parser.add_argument("--anchor-utterances", type=int, default=ScenarioConfig.anchor_utterances)
+    parser.add_argument("--scenario-seed", type=int, default=ScenarioConfig.seed,
+                        help="warehouse: seeds its sentences and voices (another draw of the same scenario)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
                         help="run nothing: print the tables of these results.json files and plot them into --out")
     args = parser.parse_args(argv)
@@ -347,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario = voice_scenario(corpus, args.feedback_utterances, args.test_utterances, args.anchor_utterances)
         title = f"held-out voice ({VOICE_SPLIT}) on known words"
     else:
-        scenario_config = ScenarioConfig(out_dir=args.scenario, feedback_utterances=args.feedback_utterances,
+        scenario_config = ScenarioConfig(out_dir=args.scenario, seed=args.scenario_seed,
+                                         feedback_utterances=args.feedback_utterances,
                                          test_utterances=args.test_utterances,
                                          anchor_utterances=args.anchor_utterances)
         scenario = load_scenario(build_scenario(scenario_config))
