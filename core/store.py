@@ -617,12 +617,15 @@ class FeedbackStore:
         with self._read() as conn:
             return [_pending_feedback(row) for row in conn.execute(query.order_by(*order).limit(limit)).all()]
 
-    def consumed_feedback(self, limit: int, *, exclude_ids: Iterable[int] = ()) -> list[PendingFeedback]:
+    def consumed_feedback(self, limit: int, *, exclude_ids: Iterable[int] = (),
+                          keep: Callable[[int], bool] | None = None) -> list[PendingFeedback]:
         """Up to `limit` items earlier cycles consumed that name a text (corrections, acceptances, choices), with
-        their utterances, the most recently consumed first: the trainer's rehearsal memory.
+        their utterances, the most recently consumed first: the trainer's rehearsal memory and the gate's
+        pool of earlier held-out items.
 
         Only current, unflagged items whose audio is still stored: a superseded correction, a flagged one,
-        an expired utterance or a deleted user's data is never rehearsed. `exclude_ids` leaves some out.
+        an expired utterance or a deleted user's data is never returned. `exclude_ids` leaves some out;
+        `keep(feedback_id)` picks among the rest (ids are read first, audio only for the `limit` kept).
         """
         if limit <= 0:
             raise ValueError(f"limit must be a positive number of items (got {limit})")
@@ -630,12 +633,22 @@ class FeedbackStore:
         conditions = [_current, feedback.c.consumed_by_cycle.is_not(None), utterances.c.audio.is_not(None),
                       sa.not_(feedback.c.flagged), feedback.c.kind.in_(named),
                       feedback.c.id.not_in([int(i) for i in exclude_ids])]
-        query = (_feedback_rows()
-                 .where(*conditions)
-                 .order_by(feedback.c.consumed_by_cycle.desc(), feedback.c.id.desc())
-                 .limit(limit))
+        order = (feedback.c.consumed_by_cycle.desc(), feedback.c.id.desc())
         with self._read() as conn:
-            return [_pending_feedback(row) for row in conn.execute(query).all()]
+            if keep is None:
+                query = _feedback_rows().where(*conditions).order_by(*order).limit(limit)
+                return [_pending_feedback(row) for row in conn.execute(query).all()]
+            ids_query = sa.select(feedback.c.id).select_from(_FEEDBACK_WITH_UTTERANCE).where(*conditions)
+            chosen = []
+            for feedback_id in conn.execute(ids_query.order_by(*order)).scalars():
+                if keep(feedback_id):
+                    chosen.append(feedback_id)
+                    if len(chosen) == limit:
+                        break
+            if not chosen:
+                return []
+            rows = conn.execute(_feedback_rows().where(feedback.c.id.in_(chosen)).order_by(*order)).all()
+            return [_pending_feedback(row) for row in rows]
 
     def pending_count(self, *, include_flagged: bool = False) -> int:
         """How many items pending_feedback could return with no limit (the trainer's wake-up test)."""

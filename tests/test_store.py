@@ -249,6 +249,9 @@ def test_consumed_feedback_is_the_texts_earlier_cycles_consumed_newest_first(sto
     assert [p.feedback.id for p in store.consumed_feedback(1)] == [replaced.id]
     assert [p.feedback.id for p in store.consumed_feedback(10, exclude_ids=[chosen.id])] == [replaced.id, accepted.id]
     assert pending.id not in [p.feedback.id for p in memory]
+    odd = store.consumed_feedback(1, keep=lambda feedback_id: feedback_id != replaced.id)  # the limit counts kept ones
+    assert [p.feedback.id for p in odd] == [chosen.id] and odd[0].utterance.audio
+    assert store.consumed_feedback(5, keep=lambda feedback_id: False) == []
     with pytest.raises(ValueError, match="positive"):
         store.consumed_feedback(0)
 

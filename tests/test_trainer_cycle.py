@@ -218,6 +218,27 @@ def test_held_out_items_are_picked_by_id_and_never_trained_on(tmp_path, tiny_ver
     assert report.gate["heldout_utterances"] == len(report.heldout_ids)
 
 
+@pytest.mark.slow  # two training cycles (update, export, gate)
+def test_earlier_cycles_held_out_items_gate_later_cycles_too(tmp_path, tiny_version_dir, toy_corpus):
+    """A batch holds out a handful of items; the gate also scores the earlier batches' (heldout_pool), never
+    training on any of them."""
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    config = dataclasses.replace(toy_config(tmp_path / "data", toy_corpus, epochs=1), heldout_share=0.5)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        [add_feedback(store, tone(w, seed=i), text=w) for i, w in enumerate("abcabcab")]
+        first = run_cycle(store, registry, config)
+        [add_feedback(store, tone(w, seed=10 + i), text=w) for i, w in enumerate("cabcabca")]
+        second = run_cycle(store, registry, config)
+        without_pool = dataclasses.replace(config, heldout_pool=0)
+        [add_feedback(store, tone(w, seed=20 + i), text=w) for i, w in enumerate("bcabcabc")]
+        third = run_cycle(store, registry, without_pool)
+    assert first.heldout_ids and first.earlier_heldout_ids == []
+    assert sorted(second.earlier_heldout_ids) == sorted(first.heldout_ids)
+    assert second.gate["heldout_utterances"] == len(second.heldout_ids) + len(first.heldout_ids)
+    assert not set(second.earlier_heldout_ids) & set(second.trained_ids + second.rehearsed_ids)
+    assert third.earlier_heldout_ids == [] and third.gate["heldout_utterances"] == len(third.heldout_ids)
+
+
 def test_version_names_follow_the_parent_stem_and_never_collide(tmp_path, tiny_version_dir):
     registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
     assert child_version_name(registry, "tiny-0001", 3) == "tiny-0001-c0003"

@@ -195,6 +195,10 @@ class TrainerConfig:
     """Poisoning guard: one user's items are at most this share of a batch."""
     heldout_share: float = 0.2
     """Share of items with a reference text held out for the gate (by a hash of the feedback id)."""
+    heldout_pool: int = 48
+    """Earlier cycles' held-out items (the most recently consumed; never trained on) the gate scores beside
+    this batch's own: the 1-4 items one batch holds out decide by a word or two (docs/benchmarks.md); 0: this
+    batch's alone."""
     max_utterance_s: float = 30.0
     """Longer utterances are not trained on (bounded memory); they are still consumed."""
     anchor_size: int = 100
@@ -243,8 +247,10 @@ class TrainerConfig:
                              "(absolute WER, 0.01 = 1 point)")
         if self.min_heldout_utterances < 0:
             raise ValueError(f"min_heldout_utterances must be >= 0 (got {self.min_heldout_utterances})")
-        if min(self.anchor_size, self.replay_pool_size, self.rehearsal_memory) < 0 or self.num_threads < 1:
-            raise ValueError("anchor_size, replay_pool_size and rehearsal_memory must be >= 0, num_threads >= 1")
+        if min(self.anchor_size, self.replay_pool_size, self.rehearsal_memory, self.heldout_pool) < 0 \
+                or self.num_threads < 1:
+            raise ValueError("anchor_size, replay_pool_size, rehearsal_memory and heldout_pool must be >= 0, "
+                             "num_threads >= 1")
 
     @property
     def trainer_dir(self) -> Path:

@@ -13,7 +13,8 @@ Stages (each logged with its figures):
     two-pass (Whisper) policy then rehearses: supervised steps on texts of this cycle and earlier ones
     (the rehearsal memory: recently consumed items, never a held-out one; `ppo.rehearsal_steps`);
  5. export + parity: the candidate's ONNX graph, checked against its torch weights;
- 6. gate (gate.py): held-out WER must not rise, anchor WER may rise by at most
+ 6. gate (gate.py): held-out WER must not rise (this batch's held-out items and up to `heldout_pool`
+    earlier ones: a batch's own few decide by a word), anchor WER may rise by at most
     `max_anchor_regression` per cycle and `max_total_anchor_regression` over the lineage's base
     version, parity must hold; all models scored with onnxruntime;
  7. publish (gate passed): a new immutable version `<stem>-c<NNNN>` (parent version, cycle stats,
@@ -105,6 +106,9 @@ class CycleReport:
     """Every id the cycle consumed (trained, held out, unusable)."""
     trained_ids: list[int] = field(default_factory=list)
     heldout_ids: list[int] = field(default_factory=list)
+    """This batch's held-out items (consumed, never trained on)."""
+    earlier_heldout_ids: list[int] = field(default_factory=list)
+    """Earlier cycles' held-out items the gate scored too (TrainerConfig.heldout_pool)."""
     unusable_ids: list[int] = field(default_factory=list)
     objective: str | None = None
     steps: int = 0
@@ -301,18 +305,22 @@ def run_cycle(
     pending, items, unusable = _read(store, config) if main else ([], [], [])
     # 3. split
     train, heldout = _split(items, config.heldout_share)
-    memory = _rehearsal_memory(store, config, state, [p.feedback.id for p in pending]) if main and train else []
+    pending_ids = [p.feedback.id for p in pending]
+    memory = _rehearsal_memory(store, config, state, pending_ids) if main and train else []
+    earlier_heldout = _heldout_pool(store, config, pending_ids) if main and train else []
     train, memory = data_parallel.broadcast((train, memory))
     if not main:
         return _update_share(state, train, memory, base_data, config, data_parallel, registry.versions_root)
     if not pending:
         return CycleReport(CycleOutcome.IDLE, version_in=parent)
-    report = CycleReport(CycleOutcome.SKIPPED, version_in=parent, feedback_ids=[p.feedback.id for p in pending],
+    report = CycleReport(CycleOutcome.SKIPPED, version_in=parent, feedback_ids=pending_ids,
                          trained_ids=[i.feedback_id for i in train], heldout_ids=[i.feedback_id for i in heldout],
+                         earlier_heldout_ids=[i.feedback_id for i in earlier_heldout],
                          unusable_ids=unusable, objective=config.ppo.objective)
     clock.lap("read")
-    log.info("cycle on %s: %d items (%d train, %d held out, %d unusable), objective %s", parent, len(pending),
-             len(train), len(heldout), len(unusable), config.ppo.objective)
+    log.info("cycle on %s: %d items (%d train, %d held out, %d unusable; %d earlier held-out items gate too), "
+             "objective %s", parent, len(pending), len(train), len(heldout), len(unusable), len(earlier_heldout),
+             config.ppo.objective)
     if not train:
         return _record_unpublished(report, None, store, state, config, clock, started_at)
     # 4. update
@@ -331,8 +339,8 @@ def run_cycle(
         clock.lap("export")
         # 6. gate
         anchor_scores = anchor_scores or AnchorScores()
-        decision, anchor_candidate = _gate(registry, parent, version, candidate, heldout, base_data, config,
-                                           anchor_scores)
+        decision, anchor_candidate = _gate(registry, parent, version, candidate, heldout + earlier_heldout,
+                                           base_data, config, anchor_scores)
         report.gate = stats["gate"] = decision.as_dict()
         clock.lap("gate")
         if not decision.passed:
@@ -357,17 +365,31 @@ def _rehearsal_memory(store: FeedbackStore, config: TrainerConfig, state: Traine
     supervised objective): the most recently consumed, never an item the gate held out."""
     if not (isinstance(state.policy, WhisperPolicy) and config.ppo.rehearses and config.rehearsal_memory > 0):
         return []
-    memory = []
-    for p in store.consumed_feedback(config.rehearsal_memory, exclude_ids=pending_ids):
-        if is_heldout(p.feedback.id, config.heldout_share):
-            continue
+    consumed = store.consumed_feedback(config.rehearsal_memory, exclude_ids=pending_ids,
+                                       keep=lambda i: not is_heldout(i, config.heldout_share))
+    return [item for item in _usable_items(consumed, config) if item.target]
+
+
+def _heldout_pool(store: FeedbackStore, config: TrainerConfig, pending_ids: list[int]) -> list[FeedbackItem]:
+    """Stage 3b: earlier cycles' held-out items with a reference, the gate's set beside this batch's own."""
+    if config.heldout_pool == 0 or config.heldout_share == 0:
+        return []
+    consumed = store.consumed_feedback(config.heldout_pool, exclude_ids=pending_ids,
+                                       keep=lambda i: is_heldout(i, config.heldout_share))
+    return [item for item in _usable_items(consumed, config) if item.reference]
+
+
+def _usable_items(consumed: list, config: TrainerConfig) -> list[FeedbackItem]:
+    """Consumed feedback as FeedbackItems, leaving out what training could not use when it was read."""
+    items = []
+    for p in consumed:
         try:
             item = feedback_item(p)
         except ValueError:
             continue  # logged as unusable when it was read
-        if item.target and len(item.samples) <= config.max_utterance_s * MODEL_SAMPLE_RATE_HZ:
-            memory.append(item)
-    return memory
+        if len(item.samples) <= config.max_utterance_s * MODEL_SAMPLE_RATE_HZ:
+            items.append(item)
+    return items
 
 
 def _read(store: FeedbackStore, config: TrainerConfig) -> tuple[list, list[FeedbackItem], list[int]]:
@@ -406,6 +428,7 @@ def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackI
              sampled_after, greedy_after)
     return {"parent_version": report.version_in, "objective": config.ppo.objective, "policy_kind": kind.name,
             "trained_feedback_ids": report.trained_ids, "heldout_feedback_ids": report.heldout_ids,
+            "earlier_heldout_feedback_ids": report.earlier_heldout_ids,
             "unusable_feedback_ids": report.unusable_ids, "steps": update.steps, "reward_before": report.reward_before,
             "reward_after": report.reward_after, "last_step": update.last.as_dict() if update.last else {},
             "rehearsal": rehearsal.as_dict() if rehearsal else None}
