@@ -210,10 +210,18 @@ class TrainerConfig:
     """Base-corpus train utterances held in memory for replay."""
     fallback_sentences: int = 600
     """Sentences of the corpus synthesized when corpus_dir has none (anchor = its dev split)."""
-    max_anchor_regression: float = 0.01
-    """Largest anchor WER rise (absolute; 0.01 = 1 point) the gate accepts."""
-    max_total_anchor_regression: float = 0.02
-    """Largest anchor WER rise over the lineage's base version (the last one not made by this trainer)."""
+    max_anchor_regression: float = 0.02
+    """Largest anchor WER rise (absolute; 0.01 = 1 point) over the serving version the gate accepts: how much
+    of earlier cycles' anchor gains one cycle may give back."""
+    max_total_anchor_regression: float = 0.01
+    """Largest anchor WER rise over the lineage's base version (the last one not made by this trainer): what
+    the trainer may cost general speech in all. The anchor moves 1-2 points between neighbouring versions,
+    so judging each cycle by 1 point against the serving version refused candidates after a version that
+    scored low by luck (docs/benchmarks.md)."""
+    gate_backoffs: int = 1
+    """A candidate refused by the anchor rules alone is rebuilt this many times, each time with its update
+    halved (weights halfway back to the serving version's: a shorter step along the same direction keeps
+    more of what it learned than of its drift), and gated again; 0: refused at once."""
     min_heldout_utterances: int = 1
     """Fewest held-out items with a reference that must score a candidate before it is published. A batch
     without them (rejections alone: no text) cannot show the candidate got better where users spoke, and
@@ -247,10 +255,10 @@ class TrainerConfig:
                              "(absolute WER, 0.01 = 1 point)")
         if self.min_heldout_utterances < 0:
             raise ValueError(f"min_heldout_utterances must be >= 0 (got {self.min_heldout_utterances})")
-        if min(self.anchor_size, self.replay_pool_size, self.rehearsal_memory, self.heldout_pool) < 0 \
-                or self.num_threads < 1:
-            raise ValueError("anchor_size, replay_pool_size, rehearsal_memory and heldout_pool must be >= 0, "
-                             "num_threads >= 1")
+        if min(self.anchor_size, self.replay_pool_size, self.rehearsal_memory, self.heldout_pool,
+               self.gate_backoffs) < 0 or self.num_threads < 1:
+            raise ValueError("anchor_size, replay_pool_size, rehearsal_memory, heldout_pool and gate_backoffs must "
+                             "be >= 0, num_threads >= 1")
 
     @property
     def trainer_dir(self) -> Path:

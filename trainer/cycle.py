@@ -16,7 +16,8 @@ Stages (each logged with its figures):
  6. gate (gate.py): held-out WER must not rise (this batch's held-out items and up to `heldout_pool`
     earlier ones: a batch's own few decide by a word), anchor WER may rise by at most
     `max_anchor_regression` per cycle and `max_total_anchor_regression` over the lineage's base
-    version, parity must hold; all models scored with onnxruntime;
+    version, parity must hold; all models scored with onnxruntime. A candidate refused by the anchor
+    rules alone is rebuilt with its update halved and gated again, up to `gate_backoffs` times;
  7. publish (gate passed): a new immutable version `<stem>-c<NNNN>` (parent version, cycle stats,
     gate figures, feedback ids; the parent's decoder files carried forward, adapted with the
     corrections' words when `adapt_lexicon`), then
@@ -121,9 +122,13 @@ class CycleReport:
     last_step: StepStats | None = None
     """The update's last optimizer step (None without an update)."""
     gate: dict[str, Any] | None = None
+    """The gate's decision on the last candidate built (after any backoffs)."""
+    backoffs: int = 0
+    """How many times the candidate was rebuilt with its update halved (TrainerConfig.gate_backoffs)."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of each stage ("read", "update", "export", "gate"), of the update's parts ("update.rollout",
-    "update.replay_pool", "update.steps", "update.rehearsal", "update.reward_after") and in total ("total")."""
+    """Wall time of each stage ("read", "update", "export", "gate", and "backoffN.export"/".gate" for backoffs), of
+    the update's parts ("update.rollout", "update.replay_pool", "update.steps", "update.rehearsal",
+    "update.reward_after") and in total ("total")."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "last_step": self.last_step.as_dict() if self.last_step is not None else {}}
@@ -332,17 +337,26 @@ def run_cycle(
     with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=config.trainer_dir) as tmp:
         cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
         version = child_version_name(registry, parent, cycle_number)
-        # 5. export + parity: the candidate as a complete version directory (with its adapted text side)
         parent_dir, parent_card = registry.version_dir(parent), registry.load_card(parent)
-        candidate = kind.build_candidate(Path(tmp) / version, version, parent_dir, parent_card, train,
-                                         base_data.anchor, {"parent_version": parent}, config.adapt_lexicon)
-        clock.lap("export")
-        # 6. gate
         anchor_scores = anchor_scores or AnchorScores()
-        decision, anchor_candidate = _gate(registry, parent, version, candidate, heldout + earlier_heldout,
-                                           base_data, config, anchor_scores)
-        report.gate = stats["gate"] = decision.as_dict()
-        clock.lap("gate")
+        for attempt in range(config.gate_backoffs + 1):
+            if attempt:  # 6b. backoff: the update halved, then built and gated again
+                log.info("candidate %s refused for the anchor alone; backoff %d: its update halved", version, attempt)
+                stats.setdefault("refused_before_backoff", []).append(report.gate)
+                state.step_back(snapshot)
+                report.backoffs = attempt
+            # 5. export + parity: the candidate as a complete version directory (with its adapted text side)
+            candidate = kind.build_candidate(Path(tmp) / str(attempt) / version, version, parent_dir, parent_card,
+                                             train, base_data.anchor, {"parent_version": parent}, config.adapt_lexicon)
+            clock.lap("export" if not attempt else f"backoff{attempt}.export")
+            # 6. gate
+            decision, anchor_candidate = _gate(registry, parent, version, candidate, heldout + earlier_heldout,
+                                               base_data, config, anchor_scores)
+            report.gate = stats["gate"] = decision.as_dict()
+            clock.lap("gate" if not attempt else f"backoff{attempt}.gate")
+            if decision.passed or not decision.anchor_only:
+                break
+        stats["backoffs"] = report.backoffs
         if not decision.passed:
             report.outcome = CycleOutcome.GATED
             return _record_unpublished(report, stats, store, state, config, clock, started_at, decision=decision,

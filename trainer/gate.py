@@ -5,10 +5,10 @@ decoded as the server decodes their finals (`evaluate.version_transcriber`): a W
 second pass, a CTC version's lexicon + LM beam search when its card has a "decoder" section (the
 candidate with its own, possibly adapted, decoder files or context words), greedily otherwise:
 
-- held-out feedback: items of this cycle's batch that were never trained on (cycle.py picks them by
-  a hash of the feedback id); the candidate's WER must not be higher than the serving model's, and
-  at least `min_heldout_utterances` of them must have scored it (rejections have no reference text,
-  so a batch of rejections alone is gated by default);
+- held-out feedback: items of this cycle's batch and up to `heldout_pool` earlier ones that were never
+  trained on (cycle.py picks them by a hash of the feedback id); the candidate's WER must not be higher
+  than the serving model's, and at least `min_heldout_utterances` of them must have scored it
+  (rejections have no reference text, so a batch of rejections alone is gated by default);
 - anchor: a fixed slice of the base corpus (base_data.py); the candidate's WER may rise by at most
   `max_anchor_regression` (absolute, 0.01 = 1 point) over the serving model's, and by at most
   `max_total_anchor_regression` over the lineage's base version (the last one the online trainer did
@@ -68,6 +68,9 @@ class GateDecision:
     parity_max_abs_diff: float | None
     decoding: str = "greedy"
     """How the WERs were decoded: "lexicon-lm" (the version's beam search) or "greedy"."""
+    anchor_only: bool = False
+    """Refused by the anchor rules alone (parity held, the held-out items no worse): the update went too far
+    rather than the wrong way, so a smaller step of it may pass (cycle.py's backoff)."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "reasons": list(self.reasons)}
@@ -99,7 +102,7 @@ def decide(
 ) -> GateDecision:
     """Apply the rules; a missing anchor is reported, not failed; fewer than `min_heldout_utterances`
     held-out items fail."""
-    reasons = []
+    reasons, anchor_reasons = [], []
     has_heldout = heldout_candidate is not None and heldout_serving is not None and heldout_candidate.utterances > 0
     has_anchor = anchor_candidate is not None and anchor_serving is not None and anchor_candidate.utterances > 0
     if not parity_ok:
@@ -114,19 +117,20 @@ def decide(
     if has_heldout and heldout_candidate.wer > heldout_serving.wer + 1e-12:
         reasons.append(f"held-out WER rose from {heldout_serving.wer:.4f} to {heldout_candidate.wer:.4f}")
     if has_anchor and anchor_candidate.wer - anchor_serving.wer > max_anchor_regression + 1e-12:
-        reasons.append(
+        anchor_reasons.append(
             f"anchor WER rose from {anchor_serving.wer:.4f} to {anchor_candidate.wer:.4f} "
             f"(more than the allowed {max_anchor_regression:.4f})"
         )
     if has_anchor and anchor_base is not None and \
             anchor_candidate.wer - anchor_base.wer > max_total_anchor_regression + 1e-12:
-        reasons.append(
+        anchor_reasons.append(
             f"anchor WER {anchor_candidate.wer:.4f} is more than {max_total_anchor_regression:.4f} above the base "
             f"version's {anchor_base.wer:.4f}"
         )
     return GateDecision(
-        passed=not reasons,
-        reasons=tuple(reasons),
+        passed=not (reasons or anchor_reasons),
+        reasons=tuple(reasons + anchor_reasons),
+        anchor_only=bool(anchor_reasons) and not reasons,
         heldout_utterances=heldout_count,
         heldout_wer_candidate=heldout_candidate.wer if has_heldout else None,
         heldout_wer_serving=heldout_serving.wer if has_heldout else None,

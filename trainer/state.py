@@ -99,6 +99,13 @@ class TrainerState:
         self.policy.load_state_dict(snapshot["policy"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
 
+    @torch.no_grad()
+    def step_back(self, snapshot: dict, keep: float = 0.5) -> None:
+        """Weights := snapshot + keep * (weights - snapshot): the update shortened, along the line it took
+        (weight-space interpolation, as WiSE-FT). The optimizer's moments stay those of the full update."""
+        for name, parameter in self.policy.named_parameters():  # each tied tensor once
+            parameter.copy_(torch.lerp(snapshot["policy"][name], parameter, keep))
+
 
 def _clone(value):
     if isinstance(value, torch.Tensor):
