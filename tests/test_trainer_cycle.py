@@ -113,6 +113,11 @@ def test_gate_rules_on_figures():
     no_parity = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=None, anchor_serving=None,
                        config=GateConfig(0.01), parity_max_abs_diff=0.5, parity_ok=False)
     assert not no_parity.passed and "parity" in no_parity.reasons[0]
+    assert worse_anchor.anchor_only and drifted.anchor_only  # a smaller step of the update may pass
+    assert not (ok.anchor_only or worse_heldout.anchor_only or no_parity.anchor_only)
+    both = decide(heldout_candidate=s(0.41), heldout_serving=s(0.40), anchor_candidate=s(0.52),
+                  anchor_serving=s(0.50), config=GateConfig(0.01), parity_max_abs_diff=0.0, parity_ok=True)
+    assert len(both.reasons) == 2 and not both.anchor_only  # worse where users spoke: the direction is wrong
     unmeasured = decide(heldout_candidate=None, heldout_serving=None, anchor_candidate=s(0.49), anchor_serving=s(0.5),
                         config=GateConfig(0.01, min_heldout_utterances=1), parity_max_abs_diff=0.0, parity_ok=True)
     assert not unmeasured.passed and "fewer than min_heldout_utterances = 1" in unmeasured.reasons[0]
@@ -163,6 +168,44 @@ def test_gate_refuses_a_candidate_made_deliberately_worse(tmp_path):
     served = TrainerState.load(tmp_path / "fresh", registry, config.ppo)
     assert all(torch.equal(a, b) for a, b in zip(state.policy.state_dict().values(),
                                                  served.policy.state_dict().values(), strict=True))
+
+
+@pytest.mark.slow  # a training cycle, two candidates
+def test_a_candidate_refused_for_the_anchor_alone_is_rebuilt_with_its_update_halved(
+        tmp_path, tiny_version_dir, toy_corpus, monkeypatch):
+    from voxloop.trainer import cycle as cycle_module
+    from voxloop.trainer.release import load_policy
+    from voxloop.trainer.state import TrainerState
+
+    registry = seeded_registry(tmp_path / "registry", tiny_version_dir)
+    config = toy_config(tmp_path / "data", toy_corpus, epochs=2)
+    state = TrainerState.load(config.trainer_dir, registry, config.ppo)
+    served = {name: p.detach().clone() for name, p in state.policy.named_parameters()}
+    gated_weights, real_gate = [], cycle_module._gate
+
+    def first_candidate_refused_for_the_anchor(*args, **kwargs):
+        gated_weights.append({name: p.detach().clone() for name, p in state.policy.named_parameters()})
+        decision, anchor = real_gate(*args, **kwargs)
+        if len(gated_weights) == 1:
+            decision = dataclasses.replace(decision, passed=False, reasons=("anchor WER rose (test)",),
+                                           anchor_only=True)
+        return decision, anchor
+
+    monkeypatch.setattr(cycle_module, "_gate", first_candidate_refused_for_the_anchor)
+    with FeedbackStore.sqlite(tmp_path / "f.sqlite3") as store:
+        [add_feedback(store, tone(w, seed=10 + i), text=w) for i, w in enumerate("abcabcab")]
+        report = run_cycle(store, registry, config, state=state)
+    assert report.outcome == "published" and report.backoffs == 1 and len(gated_weights) == 2
+    full, halved = gated_weights
+    assert any(not torch.equal(full[name], before) for name, before in served.items())
+    for name, before in served.items():
+        torch.testing.assert_close(halved[name], before + 0.5 * (full[name] - before))
+    published = dict(load_policy(registry.version_dir(report.version_out)).named_parameters())
+    assert all(torch.equal(published[name], halved[name]) for name in served)  # what ships is the shorter step
+    card = registry.verify(report.version_out)
+    assert card["training"]["backoffs"] == 1
+    assert card["training"]["refused_before_backoff"][0]["reasons"] == ["anchor WER rose (test)"]
+    assert {"backoff1.export", "backoff1.gate"} <= set(report.seconds)
 
 
 # --- a cycle -----------------------------------------------------------------------------------------
