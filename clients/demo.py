@@ -363,6 +363,8 @@ def _run_demo(config: DemoConfig, home: Path, out: Callable[[str], None]) -> Dem
         version_after = served_version(server.target)
         out(f"    model version: {version_before} -> {version_after}"
             + ("" if version_after != version_before else f" (unchanged: cycle outcome {outcome})"))
+        if version_after == version_before and (refusal := gate_refusal(server.data_dir)):
+            out(f"    the gate refused the candidate: {refusal}")
 
         with _tqdm(len(scenario.test), "re-transcribing held-out") as bar:
             after_results = transcribe_all(server.target, [u.path for u in scenario.test], progress=bar.update)
@@ -400,6 +402,28 @@ def _wait_for_cycle(config: DemoConfig, server: ServerProcess, cycles_before: in
     time.sleep(4 * VERSION_POLL_S)
     # (the in-process trainer's report is not at hand: a cycle that changed nothing counts as gated)
     return CycleOutcome.PUBLISHED if served_version(server.target) != version_before else CycleOutcome.GATED
+
+
+def gate_refusal(data_dir: Path) -> str | None:
+    """Why the gate refused the last cycle's candidate (its reasons and held-out figures), read from the
+    server's store; None when the last cycle was not refused by the gate."""
+    from voxloop.core.data_dir import STORE_FILE
+    from voxloop.core.store import FeedbackStore
+
+    store = FeedbackStore.open(Path(data_dir) / STORE_FILE)
+    try:
+        cycle = store.latest_cycle()
+    finally:
+        store.close()
+    gate = (cycle.stats or {}).get("gate") if cycle is not None else None
+    if not gate or gate.get("passed", True):
+        return None
+    figures = ""
+    if gate.get("heldout_utterances"):
+        figures = (f" (held-out WER {gate['heldout_wer_serving']:.1%} -> {gate['heldout_wer_candidate']:.1%} "
+                   f"on {gate['heldout_utterances']} utterances; anchor WER {gate['anchor_wer_serving']:.1%} -> "
+                   f"{gate['anchor_wer_candidate']:.1%})")
+    return "; ".join(gate.get("reasons", [])) + figures
 
 
 def result_table(result: DemoResult) -> list[str]:

@@ -6,7 +6,9 @@ import re
 
 import pytest
 from voxloop.clients import cli
-from voxloop.clients.demo import DemoConfig, Scores, score
+from voxloop.clients.demo import DemoConfig, Scores, gate_refusal, score
+from voxloop.core.data_dir import STORE_FILE
+from voxloop.core.store import FeedbackStore
 
 
 def test_demo_sizes_and_trainer_mode_are_checked():
@@ -22,6 +24,23 @@ def test_score_counts_word_errors_and_target_words():
 
     assert scores == Scores(utterances=2, wer=pytest.approx(1 / 10), target_accuracy=pytest.approx(2 / 3))
     assert score(["check the stock"], ["check the stock"]).target_accuracy is None
+
+
+def test_a_refused_cycle_is_explained_from_the_servers_store(tmp_path):
+    store = FeedbackStore.open(tmp_path / STORE_FILE)
+    try:
+        assert gate_refusal(tmp_path) is None  # no cycle yet
+        store.record_cycle([], "published", "v-c0001", {"gate": {"passed": True, "reasons": []}})
+        assert gate_refusal(tmp_path) is None
+        store.record_cycle([], "gated", None, {"gate": {
+            "passed": False, "reasons": ["anchor WER 0.3098 is more than 0.0100 above the base version's 0.2989"],
+            "heldout_utterances": 11, "heldout_wer_serving": 0.7745, "heldout_wer_candidate": 0.6275,
+            "anchor_wer_serving": 0.2989, "anchor_wer_candidate": 0.3098}})
+    finally:
+        store.close()
+
+    assert gate_refusal(tmp_path) == ("anchor WER 0.3098 is more than 0.0100 above the base version's 0.2989 "
+                                      "(held-out WER 77.5% -> 62.7% on 11 utterances; anchor WER 29.9% -> 31.0%)")
 
 
 @pytest.mark.slow
