@@ -13,10 +13,11 @@ from voxloop.core.decoder import path_text
 from voxloop.core.registry import Registry
 from voxloop.core.rewards import REJECTION_REWARD
 from voxloop.core.store import FeedbackKind, FeedbackStore
+from voxloop.trainer import gate
 from voxloop.trainer.config import PPOConfig, TrainerConfig
 from voxloop.trainer.cycle import child_version_name, is_heldout, lineage_base, run_cycle
 from voxloop.trainer.evaluate import EvalSummary
-from voxloop.trainer.gate import GateConfig, decide
+from voxloop.trainer.gate import GateConfig, GateInputs, VersionScores, decide, evaluate_candidate
 from voxloop.trainer.model import VoxloopCTCConfig, VoxloopForCTC
 from voxloop.trainer.rewards import edit_reward, feedback_item
 from voxloop.trainer.update import StepStats, collect_rollout
@@ -135,6 +136,30 @@ def test_a_batch_of_rejections_alone_is_gated_by_default_for_want_of_a_held_out_
         assert report.outcome == "gated" and registry.current_version() == "tiny-0001"
         assert any("rejections alone have no reference" in reason for reason in report.gate["reasons"])
         assert sorted(store.get_cycle(report.cycle_id).feedback_ids) == sorted(ids)  # consumed, not retried
+
+
+def test_a_backed_off_candidate_is_gated_without_scoring_the_serving_version_again(tmp_path, monkeypatch):
+    scored = []
+
+    def fake_score(version_dir, utterances):
+        scored.append((Path(version_dir).name, len(utterances)))
+        return EvalSummary(utterances=len(utterances), wer=0.5 if Path(version_dir).name == "serving" else 0.4,
+                           cer=0.2)
+
+    monkeypatch.setattr(gate, "score_version", fake_score)
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    (candidate / "card.json").write_text("{}")
+    sets = ([(torch.zeros(8).numpy(), "a b")] * 2, [(torch.zeros(8).numpy(), "c")] * 3)
+    inputs = GateInputs(candidate, ("v1", tmp_path / "serving"), ("v1", tmp_path / "serving"), *sets)
+    anchor_scores, heldout_scores = VersionScores(), VersionScores()
+    for _ in range(2):  # a candidate and its backoff, one cycle
+        decision, _ = evaluate_candidate(inputs, GateConfig(), parity_ok=True, parity_max_abs_diff=0.0,
+                                         anchor_scores=anchor_scores, heldout_scores=heldout_scores)
+        assert decision.passed and decision.heldout_wer_serving == 0.5
+
+    assert scored.count(("serving", 2)) == 1 and scored.count(("serving", 3)) == 1  # held-out, anchor: once each
+    assert scored.count(("candidate", 2)) == 2  # each candidate is scored afresh
 
 
 @pytest.mark.slow  # a training cycle (update, export, gate)

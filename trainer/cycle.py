@@ -61,7 +61,7 @@ from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .distributed import SINGLE, DataParallel
 from .evaluate import EvalSummary
-from .gate import AnchorScores, GateConfig, GateDecision, GateInputs, evaluate_candidate
+from .gate import GateConfig, GateDecision, GateInputs, VersionScores, evaluate_candidate
 from .kinds import policy_kind
 from .policies import ctc_vocabulary
 from .rewards import FeedbackItem, feedback_item
@@ -286,7 +286,7 @@ def run_cycle(
     *,
     state: TrainerState | None = None,
     base_data: BaseData | None = None,
-    anchor_scores: AnchorScores | None = None,
+    anchor_scores: VersionScores | None = None,
     should_stop=lambda: False,
     data_parallel: DataParallel = SINGLE,
 ) -> CycleReport:
@@ -335,10 +335,12 @@ def run_cycle(
     stats = _train(report, state, kind, train, memory, base_data, config, should_stop, data_parallel, clock)
     clock.lap("update")
     with tempfile.TemporaryDirectory(prefix="voxloop-cycle-", dir=config.trainer_dir) as tmp:
-        cycle_number = (store.latest_cycle().id if store.latest_cycle() else 0) + 1
+        latest = store.latest_cycle()
+        cycle_number = (latest.id if latest else 0) + 1
         version = child_version_name(registry, parent, cycle_number)
         parent_dir, parent_card = registry.version_dir(parent), registry.load_card(parent)
-        anchor_scores = anchor_scores or AnchorScores()
+        anchor_scores = anchor_scores or VersionScores()
+        heldout_scores = VersionScores()  # the serving version on this cycle's held-out set, scored once
         for attempt in range(config.gate_backoffs + 1):
             if attempt:  # 6b. backoff: the update halved, then built and gated again
                 log.info("candidate %s refused for the anchor alone; backoff %d: its update halved", version, attempt)
@@ -351,7 +353,7 @@ def run_cycle(
             clock.lap("export" if not attempt else f"backoff{attempt}.export")
             # 6. gate
             decision, anchor_candidate = _gate(registry, parent, version, candidate, heldout + earlier_heldout,
-                                               base_data, config, anchor_scores)
+                                               base_data, config, anchor_scores, heldout_scores)
             report.gate = stats["gate"] = decision.as_dict()
             clock.lap("gate" if not attempt else f"backoff{attempt}.gate")
             if decision.passed or not decision.anchor_only:
@@ -450,7 +452,7 @@ def _train(report: CycleReport, state: TrainerState, kind, train: list[FeedbackI
 
 def _gate(registry: Registry, parent: str, version: str, candidate, heldout: list[FeedbackItem],
           base_data: BaseData, config: TrainerConfig,
-          anchor_scores: AnchorScores) -> tuple[GateDecision, EvalSummary | None]:
+          anchor_scores: VersionScores, heldout_scores: VersionScores) -> tuple[GateDecision, EvalSummary | None]:
     """Stage 6: the candidate against the serving version and the lineage's base (gate.py); logged."""
     base = lineage_base(registry, parent)
     inputs = GateInputs(candidate.directory, (parent, registry.version_dir(parent)), (base, registry.version_dir(base)),
@@ -458,7 +460,7 @@ def _gate(registry: Registry, parent: str, version: str, candidate, heldout: lis
                         [(u.float_samples(), u.text) for u in base_data.anchor])
     decision, anchor_candidate = evaluate_candidate(inputs, GateConfig.of(config), parity_ok=candidate.parity_ok,
                                                     parity_max_abs_diff=candidate.parity_max_abs_diff,
-                                                    anchor_scores=anchor_scores)
+                                                    anchor_scores=anchor_scores, heldout_scores=heldout_scores)
     _log_gate(decision, version, base, candidate.parity_max_abs_diff)
     return decision, anchor_candidate
 

@@ -159,8 +159,9 @@ def decoding_of(card: dict) -> str:
     return "lexicon-lm" if card.get("decoder") else "greedy"
 
 
-class AnchorScores:
-    """Versions' anchor figures, cached per version (the anchor set and a published version never change)."""
+class VersionScores:
+    """Versions' figures on one fixed set, cached per version: the anchor across cycles (the anchor set and a
+    published version never change), a cycle's held-out set across its backoffs."""
 
     def __init__(self) -> None:
         self._by_version: dict[str, EvalSummary] = {}
@@ -189,9 +190,11 @@ class GateInputs:
 
 def evaluate_candidate(inputs: GateInputs, config: GateConfig, *, parity_ok: bool,
                        parity_max_abs_diff: float | None,
-                       anchor_scores: AnchorScores) -> tuple[GateDecision, EvalSummary | None]:
+                       anchor_scores: VersionScores,
+                       heldout_scores: VersionScores | None = None) -> tuple[GateDecision, EvalSummary | None]:
     """Score the candidate and the serving version on the held-out items, the candidate, the serving and the
-    base version on the anchor (the published versions' anchor figures cached), and decide.
+    base version on the anchor (the published versions' anchor figures cached; the serving version's held-out
+    figure too when `heldout_scores` is given for this held-out set), and decide.
 
     Returns the decision and the candidate's anchor summary (to cache once it is published)."""
     if not parity_ok:  # graphs that do not compute what the weights do are not worth scoring
@@ -199,7 +202,7 @@ def evaluate_candidate(inputs: GateInputs, config: GateConfig, *, parity_ok: boo
                       parity_max_abs_diff=parity_max_abs_diff, parity_ok=False, config=config), None
     heldout, anchor = list(inputs.heldout), list(inputs.anchor)
     heldout_candidate = score_version(inputs.candidate_dir, heldout) if heldout else None
-    heldout_serving = score_version(inputs.serving[1], heldout) if heldout else None
+    heldout_serving = (heldout_scores or VersionScores()).get(*inputs.serving, heldout) if heldout else None
     anchor_candidate = score_version(inputs.candidate_dir, anchor) if anchor else None
     anchor_serving = anchor_scores.get(*inputs.serving, anchor) if anchor else None
     anchor_base = anchor_scores.get(*inputs.base, anchor) if anchor else None
@@ -211,5 +214,5 @@ def evaluate_candidate(inputs: GateInputs, config: GateConfig, *, parity_ok: boo
     return decision, anchor_candidate
 
 
-__all__ = ["AnchorScores", "GateConfig", "GateDecision", "GateInputs", "decide", "evaluate_candidate", "score_onnx",
+__all__ = ["VersionScores", "GateConfig", "GateDecision", "GateInputs", "decide", "evaluate_candidate", "score_onnx",
            "score_version"]

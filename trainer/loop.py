@@ -31,7 +31,7 @@ from .base_data import BaseData, ensure_corpus
 from .config import TrainerConfig
 from .cycle import CycleOutcome, CycleReport, recover_activation, run_cycle
 from .distributed import SINGLE, DataParallel
-from .gate import AnchorScores
+from .gate import VersionScores
 from .policies import ctc_vocabulary
 from .state import TrainerState
 from .update import UpdateAborted
@@ -60,7 +60,7 @@ class TrainerLoop:
         self.store = store if store is not None else FeedbackStore.open(config.resolved_store_url)
         self.registry = registry if registry is not None else Registry(config.resolved_registry_dir)
         self._kept = _Kept()
-        self._anchor_scores = AnchorScores()
+        self._anchor_scores = VersionScores()
         self._wake = threading.Event()
         self._stop = threading.Event()
 
