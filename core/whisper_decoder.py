@@ -2,9 +2,10 @@
 
 The first pass (model.onnx, a `windowed-ctc/1` graph with a CTC head on Whisper's encoder) streams
 interim results and finds endpoints like any CTC model. At an endpoint the utterance's audio goes
-through `encoder.onnx` once (cross-attention keys and values, the padding states spliced in) and
-`decoder.onnx` step by step with a key/value cache: greedy for one transcript, a beam search for an
-n-best. Card section (docs/model-format.md, "whisper-two-pass/1"):
+through `encoder.onnx` once (its cross-attention keys and values; the padding states' after them, as in
+Whisper's 30 s window, are constants of the decoder graph) and `decoder.onnx` step by step with a key/value
+cache: greedy for one transcript, a beam search for an n-best.
+Card section (docs/model-format.md, "whisper-two-pass/1"):
 
     card["second_pass"] = {"type": "whisper", "encoder": "encoder.onnx", "decoder": "decoder.onnx",
                            "tokenizer": "tokenizer.json", "prompt": [start-of-transcript, no-timestamps],
@@ -23,10 +24,11 @@ words its users corrected) bias the search toward their spellings (core/context_
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .context_bias import (
@@ -111,7 +113,33 @@ class SecondPassSettings:
 
 
 Cross = dict[str, np.ndarray]
-"""The decoder's cross-attention inputs of one utterance: cross_k_<l>, cross_v_<l>, each (B, heads, 1500, hd)."""
+"""The decoder's inputs describing B utterances: cross_k_<l>, cross_v_<l> (B, heads, F, hd) per layer, and
+`frames` (B,), each row's own positions among the F (the rest are padding to the batch's longest). Graphs exported
+before 2026-12-03 take 1500 spliced positions per row and no `frames`."""
+FRAMES = "frames"
+
+
+def encoded_cross(encoder: ort.InferenceSession, audio: np.ndarray) -> Cross:
+    """encoder.onnx on audio (1, S) -> the decoder's inputs for it."""
+    names = [o.name for o in encoder.get_outputs()]
+    cross = dict(zip(names, encoder.run(names, {"audio": audio}), strict=True))
+    cross[FRAMES] = np.array([cross[names[0]].shape[2]], dtype=np.int64)
+    return cross
+
+
+def stack_cross(crosses: list[Cross]) -> Cross:
+    """Several utterances' decoder inputs as one batch, keys and values zero-padded to the longest."""
+    if len(crosses) == 1:
+        return crosses[0]
+    longest = max(c[FRAMES][0] for c in crosses)
+    stacked = {FRAMES: np.concatenate([c[FRAMES] for c in crosses])}
+    for name in crosses[0].keys() - {FRAMES}:
+        rows = [c[name] for c in crosses]
+        batch = np.zeros((len(rows), rows[0].shape[1], longest, rows[0].shape[3]), dtype=rows[0].dtype)
+        for index, row in enumerate(rows):
+            batch[index, :, : row.shape[2]] = row[0]
+        stacked[name] = batch
+    return stacked
 
 
 @dataclass
@@ -130,6 +158,8 @@ class DecodedTokens:
     tokens: tuple[int, ...]
     token_log_probs: tuple[float, ...]
     log_prob: float
+    alignment: np.ndarray | None = field(default=None, compare=False)
+    """(N, 1500): the alignment heads' cross-attention of the step that chose each token, when the search kept it."""
 
 
 class WhisperSecondPass:
@@ -147,8 +177,7 @@ class WhisperSecondPass:
             raise ModelFormatError(f"{settings.tokenizer} is not a tokenizers JSON file: {e}") from e
         cache = next(i for i in self._decoder.get_inputs() if i.name == "self_k").shape  # (L, B, heads, P, hd)
         self._cache_shape = (cache[0], cache[2], cache[4])
-        # One input per layer and kind (no Split of a stacked tensor copying 18 MB every step).
-        self._cross_names = [o.name for o in self._encoder.get_outputs()]
+        self._takes_frames = FRAMES in {i.name for i in self._decoder.get_inputs()}
         self._suppress = np.array(sorted({*settings.suppress_tokens}), dtype=np.int64)
         self._begin_suppress = np.array(sorted({*settings.begin_suppress_tokens}), dtype=np.int64)
         spellings = word_spellings(settings.context_words,
@@ -168,14 +197,15 @@ class WhisperSecondPass:
         return cls(encoder, decoder, tokenizer, settings, intra_op_threads=intra_op_threads)
 
     def encode(self, audio: np.ndarray) -> tuple[Cross, int]:
-        """float32 (S,) 16 kHz -> every decoder layer's cross keys and values, and the speech frames."""
+        """float32 (S,) 16 kHz -> the decoder's inputs for it (Cross), and its speech frames."""
         padded = -(-len(audio) // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
         audio = np.pad(np.asarray(audio, dtype=np.float32), (0, padded - len(audio)))
-        outputs = self._encoder.run(self._cross_names, {"audio": audio[None]})
-        return dict(zip(self._cross_names, outputs, strict=True)), padded // SAMPLES_PER_ENCODER_FRAME
+        return encoded_cross(self._encoder, audio[None]), padded // SAMPLES_PER_ENCODER_FRAME
 
     def _step(self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray,
               cross: Cross) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not self._takes_frames:  # a graph exported before 2026-12-03: 1500 spliced positions per row
+            cross = {name: x for name, x in cross.items() if name != FRAMES}
         return self._decoder.run(None, {"tokens": tokens, "self_k": self_k, "self_v": self_v, **cross})
 
     def _mask(self, log_probs: np.ndarray, first: bool) -> np.ndarray:
@@ -198,17 +228,17 @@ class WhisperSecondPass:
 
     def greedy_batch(self, crosses: list[Cross], budgets: list[int]) -> list[DecodedTokens]:
         """`greedy` for several utterances in lockstep: one decoder call per step for all of them, so the
-        output projection (20 M weights, read once per call) is shared; ended utterances leave the batch
-        once half of it has ended. The same tokens as `greedy` on each, up to the int8 graph's per-call
-        activation scale."""
-        cross = crosses[0] if len(crosses) == 1 else {  # one utterance: no 18 MB copy
-            name: np.concatenate([c[name] for c in crosses]) for name in self._cross_names}
+        output projection (20 M weights, read once per call) and the padding states' keys and values are
+        shared; ended utterances leave the batch once half of it has ended. The same tokens as `greedy` on
+        each, up to the int8 graph's per-call activation scale. Each keeps its steps' alignment rows."""
+        cross = stack_cross(crosses)
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, len(crosses), heads, 0, head_dim), dtype=np.float32)
         prompt = np.repeat(np.array([self.settings.prompt], dtype=np.int64), len(crosses), axis=0)
-        log_probs, self_k, self_v, _ = self._step(prompt, empty, empty, cross)
+        log_probs, self_k, self_v, alignment = self._step(prompt, empty, empty, cross)
         tokens: list[list[int]] = [[] for _ in crosses]
         token_log_probs: list[list[float]] = [[] for _ in crosses]
+        alignments: list[list[np.ndarray]] = [[] for _ in crosses]
         live: list[int | None] = list(range(len(crosses)))  # each decoder row's utterance (None: ended)
         first = True  # rows step together: all at their first token or none
         while True:
@@ -221,6 +251,7 @@ class WhisperSecondPass:
                 if token != self.settings.end_of_text:
                     tokens[index].append(token)
                     token_log_probs[index].append(float(scores[row, token]))
+                    alignments[index].append(alignment[row, -1])
                 if token == self.settings.end_of_text or len(tokens[index]) == budgets[index]:
                     if token != self.settings.end_of_text:
                         log.warning("second pass hit its token budget (%d); the final is cut there", budgets[index])
@@ -228,14 +259,15 @@ class WhisperSecondPass:
             alive = [row for row, index in enumerate(live) if index is not None]
             if not alive:
                 break
-            if len(alive) <= len(live) // 2:  # compact: copying the cross inputs costs ~3 ms per row kept
+            if len(alive) <= len(live) // 2:  # compact
                 live = [live[row] for row in alive]
                 self_k, self_v = self_k[:, alive], self_v[:, alive]
                 cross = {name: x[alive] for name, x in cross.items()}
             step = np.array([[tokens[index][-1] if index is not None else self.settings.end_of_text]
                              for index in live], dtype=np.int64)
-            log_probs, self_k, self_v, _ = self._step(step, self_k, self_v, cross)
-        return [DecodedTokens(tuple(t), tuple(p), float(sum(p))) for t, p in zip(tokens, token_log_probs, strict=True)]
+            log_probs, self_k, self_v, alignment = self._step(step, self_k, self_v, cross)
+        return [DecodedTokens(tuple(t), tuple(p), float(sum(p)), np.stack(a) if a else None)
+                for t, p, a in zip(tokens, token_log_probs, alignments, strict=True)]
 
     def beam_search(self, cross: Cross, max_tokens: int, beam_size: int) -> list[DecodedTokens]:
         """Whisper's beam search (patience 1): the beam_size best unfinished continuations are kept each
@@ -243,7 +275,7 @@ class WhisperSecondPass:
         log_probs, self_k, self_v, _ = self._first_call(cross)
         live = [_Beam([], 0.0, [], 0)]
         finished: list[_Beam] = []
-        beams = {n: np.repeat(x, beam_size, axis=0) for n, x in cross.items()}  # (beam_size, heads, 1500, hd)
+        beams = {n: np.repeat(x, beam_size, axis=0) for n, x in cross.items()}  # (beam_size, heads, F, hd)
         for step in range(max_tokens + 1):
             scores = self._mask(log_probs, first=step == 0)  # (rows, V)
             candidates = []
@@ -299,7 +331,7 @@ class WhisperSecondPass:
         results = [self.greedy(cross, budget)] if beam == 1 else \
             self.beam_search(cross, budget, beam)
         best = results[0]
-        hypotheses = [self._hypothesis(best, self.align(cross, best.tokens), speech_frames, start_s)]
+        hypotheses = [self._hypothesis(best, self._alignment(cross, best), speech_frames, start_s)]
         if max_alternatives > 1:
             others = results[1:] if beam >= max_alternatives else \
                 self.beam_search(cross, budget, max_alternatives)
@@ -319,8 +351,12 @@ class WhisperSecondPass:
             raise ValueError("transcribe_batch decodes greedily; this version searches with beams")
         encoded = [self.encode(audio) for audio, _ in utterances]
         decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for audio, _ in utterances])
-        return [self._hypothesis(best, self.align(cross, best.tokens), frames, start_s)
+        return [self._hypothesis(best, self._alignment(cross, best), frames, start_s)
                 for best, (cross, frames), (_, start_s) in zip(decoded, encoded, utterances, strict=True)]
+
+    def _alignment(self, cross: Cross, decoded: DecodedTokens) -> np.ndarray:
+        """The alignment rows the search kept (greedy), or a teacher-forced call for them (a beam's best)."""
+        return decoded.alignment if decoded.alignment is not None else self.align(cross, decoded.tokens)
 
     def _budget(self, audio: np.ndarray) -> int:
         """The most tokens an utterance of this length may decode to (a loop breaker)."""

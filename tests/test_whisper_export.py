@@ -13,12 +13,15 @@ from voxloop.core.decoder import greedy_ctc_text, serving_vocabulary
 from voxloop.core.model import OnnxModel
 from voxloop.core.registry import Registry, sha256_file
 from voxloop.core.warmup import WarmupFailed, streaming_transcript, warm_up
-from voxloop.core.whisper_decoder import WhisperSecondPass
+from voxloop.core.whisper_decoder import SecondPassSettings, WhisperSecondPass
 from voxloop.trainer.export import ParityError
 from voxloop.trainer.whisper_export import (
     DECODER_FILE,
     ENCODER_FILE,
+    DecoderStepWrapper,
+    EncoderWrapper,
     check_whisper_parity,
+    cross_names,
     export_whisper_graphs,
 )
 from whisper_support import DATA_DIR, TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy
@@ -119,6 +122,24 @@ def test_the_second_pass_decodes_as_transformers_does(tiny_registry_with_whisper
     alignment = second_pass.align(cross, decoded.tokens)
     assert alignment.shape == (len(decoded.tokens) + 1, 1500)
     assert np.allclose(alignment.sum(-1), 1.0, atol=1e-4)  # attention rows are distributions
+    # The greedy search keeps the same rows step by step, so a final needs no teacher-forced call for them.
+    assert np.allclose(decoded.alignment, alignment[:-1], atol=1e-5)
+
+
+def test_finals_decoded_together_equal_each_decoded_alone(tiny_registry_with_whisper):
+    """Rows of other lengths share the decoder's calls: each attends its own positions, then the padding states."""
+    version_dir = tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION)
+    second_pass = WhisperSecondPass.from_card(json.loads((version_dir / "card.json").read_text()), version_dir)
+    one, _ = sf.read(DATA_DIR / "one.wav", dtype="float32")
+    three, _ = sf.read(DATA_DIR / "three.wav", dtype="float32")
+    utterances = [(one[:16000], 0.0), (three[:6400], 1.0), (three[:20000], 2.0)]
+    together = second_pass.transcribe_batch(utterances)
+    alone = [second_pass.transcribe(audio, start_s)[0] for audio, start_s in utterances]
+    assert [h.transcript for h in together] == [h.transcript for h in alone]
+    for batched, single in zip(together, alone, strict=True):  # the same steps, up to float rounding
+        assert [(w.start_s, w.end_s) for w in batched.words] == [(w.start_s, w.end_s) for w in single.words]
+        assert np.allclose([w.confidence for w in batched.words], [w.confidence for w in single.words], rtol=1e-4)
+    assert len({len(audio) for audio, _ in utterances}) == 3 and any(h.words for h in alone)
 
 
 def test_n_best_finals_are_distinct_with_the_versions_own_transcript_first(tiny_registry_with_whisper):
@@ -160,3 +181,62 @@ def test_a_version_whose_decoder_is_another_models_fails_warm_up_on_its_probe(ti
     with pytest.raises(WarmupFailed) as failure:
         warm_up(OnnxModel(broken / "model.onnx"), card, broken, second_pass)
     assert failure.value.reason == "probe_mismatch" and "second pass" in str(failure.value)
+
+
+class _SplicedEncoder(torch.nn.Module):
+    """encoder.onnx as exported before 2026-12-03: the padding states' keys and values spliced in, 1500 positions."""
+
+    def __init__(self, policy, decoder_step: DecoderStepWrapper):
+        super().__init__()
+        self.encoder, self.step = EncoderWrapper(policy), decoder_step
+
+    def forward(self, audio):
+        outputs = self.encoder(audio)
+        layers, frames = len(outputs) // 2, outputs[0].shape[2]
+        silence = [*self.step.silence_keys_t.transpose(-1, -2), *self.step.silence_values]
+        return tuple(torch.cat([own, padding[None, :, frames:]], dim=2)
+                     for own, padding in zip(outputs, silence[:layers] + silence[layers:], strict=True))
+
+
+class _SplicedDecoder(torch.nn.Module):
+    """decoder.onnx as exported before 2026-12-03: no `frames` input, 1500 positions a row."""
+
+    def __init__(self, decoder_step: DecoderStepWrapper):
+        super().__init__()
+        self.step = decoder_step
+
+    def forward(self, tokens, self_k, self_v, *cross):
+        return self.step(tokens, self_k, self_v, torch.full((tokens.shape[0],), 1500), *cross)
+
+
+def test_a_version_exported_with_spliced_padding_states_still_decodes(tiny_registry_with_whisper, tiny_policy,
+                                                                      tmp_path):
+    version_dir = tiny_registry_with_whisper.version_dir(TINY_WHISPER_VERSION)
+    card = json.loads((version_dir / "card.json").read_text())
+    step = DecoderStepWrapper(tiny_policy, [list(h) for h in tiny_policy.model.generation_config.alignment_heads])
+    config = tiny_policy.model.config
+    names, heads = cross_names(config.decoder_layers), config.decoder_attention_heads
+    hd, layers = config.d_model // heads, config.decoder_layers
+    with torch.no_grad():
+        torch.onnx.export(_SplicedEncoder(tiny_policy, step).eval(), (torch.zeros(1, 16000),),
+                          tmp_path / "encoder.onnx", input_names=["audio"], output_names=names,
+                          dynamic_axes={"audio": {1: "samples"}}, dynamo=False)
+        torch.onnx.export(_SplicedDecoder(step).eval(), (torch.zeros(1, 2, dtype=torch.long),
+                          torch.zeros(layers, 1, heads, 3, hd), torch.zeros(layers, 1, heads, 3, hd),
+                          *(torch.zeros(1, heads, 1500, hd) for _ in names)), tmp_path / "decoder.onnx",
+                          input_names=["tokens", "self_k", "self_v", *names],
+                          output_names=["log_probs", "next_self_k", "next_self_v", "alignment"],
+                          dynamic_axes={"tokens": {0: "batch", 1: "length"}, "self_k": {1: "batch", 3: "past"},
+                                        "self_v": {1: "batch", 3: "past"}, **{n: {0: "batch"} for n in names}},
+                          dynamo=False)
+    settings = SecondPassSettings.from_card(card)
+    spliced = WhisperSecondPass(tmp_path / "encoder.onnx", tmp_path / "decoder.onnx", version_dir / settings.tokenizer,
+                                settings)
+    current = WhisperSecondPass.from_card(card, version_dir)
+    one, _ = sf.read(DATA_DIR / "one.wav", dtype="float32")
+    three, _ = sf.read(DATA_DIR / "three.wav", dtype="float32")
+    utterances = [(one[:16000], 0.0), (three[:9600], 1.0)]
+    assert [h.transcript for h in spliced.transcribe_batch(utterances)] == \
+        [current.transcribe(audio, start_s)[0].transcript for audio, start_s in utterances]
+    assert spliced.transcribe(three[:9600], 1.0, max_alternatives=2)[0].transcript == \
+        current.transcribe(three[:9600], 1.0)[0].transcript

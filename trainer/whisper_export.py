@@ -4,13 +4,16 @@
   (B, H)) -> (log_probs (B, C / 320, V) of the CTC head, next_audio_history). The server streams,
   batches and endpoints it like any windowed CTC graph.
 - `encoder.onnx`: the second pass's encoder. audio (1, S), S a multiple of 320 -> cross_k_<l>, cross_v_<l>
-  (1, heads, 1500, head_dim) for each decoder layer l: the cross-attention keys and values of the utterance plus
-  pad_s of silence, then of the constant padding states (precomputed here, so a final costs the
-  encoder over the utterance only; whisper_model.py says why the splice).
+  (1, heads, F, head_dim) for each decoder layer l: the cross-attention keys and values of the utterance plus
+  pad_s of silence, F = S / 320 + pad_s / 0.02 (a final costs the encoder over the utterance only;
+  whisper_model.py says why the padding).
 - `decoder.onnx`: one decoder step with a key/value cache. tokens (B, N), self_k/self_v (L, B, heads, P,
-  head_dim) of the P tokens before, cross_k_<l>/cross_v_<l> -> log_probs (B, V) of the next token after the
-  last, next_self_k/next_self_v (P + N positions), alignment (B, N, 1500): the mean cross-attention of
-  Whisper's alignment heads (word timings).
+  head_dim) of the P tokens before, frames (B,), cross_k_<l>/cross_v_<l> (B, heads, F, head_dim), row b's first
+  frames[b] positions its own (rows of a batch padded to the longest) -> log_probs (B, V) of the next token after
+  the last, next_self_k/next_self_v (P + N positions), alignment (B, N, 1500): the mean cross-attention of
+  Whisper's alignment heads (word timings). Each row attends its own positions, then the constant padding states'
+  keys and values (in the graph) up to Whisper's 1500: the same attention as over a spliced 30 s window,
+  without an 18 MB input per row.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from torch.nn import functional as F
 
 from ..core.decoder import greedy_ctc_text, serving_vocabulary
 from ..core.model import WINDOWED_CTC_FORMAT, OnnxModel, metadata_props, onnx_session
+from ..core.whisper_decoder import encoded_cross
 from .export import ONNX_OPSET, ParityError, ParityReport, write_onnx_metadata
 from .whisper_ct2 import END_OF_TEXT, NO_TIMESTAMPS, START_OF_TRANSCRIPT
 from .whisper_model import (
     ENCODER_STRIDE,
     SAMPLE_RATE_HZ,
     SAMPLES_PER_ENCODER_FRAME,
+    SilenceCross,
     WhisperPolicy,
     cross_key_values,
     decoder_states,
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 FIRST_PASS_FILE = "model.onnx"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+WHISPER_POSITIONS = 1500
+"""Whisper's 30 s window in encoder frames: what the decoder attends."""
+SILENCE_NAMES = ("silence_keys_t", "silence_values")
+"""The decoder graph's constants holding the padding states' cross keys and values (kept fp32 by int8)."""
 
 
 class FirstPassWrapper(nn.Module):
@@ -66,15 +75,12 @@ class FirstPassWrapper(nn.Module):
 
 class EncoderWrapper(nn.Module):
     """audio (1, S), S a multiple of 320 -> cross_k_0..cross_k_{L-1}, cross_v_0..cross_v_{L-1}, each
-    (1, heads, 1500, head_dim)."""
+    (1, heads, F, head_dim): the keys and values of the utterance and pad_s of silence, F = (S + pad) / 320.
+    The padding states' after them are constants of the decoder graph (DecoderStepWrapper)."""
 
     def __init__(self, policy: WhisperPolicy):
         super().__init__()
         self.policy = policy
-        with torch.no_grad():
-            silence_k, silence_v = cross_key_values(policy.model, policy.silence_states())  # of (1, 1500, D)
-        self.register_buffer("silence_k", silence_k)
-        self.register_buffer("silence_v", silence_v)
 
     def forward(self, audio: torch.Tensor):
         settings = self.policy.settings
@@ -83,33 +89,38 @@ class EncoderWrapper(nn.Module):
         frames = (audio.shape[1] + settings.pad_samples) // SAMPLES_PER_ENCODER_FRAME
         valid = torch.full((audio.shape[0],), 1, dtype=torch.long) * frames
         log_mel = self.policy.log_mel(padded, valid_frames=valid * ENCODER_STRIDE)
-        states = run_encoder(self.policy.model, log_mel, valid_frames=valid)[:, :frames]  # (1, T, D)
-        keys, values = cross_key_values(self.policy.model, states)
-        cross_k = torch.cat([keys, self.silence_k[:, :, :, frames:]], dim=3)  # (L, 1, heads, 1500, hd)
-        cross_v = torch.cat([values, self.silence_v[:, :, :, frames:]], dim=3)
-        return (*cross_k.unbind(0), *cross_v.unbind(0))  # one output per layer and kind
+        states = run_encoder(self.policy.model, log_mel, valid_frames=valid)[:, :frames]  # (1, F, D)
+        keys, values = cross_key_values(self.policy.model, states)  # (L, 1, heads, F, hd)
+        return (*keys.unbind(0), *values.unbind(0))  # one output per layer and kind
 
 
 class DecoderStepWrapper(nn.Module):
     """One decoder call with a self-attention cache (whisper_model.decoder_states): (tokens (B, N), self_k,
-    self_v (L, B, heads, P, hd), cross_k_0.., cross_v_0.. (B, heads, 1500, hd) per layer) -> (log_probs (B, V)
-    after the last token, next_self_k, next_self_v (L, B, heads, P + N, hd), alignment (B, N, 1500))."""
+    self_v (L, B, heads, P, hd), frames (B,), cross_k_0.., cross_v_0.. (B, heads, F, hd) per layer, row b's
+    first frames[b] positions its own) -> (log_probs (B, V) after the last token, next_self_k, next_self_v
+    (L, B, heads, P + N, hd), alignment (B, N, 1500)). Each row attends its own positions, then the padding
+    states' keys and values (constants here, SILENCE_NAMES) up to 1500, as Whisper attends its 30 s window."""
 
     def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]]):
         super().__init__()
         self.whisper = policy.model
         self.alignment_heads = tuple(tuple(h) for h in alignment_heads)
+        with torch.no_grad():
+            silence_k, silence_v = cross_key_values(policy.model, policy.silence_states())  # (L, 1, heads, 1500, hd)
+        self.register_buffer(SILENCE_NAMES[0], silence_k[:, 0].transpose(-1, -2).contiguous())
+        self.register_buffer(SILENCE_NAMES[1], silence_v[:, 0].contiguous())
         # The token embedding is also the output projection (tied). Held once, as (D, V), and used both
         # ways without a transpose, so the exporter's constant folding cannot make a second 80 MB copy.
         self.register_buffer("embedding_t", policy.model.model.decoder.embed_tokens.weight.detach().t().contiguous())
 
-    def forward(self, tokens, self_k, self_v, *cross):
+    def forward(self, tokens, self_k, self_v, frames, *cross):
         layers = len(cross) // 2
-        cross_k, cross_v = cross[:layers], cross[layers:]  # per layer (B, heads, 1500, hd): no Split in the graph
+        cross_k, cross_v = cross[:layers], cross[layers:]  # per layer (B, heads, F, hd): no Split in the graph
         batch, length = tokens.shape
         embedded = torch.index_select(self.embedding_t, 1, tokens.reshape(-1)).t().reshape(batch, length, -1)
+        silence = SilenceCross(self.silence_keys_t, self.silence_values, frames)
         states, next_k, next_v, alignment = decoder_states(self.whisper, embedded, self_k, self_v, cross_k, cross_v,
-                                                           self.alignment_heads)
+                                                           self.alignment_heads, silence=silence)
         log_probs = torch.log_softmax(states[:, -1] @ self.embedding_t, dim=-1)  # (B, V)
         return log_probs, next_k, next_v, alignment
 
@@ -148,8 +159,9 @@ def cross_names(layers: int) -> list[str]:
 
 
 def export_encoder(policy: WhisperPolicy, path: Path) -> Path:
-    _export(EncoderWrapper(policy), (torch.zeros(1, 2 * SAMPLE_RATE_HZ),), path, ["audio"],
-            cross_names(policy.model.config.decoder_layers), {"audio": {1: "samples"}})
+    names = cross_names(policy.model.config.decoder_layers)
+    _export(EncoderWrapper(policy), (torch.zeros(1, 2 * SAMPLE_RATE_HZ),), path, ["audio"], names,
+            {"audio": {1: "samples"}, **{name: {2: "positions"} for name in names}})
     return path
 
 
@@ -157,15 +169,15 @@ def export_decoder(policy: WhisperPolicy, path: Path, alignment_heads: list[list
     config = policy.model.config
     layers, heads = config.decoder_layers, config.decoder_attention_heads
     head_dim = config.d_model // heads
-    positions = config.max_source_positions
     names = cross_names(layers)
     args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(layers, 1, heads, 3, head_dim),
-            torch.zeros(layers, 1, heads, 3, head_dim), *(torch.zeros(1, heads, positions, head_dim) for _ in names))
+            torch.zeros(layers, 1, heads, 3, head_dim), torch.tensor([90]),
+            *(torch.zeros(1, heads, 100, head_dim) for _ in names))
     cache_axes = {1: "batch", 3: "past"}
     _export(DecoderStepWrapper(policy, alignment_heads), args, path,
-            ["tokens", "self_k", "self_v", *names], ["log_probs", "next_self_k", "next_self_v", "alignment"],
-            {"tokens": {0: "batch", 1: "length"}, "self_k": cache_axes, "self_v": cache_axes,
-             **{name: {0: "batch"} for name in names}, "log_probs": {0: "batch"},
+            ["tokens", "self_k", "self_v", "frames", *names], ["log_probs", "next_self_k", "next_self_v", "alignment"],
+            {"tokens": {0: "batch", 1: "length"}, "self_k": cache_axes, "self_v": cache_axes, "frames": {0: "batch"},
+             **{name: {0: "batch", 2: "positions"} for name in names}, "log_probs": {0: "batch"},
              "next_self_k": {1: "batch", 3: "total"}, "next_self_v": {1: "batch", 3: "total"},
              "alignment": {0: "batch", 1: "length"}})
     return path
@@ -216,7 +228,7 @@ def _decoder_agreement(encoder32, decoder32, decoder8, speech: np.ndarray, max_s
     distribution is flat and a near-tie flips with any rounding (an adapted decoder is flatter still there)."""
     names = [o.name for o in encoder32.get_outputs()]
     padded = np.pad(speech, (0, -len(speech) % SAMPLES_PER_ENCODER_FRAME)).astype(np.float32)[None]
-    cross = dict(zip(names, encoder32.run(names, {"audio": padded}), strict=True))
+    cross = encoded_cross(encoder32, padded)
     first = cross[names[0]]
     empty = np.zeros((len(names) // 2, 1, first.shape[1], 0, first.shape[3]), dtype=np.float32)
     tokens, agreements = [START_OF_TRANSCRIPT, NO_TIMESTAMPS], []
@@ -228,6 +240,16 @@ def _decoder_agreement(encoder32, decoder32, decoder8, speech: np.ndarray, max_s
         if tokens[-1] == END_OF_TEXT:
             break
     return float(np.mean(agreements))
+
+
+def _silence_matmuls(path: Path) -> list[str]:
+    """The MatMul nodes reading the padding states' keys or values: attention stays fp32 (it always was: the
+    other cross-attention MatMuls multiply two activations, which dynamic quantization leaves alone)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    silence = {init.name for init in graph.initializer if WHISPER_POSITIONS in init.dims}
+    return [node.name for node in graph.node if node.op_type == "MatMul" and silence & set(node.input)]
 
 
 def quantize_graphs(out_dir: Path, probe: np.ndarray, seed: int = 0) -> QuantizationReport:
@@ -243,7 +265,7 @@ def quantize_graphs(out_dir: Path, probe: np.ndarray, seed: int = 0) -> Quantiza
         for name in (FIRST_PASS_FILE, ENCODER_FILE, DECODER_FILE):
             shutil.move(out_dir / name, fp32 / name)
             quantize_dynamic(str(fp32 / name), str(out_dir / name), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"])
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=_silence_matmuls(fp32 / name))
         sessions = {graph: (onnx_session(fp32 / graph), onnx_session(out_dir / graph))
                     for graph in (FIRST_PASS_FILE, ENCODER_FILE, DECODER_FILE)}
         history = int(sessions[FIRST_PASS_FILE][0].get_modelmeta().custom_metadata_map["voxloop.history_samples"])
@@ -327,19 +349,22 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
             states = policy.final_encoder_states(audio, torch.tensor([samples]), silence)  # (1, 1500, D)
             expected_k, expected_v = cross_key_values(policy.model, states)
             names = cross_names(len(expected_k))
-            cross = dict(zip(names, encoder.run(names, {"audio": audio.numpy()}), strict=True))
+            cross = encoded_cross(encoder, audio.numpy())
             expected = dict(zip(names, [*expected_k[:, 0], *expected_v[:, 0]], strict=True))
-            worst_kv = max(worst_kv, *(float(np.abs(expected[n].numpy() - cross[n][0]).max()) for n in names))
+            own = int(cross["frames"][0])
+            if own != cross[names[0]].shape[2] or own >= WHISPER_POSITIONS:
+                raise ParityError(f"encoder gives {cross[names[0]].shape[2]} positions for {own} frames")
+            worst_kv = max(worst_kv, *(float(np.abs(expected[n][:, :own].numpy() - cross[n][0]).max()) for n in names))
             prompt = torch.tensor([[50257, 50362]])
             more = torch.randint(0, 50000, (1, 3), generator=generator)
-            first = cross[names[0]]  # (1, heads, 1500, hd)
+            first = cross[names[0]]  # (1, heads, F, hd)
             empty = np.zeros((len(expected_k), 1, first.shape[1], 0, first.shape[3]), dtype=np.float32)
             log_probs, self_k, self_v, _ = decoder.run(None, {"tokens": prompt.numpy(), "self_k": empty,
                                                               "self_v": empty, **cross})
             log_probs_2, _, _, alignment = decoder.run(None, {"tokens": more.numpy(), "self_k": self_k,
                                                                "self_v": self_v, **cross})
-            if alignment.shape != (1, 3, first.shape[2]):
-                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, {first.shape[2]})")
+            if alignment.shape != (1, 3, WHISPER_POSITIONS):
+                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, 1500)")
             reference_1 = _reference_log_probs(policy, states, prompt)
             reference_2 = _reference_log_probs(policy, states, torch.cat([prompt, more], dim=1))
             worst_decoder = max(worst_decoder, float(np.abs(reference_1.numpy() - log_probs).max()),

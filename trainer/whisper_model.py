@@ -207,9 +207,42 @@ def _grouped_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return (torch.cat(weights) if with_weights else None), torch.cat(attended)
 
 
+@dataclass(frozen=True)
+class SilenceCross:
+    """Cross-attention over an utterance's own keys and values followed by the padding states' (the exported
+    decoder step): every row attends 1500 positions, the first frames[b] its own, the rest the silence's,
+    which are one constant shared by all rows instead of an 18 MB copy per row and call."""
+
+    keys_t: torch.Tensor
+    """(L, heads, hd, 1500): every layer's keys of the padding states, transposed."""
+    values: torch.Tensor
+    """(L, heads, 1500, hd)."""
+    frames: torch.Tensor
+    """(B,) int64: each row's own positions (its speech and pad_s); the rest of its keys/values are padding."""
+
+
+def _spliced_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, silence_keys_t: torch.Tensor,
+                             silence_values: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, heads, N, hd); keys/values (B, heads, F, hd), row b's first frames[b] its own; silence keys (heads, hd,
+    P) and values (heads, P, hd) -> (weights (B, heads, N, P), attended (B, heads, N, hd)): exactly attention over
+    the splice of each row's positions and the silence's after them, without building the splice."""
+    rows, heads, length, head_dim = q.shape
+    positions = silence_values.shape[1]
+    shared_q = q.transpose(0, 1).reshape(heads, rows * length, head_dim)  # all rows' queries, silence read once
+    silence_scores = (shared_q @ silence_keys_t).view(heads, rows, length, positions).transpose(0, 1)
+    own_scores = F.pad(q @ keys.transpose(-1, -2), (0, positions - keys.shape[2]))  # (B, heads, N, P)
+    own = (torch.arange(positions)[None, :] < frames[:, None])[:, None, None, :]  # (B, 1, 1, P)
+    weights = torch.where(own, own_scores, silence_scores).softmax(-1)
+    own_weights = (weights * own)[..., : keys.shape[2]]
+    silence_weights = weights.masked_fill(own, 0.0).transpose(0, 1).reshape(heads, rows * length, positions)
+    from_silence = (silence_weights @ silence_values).view(heads, rows, length, head_dim).transpose(0, 1)
+    return weights, own_weights @ values + from_silence
+
+
 def decoder_states(model: WhisperForConditionalGeneration, embedded: torch.Tensor, self_k: torch.Tensor,
                    self_v: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor,
-                   alignment_heads: tuple[tuple[int, int], ...] = (), audio_rows: Sequence[int] | None = None):
+                   alignment_heads: tuple[tuple[int, int], ...] = (), audio_rows: Sequence[int] | None = None,
+                   silence: SilenceCross | None = None):
     """Whisper's decoder written out from transformers' modules, over cached keys and values.
 
     embedded (B, N, D): the new tokens' embeddings; self_k/self_v (L, B, heads, P, hd): the P tokens
@@ -221,7 +254,10 @@ def decoder_states(model: WhisperForConditionalGeneration, embedded: torch.Tenso
     With `audio_rows` (the trainer's decodes, never the export), cross_k/cross_v hold A audios
     (L, A, heads, F, hd) and the B rows are consecutive groups of audio_rows[a] rows decoding audio a:
     each audio's keys and values are read once for its group (its queries stacked) instead of being
-    copied per row (18 MB a row for Whisper tiny's 1500 frames)."""
+    copied per row (18 MB a row for Whisper tiny's 1500 frames).
+
+    With `silence` (the export), cross_k/cross_v hold each row's own positions only and the padding
+    states' keys and values come from `silence` (SilenceCross); alignment then spans all 1500 positions."""
     decoder = model.model.decoder
     heads = model.config.decoder_attention_heads
     past, length = self_k.shape[3], embedded.shape[1]
@@ -243,7 +279,10 @@ def decoder_states(model: WhisperForConditionalGeneration, embedded: torch.Tenso
         cross = layer.encoder_attn
         h = layer.encoder_attn_layer_norm(x)
         q = _split_heads(cross.q_proj(h) * scale, heads)
-        if audio_rows is None:
+        if silence is not None:
+            weights, attended = _spliced_cross_attention(q, cross_k[index], cross_v[index], silence.keys_t[index],
+                                                         silence.values[index], silence.frames)
+        elif audio_rows is None:
             weights = (q @ cross_k[index].transpose(-1, -2)).softmax(-1)  # (B, heads, N, F)
             attended = weights @ cross_v[index]  # (B, heads, N, hd)
         else:
