@@ -344,11 +344,9 @@ class WhisperSecondPass:
         return tuple(hypotheses)
 
     def transcribe_batch(self, utterances: list[tuple[np.ndarray, float]]) -> list[Hypothesis]:
-        """Several endpointed utterances ((audio, start_s) each) -> each one's best transcript, as `transcribe`
-        gives it (greedy versions only; a beam search batches its beams instead): each encoded and aligned on
-        its own (their lengths differ), the decoder steps shared."""
-        if self.settings.beam_size != 1:
-            raise ValueError("transcribe_batch decodes greedily; this version searches with beams")
+        """Several endpointed utterances ((audio, start_s) each) -> each one's greedy transcript (what
+        `transcribe` gives on a greedy version; a beam version's backlog fallback): each encoded on its own
+        (their lengths differ), the decoder steps shared."""
         encoded = [self.encode(audio) for audio, _ in utterances]
         decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for audio, _ in utterances])
         return [self._hypothesis(best, self._alignment(cross, best), frames, start_s)

@@ -95,12 +95,13 @@ class ServerConfig:
     second_pass_threads: int = 2
     """A two-pass (Whisper) version's finals decoded at once (one thread each): streams that end together
     (an endpoint is a pause, and pauses coincide) wait for one another less."""
-    second_pass_max_batch: int = 1
-    """Most queued finals a second-pass thread decodes in one lockstep call (greedy one-best finals). 1
-    (the default): each final alone, so it equals the offline decode of its utterance. More shares the
-    decoder's calls (~20-30% less CPU per final in fours) and helps when finals pile up, but a batched
-    final's transcript can differ from its offline decode on hard audio (the int8 decoder scales its
-    activations per call): docs/benchmarks.md, "Finals in batches"."""
+    second_pass_max_batch: int = 16
+    """Most backed-up finals a second-pass thread decodes in one lockstep call. Finals back up when more
+    are queued than there are threads (streams that end in the same moment); a backlog's one-best finals
+    are then decoded greedily together instead of each by the version's beam search: faster to drain,
+    but a backlog's final can differ from its utterance's offline decode (greedy, and the int8 decoder
+    scales its activations per call). 1: every final alone, by the version's own search, however many
+    wait (server/finals.py; docs/benchmarks.md, "Finals in batches")."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
     store_utterances: bool = True

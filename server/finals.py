@@ -1,15 +1,16 @@
-"""Finals of a two-pass (Whisper) version: endpointed utterances share the decoder's calls.
+"""Finals of a two-pass (Whisper) version, and what happens when they back up.
 
-Finals queue here; `second_pass_threads` workers each take their share of what is queued when they
-come free (at most 1 / second_pass_threads of it, so a burst is split between the threads) and decode
-greedy one-best finals (the default) together (WhisperSecondPass.transcribe_batch): each utterance is
-encoded and aligned on its own, the decoder steps in lockstep, one call per step for all of them, so
-the output projection's 20 M weights are read once per step instead of once per final. Nothing waits
-for a batch to fill: under light load a final is decoded alone at once; under load finals queue while
-the workers decode, and the next call takes them together. A final asking for an n-best, and every
-final of a beam-search version, is decoded on its own. Batching is off by default
-(`second_pass_max_batch` = 1): a batched final can differ from its utterance's offline decode.
-Figures: docs/benchmarks.md, "Finals in batches"."""
+Finals queue here; `second_pass_threads` workers take them. A final is decoded alone by the version's
+own search (its card's `beam_size`: greedy or a beam), so it equals the offline decode of its utterance.
+When finals back up (a worker comes free and more are queued than there are workers: many streams ended
+in the same moment), the worker takes its share of the backlog (at most 1 / second_pass_threads of it,
+and `second_pass_max_batch`) and decodes those one-best finals greedily together
+(WhisperSecondPass.transcribe_batch): each utterance encoded on its own, the decoder stepping in lockstep,
+one call per step for all, so the output projection's 20 M weights and the padding states' keys and
+values are read once per step instead of once per final and beam. A backlog's finals trade the beam's
+accuracy and bit-equality with the offline decode for latency, as a loaded speech service should; they
+are counted (voxloop_second_pass_backlog_finals_total). `second_pass_max_batch` = 1 turns that off. A
+final asking for an n-best is always decoded on its own. Figures: docs/benchmarks.md, "Finals in batches"."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.decoder import Hypothesis
-from ..core.metrics import observe_second_pass
+from ..core.metrics import SECOND_PASS_BACKLOG_FINALS, observe_second_pass
 from ..core.model import MODEL_SAMPLE_RATE_HZ
 from ..core.whisper_decoder import WhisperSecondPass
 
@@ -43,6 +44,8 @@ class FinalsStats:
     calls: int = 0
     finals: int = 0
     largest: int = 0
+    backlog_finals: int = 0
+    """Finals decoded greedily in a batch because finals were backing up."""
 
 
 @dataclass(eq=False)
@@ -102,10 +105,11 @@ class FinalsQueue:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _take(self) -> list[_Final]:
-        """The oldest queued final and, when it is batchable, the batchable ones behind it: at most
-        max_batch and at most an even share among the threads (a burst keeps both threads busy)."""
+        """The oldest queued final alone or, when finals back up (more queued than workers), it and the
+        one-best finals behind it: at most max_batch and an even share among the threads."""
         first = self._pending.popleft()
-        if not first.batchable or self.max_batch == 1 or self.second_pass.settings.beam_size != 1:
+        backlog = len(self._pending) >= self._threads
+        if not first.batchable or self.max_batch == 1 or not backlog:
             return [first]
         share = min(self.max_batch, math.ceil((len(self._pending) + 1) / self._threads))
         taken, kept = [first], deque()
@@ -137,6 +141,9 @@ class FinalsQueue:
             self.stats.calls += 1
             self.stats.finals += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
+            if len(batch) > 1:
+                self.stats.backlog_finals += len(batch)
+                SECOND_PASS_BACKLOG_FINALS.inc(len(batch))
             elapsed = time.perf_counter() - started
             for final, hypotheses in zip(batch, results, strict=True):
                 observe_second_pass(elapsed, len(final.audio) / MODEL_SAMPLE_RATE_HZ)
@@ -144,7 +151,8 @@ class FinalsQueue:
                     final.future.set_result(hypotheses)
 
     def _decode(self, batch: list[_Final]) -> list[tuple[Hypothesis, ...]]:
-        """In a worker thread: one final alone (its n-best), or greedy one-best finals together."""
+        """In a worker thread: one final alone (the version's search, its n-best), or a backlog's one-best
+        finals greedily together."""
         if len(batch) == 1:
             final = batch[0]
             return [self.second_pass.transcribe(final.audio, final.start_s, final.max_alternatives)]

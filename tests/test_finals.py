@@ -1,6 +1,6 @@
 """The finals queue of a two-pass version, on a second pass that records its calls: a burst is split
-between the threads and batched, n-best finals go alone, a failure fails only its batch, closing fails
-what is queued."""
+between the threads and batched (a beam version's backlog too, greedily), n-best finals go alone, a
+failure fails only its batch, closing fails what is queued."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from voxloop.core.decoder import Hypothesis, WordTiming
 from voxloop.server.finals import FinalsQueue, FinalsStopped
 
@@ -84,14 +85,23 @@ def test_max_batch_bounds_a_call_and_one_means_every_final_alone():
     assert [kind for kind, _ in second_pass.calls] == ["alone"] * 3
 
 
-def test_finals_asking_for_an_n_best_and_finals_of_a_beam_search_version_are_decoded_alone():
+def test_finals_asking_for_an_n_best_are_decoded_alone():
     second_pass = RecordingSecondPass()
     results = asyncio.run(_burst(FinalsQueue(second_pass, threads=1, max_batch=8, version="v"), second_pass,
                                  [100, 1, 2], max_alternatives=3))
     assert [kind for kind, _ in second_pass.calls] == ["alone"] * 3 and len(results[1]) == 3
+
+
+def test_a_beam_search_versions_backlog_is_decoded_greedily_together_and_counted():
     second_pass = RecordingSecondPass(beam_size=4)
-    asyncio.run(_burst(FinalsQueue(second_pass, threads=1, max_batch=8, version="v"), second_pass, [100, 1, 2]))
-    assert [kind for kind, _ in second_pass.calls] == ["alone"] * 3
+    queue = FinalsQueue(second_pass, threads=1, max_batch=8, version="v")
+    before = REGISTRY.get_sample_value("voxloop_second_pass_backlog_finals_total") or 0.0
+    results = asyncio.run(_burst(queue, second_pass, [100, 1, 2]))
+    # 100 came to a free thread: its own search. 1 and 2 queued behind it: a backlog, decoded together.
+    assert second_pass.calls == [("alone", [100]), ("batch", [1, 2])]
+    assert [r[0].transcript for r in results] == ["utterance100", "utterance1", "utterance2"]
+    assert queue.stats.backlog_finals == 2
+    assert REGISTRY.get_sample_value("voxloop_second_pass_backlog_finals_total") == before + 2
 
 
 def test_a_failing_batch_fails_its_own_finals_and_the_queue_keeps_serving():
