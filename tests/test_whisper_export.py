@@ -238,5 +238,7 @@ def test_a_version_exported_with_spliced_padding_states_still_decodes(tiny_regis
     utterances = [(one[:16000], 0.0), (three[:9600], 1.0)]
     assert [h.transcript for h in spliced.transcribe_batch(utterances)] == \
         [current.transcribe(audio, start_s)[0].transcript for audio, start_s in utterances]
-    assert spliced.transcribe(three[:9600], 1.0, max_alternatives=2)[0].transcript == \
-        current.transcribe(three[:9600], 1.0)[0].transcript
+    # A beam's rows: one copy of the keys and values per row there, one shared by the rows here.
+    n_best = [[h.transcript for h in second_pass.transcribe(three[:9600], 1.0, max_alternatives=3)]
+              for second_pass in (spliced, current)]
+    assert n_best[0] == n_best[1] and len(n_best[0]) >= 2
