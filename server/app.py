@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -124,6 +125,8 @@ def load_serving_model(registry: Registry, config: ServerConfig, open_streams: C
     second_pass = WhisperSecondPass.from_card(card, registry.version_dir(version), intra_op_threads=1)
     if warmup:
         warm_up(model, card, registry.version_dir(version), second_pass)
+    if second_pass is not None and config.second_pass_beam_size:  # the operator's choice, after the probe
+        second_pass.settings = dataclasses.replace(second_pass.settings, beam_size=config.second_pass_beam_size)
     if model.spec.version != version:
         log.warning("registry version %s holds a graph exported as %s; results report %s",
                     version, model.spec.version, version)

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from ..core.data_dir import DEFAULT_DATA_DIR, HOME_ENV, REGISTRY_SUBDIR, STORE_FILE
 from ..core.logging_setup import LOG_FORMATS, LOG_LEVELS
 from ..core.rewards import REJECTION_REWARD
+from ..core.whisper_decoder import MAX_BEAM_SIZE
 
 ENV_PREFIX = "VOXLOOP_"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -102,6 +103,11 @@ class ServerConfig:
     but a backlog's final can differ from its utterance's offline decode (greedy, and the int8 decoder
     scales its activations per call). 1: every final alone, by the version's own search, however many
     wait (server/finals.py; docs/benchmarks.md, "Finals in batches")."""
+    second_pass_beam_size: int = 0
+    """Beams of a two-pass version's finals. 0 (the default): the version's own (its card's
+    `second_pass.beam_size`: 5 for the shipped recipe). 1: greedy, about half the CPU per final, so more
+    streams per core, at a higher WER (21 real recordings 4.1% -> 6.6%; docs/benchmarks.md). Warm-up still
+    checks the version's probe with its own search, and `voxloop eval` decodes with the card's."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
     store_utterances: bool = True
@@ -182,6 +188,8 @@ class ServerConfig:
         for name in ("second_pass_threads", "second_pass_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.second_pass_beam_size <= MAX_BEAM_SIZE:
+            _invalid("second_pass_beam_size", f"must be 0..{MAX_BEAM_SIZE} (0: the version's own; 1: greedy)")
         for name in ("shutdown_grace_s", "batch_max_wait_ms", "onnx_intra_op_threads", "store_flush_wait_s"):
             if getattr(self, name) < 0:
                 _invalid(name, "must be >= 0")
