@@ -99,15 +99,16 @@ class ServerConfig:
     second_pass_max_batch: int = 16
     """Most backed-up finals a second-pass thread decodes in one lockstep call. Finals back up when more
     are queued than there are threads (streams that end in the same moment); a backlog's one-best finals
-    are then decoded greedily together instead of each by the version's beam search: faster to drain,
-    but a backlog's final can differ from its utterance's offline decode (greedy, and the int8 decoder
+    are then decoded greedily together instead of each alone by the version's own search: faster to
+    drain, but a backlog's final can differ from its utterance's offline decode (greedy, and the int8 decoder
     scales its activations per call). 1: every final alone, by the version's own search, however many
     wait (server/finals.py; docs/benchmarks.md, "Finals in batches")."""
     second_pass_beam_size: int = 0
     """Beams of a two-pass version's finals. 0 (the default): the version's own (its card's
-    `second_pass.beam_size`: 5 for the shipped recipe). 1: greedy, about half the CPU per final, so more
-    streams per core, at a higher WER (21 real recordings 4.1% -> 6.6%; docs/benchmarks.md). Warm-up still
-    checks the version's probe with its own search, and `voxloop eval` decodes with the card's."""
+    `second_pass.beam_size`: 1, greedy, for the shipped recipe). 5: Whisper's beam search, about twice the
+    CPU per final, so fewer streams per core, at a lower WER (21 real recordings 6.6% -> 4.1%, held-out
+    espeak-ng voice 45.7% -> 39.3%; docs/benchmarks.md). Warm-up still checks the version's probe with its
+    own search; `voxloop eval` and the trainer's gate decode with the card's."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
     store_utterances: bool = True

@@ -5,12 +5,13 @@ own search (its card's `beam_size`: greedy or a beam), so it equals the offline 
 When finals back up (a worker comes free and more are queued than there are workers: many streams ended
 in the same moment), the worker takes its share of the backlog (at most 1 / second_pass_threads of it,
 and `second_pass_max_batch`) and decodes those one-best finals greedily together
-(WhisperSecondPass.transcribe_batch): each utterance encoded on its own, the decoder stepping in lockstep,
-one call per step for all, so the output projection's 20 M weights and the padding states' keys and
-values are read once per step instead of once per final and beam. A backlog's finals trade the beam's
-accuracy and bit-equality with the offline decode for latency, as a loaded speech service should; they
-are counted (voxloop_second_pass_backlog_finals_total). `second_pass_max_batch` = 1 turns that off. A
-final asking for an n-best is always decoded on its own. Figures: docs/benchmarks.md, "Finals in batches"."""
+(WhisperSecondPass.transcribe_batch): each utterance encoded on its own, the decoder stepping in
+lockstep, one call per step for all, so the output projection's 20 M weights and the padding states'
+keys and values are read once per step instead of once per final. A backlog's finals trade
+bit-equality with the offline decode (and a beam's accuracy) for latency, as a loaded speech service
+should; they are counted (voxloop_second_pass_backlog_finals_total). `second_pass_max_batch` = 1 turns
+that off. A final asking for an n-best is always decoded on its own. Figures: docs/benchmarks.md,
+"Finals in batches"."""
 
 from __future__ import annotations
 
