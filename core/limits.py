@@ -17,6 +17,9 @@ MAX_ECHO_CHARS = 64
 """Most characters of a caller's string an error message repeats."""
 MAX_STATUS_DETAILS_CHARS = 1024
 """Most characters of any status message (a last guard; messages are written far shorter)."""
+MAX_BEAM_SIZE = 16
+"""Most beams of a second pass's search (a card's `beam_size`, the server's `second_pass_beam_size`): each beam is
+a decoder row every step."""
 
 
 class InputTooLong(ValueError):

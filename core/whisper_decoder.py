@@ -40,6 +40,7 @@ from .context_bias import (
     word_spellings,
 )
 from .decoder import Hypothesis, WordTiming
+from .limits import MAX_BEAM_SIZE
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
 from .text import normalize_text
@@ -55,7 +56,6 @@ MIN_TOKENS = 8
 """Decoding may always run this many tokens, however short the utterance."""
 MAX_TOTAL_TOKENS = 224
 """Whisper's own sample_len: half its 448 positions."""
-MAX_BEAM_SIZE = 16
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..core.data_dir import DEFAULT_DATA_DIR, HOME_ENV, REGISTRY_SUBDIR, STORE_FILE
+from ..core.limits import MAX_BEAM_SIZE
 from ..core.logging_setup import LOG_FORMATS, LOG_LEVELS
 from ..core.rewards import REJECTION_REWARD
-from ..core.whisper_decoder import MAX_BEAM_SIZE
 
 ENV_PREFIX = "VOXLOOP_"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
