@@ -242,3 +242,22 @@ def test_a_version_exported_with_spliced_padding_states_still_decodes(tiny_regis
     n_best = [[h.transcript for h in second_pass.transcribe(three[:9600], 1.0, max_alternatives=3)]
               for second_pass in (spliced, current)]
     assert n_best[0] == n_best[1] and len(n_best[0]) >= 2
+
+
+def test_int8_leaves_the_padding_states_keys_and_values_in_fp32(tiny_policy, tmp_path):
+    """The decoder's padding-state constants are attention inputs, not weights: int8 would round every row's
+    scores over the 1500 - F positions it does not own."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from voxloop.trainer.whisper_export import _silence_matmuls, export_decoder
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_decoder(tiny_policy, fp32, [list(h) for h in tiny_policy.model.generation_config.alignment_heads])
+    excluded = _silence_matmuls(fp32)
+    assert len(excluded) == 2 * tiny_policy.model.config.decoder_layers  # keys and values, every layer
+    quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded)
+    initializers = onnx.load(str(int8)).graph.initializer
+    silence = [i for i in initializers if 1500 in i.dims]
+    assert silence and all(i.data_type == onnx.TensorProto.FLOAT for i in silence)
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in initializers)  # the weights were quantized

@@ -52,8 +52,6 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 WHISPER_POSITIONS = 1500
 """Whisper's 30 s window in encoder frames: what the decoder attends."""
-SILENCE_NAMES = ("silence_keys_t", "silence_values")
-"""The decoder graph's constants holding the padding states' cross keys and values (kept fp32 by int8)."""
 
 
 class FirstPassWrapper(nn.Module):
@@ -99,7 +97,7 @@ class DecoderStepWrapper(nn.Module):
     self_v (L, B, heads, P, hd), frames (B,), cross_k_0.., cross_v_0.. (B, heads, F, hd) per layer, row b's
     first frames[b] positions its own) -> (log_probs (B, V) after the last token, next_self_k, next_self_v
     (L, B, heads, P + N, hd), alignment (B, N, 1500)). Each row attends its own positions, then the padding
-    states' keys and values (constants here, SILENCE_NAMES) up to 1500, as Whisper attends its 30 s window."""
+    states' keys and values (constants here, kept fp32 by int8) up to 1500, as Whisper attends its 30 s window."""
 
     def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]]):
         super().__init__()
@@ -107,8 +105,8 @@ class DecoderStepWrapper(nn.Module):
         self.alignment_heads = tuple(tuple(h) for h in alignment_heads)
         with torch.no_grad():
             silence_k, silence_v = cross_key_values(policy.model, policy.silence_states())  # (L, 1, heads, 1500, hd)
-        self.register_buffer(SILENCE_NAMES[0], silence_k[:, 0].transpose(-1, -2).contiguous())
-        self.register_buffer(SILENCE_NAMES[1], silence_v[:, 0].contiguous())
+        self.register_buffer("silence_keys_t", silence_k[:, 0].transpose(-1, -2).contiguous())
+        self.register_buffer("silence_values", silence_v[:, 0].contiguous())
         # The token embedding is also the output projection (tied). Held once, as (D, V), and used both
         # ways without a transpose, so the exporter's constant folding cannot make a second 80 MB copy.
         self.register_buffer("embedding_t", policy.model.model.decoder.embed_tokens.weight.detach().t().contiguous())
