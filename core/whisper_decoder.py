@@ -159,7 +159,8 @@ class DecodedTokens:
     token_log_probs: tuple[float, ...]
     log_prob: float
     alignment: np.ndarray | None = field(default=None, compare=False)
-    """(N, 1500): the alignment heads' cross-attention of the step that chose each token, when the search kept it."""
+    """(N, positions): the alignment heads' cross-attention of the step that chose each token, when the search kept
+    it; the first positions are the utterance's frames (then padding, pooled or not, as the graph attends it)."""
 
 
 class WhisperSecondPass:
@@ -312,12 +313,12 @@ class WhisperSecondPass:
         return [DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished]
 
     def align(self, cross: Cross, tokens: tuple[int, ...]) -> np.ndarray:
-        """(N + 1, 1500) cross-attention of the steps that chose each of `tokens`, then end-of-text: one
+        """(N + 1, positions) cross-attention of the steps that chose each of `tokens`, then end-of-text: one
         teacher-forced decoder call (as openai/whisper timing.py reads the alignment heads)."""
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
         sequence = np.array([[*self.settings.prompt, *tokens]], dtype=np.int64)
-        _, _, _, alignment = self._step(sequence, empty, empty, cross)  # (1, P + N, 1500)
+        _, _, _, alignment = self._step(sequence, empty, empty, cross)  # (1, P + N, positions)
         return alignment[0, len(self.settings.prompt) - 1 :]
 
     def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1) -> tuple[Hypothesis, ...]:

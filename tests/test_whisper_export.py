@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -24,6 +25,7 @@ from voxloop.trainer.whisper_export import (
     cross_names,
     export_whisper_graphs,
 )
+from voxloop.trainer.whisper_model import SilenceCross, WhisperPolicy, _spliced_cross_attention
 from whisper_support import DATA_DIR, TINY_WHISPER_VERSION, publish_whisper_version, tiny_whisper_policy
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,47 @@ def test_a_graph_from_other_weights_is_caught_by_the_parity_check(tiny_policy, t
         shutil.copyfile(tmp_path / "other" / graph, broken / graph)
         with pytest.raises(ParityError, match="differs from torch"):
             check_whisper_parity(tiny_policy, broken)
+
+
+def _with_silence_pool(policy: WhisperPolicy, pool: int) -> WhisperPolicy:
+    return WhisperPolicy(policy.model, policy.ctc_head, dataclasses.replace(policy.settings, silence_pool=pool)).eval()
+
+
+def test_graphs_pooling_the_padding_states_match_the_torch_step_they_are_exported_from(tiny_policy, tmp_path):
+    pooled = _with_silence_pool(tiny_policy, 10)
+    export_whisper_graphs(pooled, tmp_path / "pooled", "v")
+    report = check_whisper_parity(pooled, tmp_path / "pooled")
+    assert report.max_abs_logprob_diff < 1e-3 and report.greedy_transcripts_equal
+    # A decoder attending every padding position is not the pooled policy's.
+    export_whisper_graphs(tiny_policy, tmp_path / "exact", "v")
+    shutil.copyfile(tmp_path / "exact" / DECODER_FILE, tmp_path / "pooled" / DECODER_FILE)
+    with pytest.raises(ParityError, match="alignment"):
+        check_whisper_parity(pooled, tmp_path / "pooled")
+
+
+def test_pooled_padding_states_weigh_as_the_positions_they_stand_for():
+    """Groups of equal padding states, each scored log(pool) higher, attend exactly as their positions would;
+    with pool 1 the attention is exactly the splice of each row's own positions and the padding after them."""
+    generator = torch.Generator().manual_seed(0)
+    heads, head_dim, pool, positions = 2, 8, 10, 1500
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    q, keys, values = random(3, heads, 2, head_dim), random(3, heads, 40, head_dim), random(3, heads, 40, head_dim)
+    frames = torch.tensor([40, 20, 30])  # each row's own positions; the batch is padded to 40 (garbage after)
+    grouped_k, grouped_v = random(1, heads, positions // pool, head_dim), random(1, heads, positions // pool, head_dim)
+    for silence_k, silence_v, group in ((grouped_k.repeat_interleave(pool, dim=2),
+                                         grouped_v.repeat_interleave(pool, dim=2), pool),
+                                        (random(1, heads, positions, head_dim), random(1, heads, positions, head_dim), 1)):
+        keys_t, group_values = SilenceCross.pooled(silence_k, silence_v, group)
+        weights, attended = _spliced_cross_attention(q, keys, values, keys_t[0], group_values[0], frames, group)
+        assert weights.shape == (3, heads, 2, 40 + positions // group)
+        for row, own in enumerate(frames.tolist()):
+            spliced_k = torch.cat([keys[row, :, :own], silence_k[0, :, own:]], dim=1)  # (heads, 1500, hd)
+            spliced_v = torch.cat([values[row, :, :own], silence_v[0, :, own:]], dim=1)
+            expected = (q[row] @ spliced_k.transpose(-1, -2)).softmax(-1) @ spliced_v
+            assert torch.allclose(attended[row], expected, atol=1e-5)
 
 
 def test_the_first_pass_streams_chunk_by_chunk_what_torch_computes(tiny_registry_with_whisper, tiny_policy):
@@ -120,7 +163,7 @@ def test_the_second_pass_decodes_as_transformers_does(tiny_registry_with_whisper
     decoded = second_pass.greedy(cross, max_tokens=12)
     assert list(decoded.tokens) == _transformers_greedy(tiny_policy, audio, [50257, 50362], 12)
     alignment = second_pass.align(cross, decoded.tokens)
-    assert alignment.shape == (len(decoded.tokens) + 1, 1500)
+    assert alignment.shape == (len(decoded.tokens) + 1, cross["frames"][0] + 1500)  # own positions, then padding
     assert np.allclose(alignment.sum(-1), 1.0, atol=1e-4)  # attention rows are distributions
     # The greedy search keeps the same rows step by step, so a final needs no teacher-forced call for them.
     assert np.allclose(decoded.alignment, alignment[:-1], atol=1e-5)
@@ -252,12 +295,13 @@ def test_int8_leaves_the_padding_states_keys_and_values_in_fp32(tiny_policy, tmp
     from voxloop.trainer.whisper_export import _silence_matmuls, export_decoder
 
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
-    export_decoder(tiny_policy, fp32, [list(h) for h in tiny_policy.model.generation_config.alignment_heads])
+    pooled = _with_silence_pool(tiny_policy, 10)
+    export_decoder(pooled, fp32, [list(h) for h in tiny_policy.model.generation_config.alignment_heads])
     excluded = _silence_matmuls(fp32)
     assert len(excluded) == 2 * tiny_policy.model.config.decoder_layers  # keys and values, every layer
     quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded)
     initializers = onnx.load(str(int8)).graph.initializer
-    silence = [i for i in initializers if 1500 in i.dims]
-    assert silence and all(i.data_type == onnx.TensorProto.FLOAT for i in silence)
+    silence = [i for i in initializers if 1500 // 10 in i.dims and len(i.dims) == 3]  # (heads, hd, G), (heads, G, hd)
+    assert len(silence) == len(excluded) and all(i.data_type == onnx.TensorProto.FLOAT for i in silence)
     assert any(i.data_type == onnx.TensorProto.INT8 for i in initializers)  # the weights were quantized

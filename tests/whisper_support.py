@@ -29,8 +29,10 @@ def tiny_whisper_policy(seed: int = 0):
     model = WhisperForConditionalGeneration(config).eval()
     model.generation_config = generation_config(config, {"suppress_ids": [], "suppress_ids_begin": [220, END_OF_TEXT],
                                                          "alignment_heads": [[1, 0], [1, 1]]})
-    # fp32 graphs: a random tiny model's flat distributions say nothing about int8 (the real import checks that)
-    settings = WhisperPolicyConfig(history_s=0.4, chunk_s=0.4, pad_s=0.4, ctc_hidden=32, int8=False)
+    # fp32 graphs: a random tiny model's flat distributions say nothing about int8 (the real import checks that).
+    # Every padding position attended (silence_pool 1): a random model's padding states differ from position to
+    # position, so its graphs decode exactly as transformers does; pooling has tests of its own.
+    settings = WhisperPolicyConfig(history_s=0.4, chunk_s=0.4, pad_s=0.4, ctc_hidden=32, int8=False, silence_pool=1)
     return WhisperPolicy.with_new_head(model, settings, seed=seed).eval()
 
 

@@ -10,10 +10,11 @@
 - `decoder.onnx`: one decoder step with a key/value cache. tokens (B, N), self_k/self_v (L, B, heads, P,
   head_dim) of the P tokens before, frames (B,), cross_k_<l>/cross_v_<l> (B, heads, F, head_dim), row b's first
   frames[b] positions its own (rows of a batch padded to the longest) -> log_probs (B, V) of the next token after
-  the last, next_self_k/next_self_v (P + N positions), alignment (B, N, 1500): the mean cross-attention of
-  Whisper's alignment heads (word timings). Each row attends its own positions, then the constant padding states'
-  keys and values (in the graph) up to Whisper's 1500: the same attention as over a spliced 30 s window,
-  without an 18 MB input per row.
+  the last, next_self_k/next_self_v (P + N positions), alignment (B, N, F + G): the mean cross-attention of
+  Whisper's alignment heads over the own positions and then the padding groups (word timings read the first).
+  Each row attends its own positions, then the constant padding states' keys and values (in the graph) up to
+  Whisper's 1500, averaged over groups of `silence_pool` positions (G = 1500 / silence_pool): the attention of a
+  spliced 30 s window (exactly so with silence_pool 1), without an 18 MB input per row.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from torch.nn import functional as F
 
 from ..core.decoder import greedy_ctc_text, serving_vocabulary
 from ..core.model import WINDOWED_CTC_FORMAT, OnnxModel, metadata_props, onnx_session
-from ..core.whisper_decoder import encoded_cross
+from ..core.whisper_decoder import FRAMES, encoded_cross
 from .export import ONNX_OPSET, ParityError, ParityReport, write_onnx_metadata
 from .whisper_ct2 import END_OF_TEXT, NO_TIMESTAMPS, START_OF_TRANSCRIPT
 from .whisper_model import (
     ENCODER_STRIDE,
     SAMPLE_RATE_HZ,
     SAMPLES_PER_ENCODER_FRAME,
+    WHISPER_POSITIONS,
     SilenceCross,
     WhisperPolicy,
     cross_key_values,
@@ -50,8 +52,6 @@ log = logging.getLogger(__name__)
 FIRST_PASS_FILE = "model.onnx"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
-WHISPER_POSITIONS = 1500
-"""Whisper's 30 s window in encoder frames: what the decoder attends."""
 
 
 class FirstPassWrapper(nn.Module):
@@ -96,17 +96,20 @@ class DecoderStepWrapper(nn.Module):
     """One decoder call with a self-attention cache (whisper_model.decoder_states): (tokens (B, N), self_k,
     self_v (L, B, heads, P, hd), frames (B,), cross_k_0.., cross_v_0.. (B, heads, F, hd) per layer, row b's
     first frames[b] positions its own) -> (log_probs (B, V) after the last token, next_self_k, next_self_v
-    (L, B, heads, P + N, hd), alignment (B, N, 1500)). Each row attends its own positions, then the padding
-    states' keys and values (constants here, kept fp32 by int8) up to 1500, as Whisper attends its 30 s window."""
+    (L, B, heads, P + N, hd), alignment (B, N, F + 1500 / pool)). Each row attends its own positions, then the
+    padding states' keys and values (constants here, kept fp32 by int8) up to 1500, as Whisper attends its 30 s
+    window, in groups of `silence_pool` positions (the policy's setting unless given)."""
 
-    def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]]):
+    def __init__(self, policy: WhisperPolicy, alignment_heads: list[list[int]], silence_pool: int | None = None):
         super().__init__()
         self.whisper = policy.model
         self.alignment_heads = tuple(tuple(h) for h in alignment_heads)
+        self.silence_pool = policy.settings.silence_pool if silence_pool is None else silence_pool
         with torch.no_grad():
             silence_k, silence_v = cross_key_values(policy.model, policy.silence_states())  # (L, 1, heads, 1500, hd)
-        self.register_buffer("silence_keys_t", silence_k[:, 0].transpose(-1, -2).contiguous())
-        self.register_buffer("silence_values", silence_v[:, 0].contiguous())
+            keys_t, values = SilenceCross.pooled(silence_k[:, 0], silence_v[:, 0], self.silence_pool)
+        self.register_buffer("silence_keys_t", keys_t)
+        self.register_buffer("silence_values", values)
         # The token embedding is also the output projection (tied). Held once, as (D, V), and used both
         # ways without a transpose, so the exporter's constant folding cannot make a second 80 MB copy.
         self.register_buffer("embedding_t", policy.model.model.decoder.embed_tokens.weight.detach().t().contiguous())
@@ -116,7 +119,7 @@ class DecoderStepWrapper(nn.Module):
         cross_k, cross_v = cross[:layers], cross[layers:]  # per layer (B, heads, F, hd): no Split in the graph
         batch, length = tokens.shape
         embedded = torch.index_select(self.embedding_t, 1, tokens.reshape(-1)).t().reshape(batch, length, -1)
-        silence = SilenceCross(self.silence_keys_t, self.silence_values, frames)
+        silence = SilenceCross(self.silence_keys_t, self.silence_values, frames, self.silence_pool)
         states, next_k, next_v, alignment = decoder_states(self.whisper, embedded, self_k, self_v, cross_k, cross_v,
                                                            self.alignment_heads, silence=silence)
         log_probs = torch.log_softmax(states[:, -1] @ self.embedding_t, dim=-1)  # (B, V)
@@ -241,12 +244,13 @@ def _decoder_agreement(encoder32, decoder32, decoder8, speech: np.ndarray, max_s
 
 
 def _silence_matmuls(path: Path) -> list[str]:
-    """The MatMul nodes reading the padding states' keys or values: attention stays fp32 (it always was: the
-    other cross-attention MatMuls multiply two activations, which dynamic quantization leaves alone)."""
+    """The MatMul nodes reading the padding states' keys or values, the graph's only per-head (3-D) constants:
+    attention stays fp32 (it always was: the other cross-attention MatMuls multiply two activations, which
+    dynamic quantization leaves alone)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    silence = {init.name for init in graph.initializer if WHISPER_POSITIONS in init.dims}
+    silence = {init.name for init in graph.initializer if len(init.dims) == 3}
     return [node.name for node in graph.node if node.op_type == "MatMul" and silence & set(node.input)]
 
 
@@ -310,6 +314,18 @@ def _reference_log_probs(policy: WhisperPolicy, states: torch.Tensor, tokens: to
     return torch.log_softmax(output.logits[:, -1], dim=-1)
 
 
+def _torch_step_log_probs(step: DecoderStepWrapper, prompt: torch.Tensor, more: torch.Tensor,
+                          cross: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torch decoder step's log-probs after `prompt`, then after `more` from its cache, on one row's cross."""
+    frames = torch.from_numpy(cross[FRAMES])
+    layers_cross = [torch.from_numpy(cross[name]) for name in cross_names(len(step.whisper.model.decoder.layers))]
+    heads, head_dim = layers_cross[0].shape[1], layers_cross[0].shape[3]
+    empty = torch.zeros(len(layers_cross) // 2, 1, heads, 0, head_dim)
+    first, self_k, self_v, _ = step(prompt, empty, empty, frames, *layers_cross)
+    second, _, _, _ = step(more, self_k, self_v, frames, *layers_cross)
+    return first, second
+
+
 def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
                          config: WhisperParityConfig | None = None) -> ParityReport:
     """torch vs the three graphs on speech-like noise at two lengths; raises ParityError.
@@ -328,7 +344,9 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
     worst_ctc = worst_kv = worst_decoder = 0.0
     equal = True
     s = policy.settings
+    alignment_heads = [list(h) for h in policy.model.generation_config.alignment_heads]
     with torch.no_grad():
+        served, exact = DecoderStepWrapper(policy, alignment_heads), DecoderStepWrapper(policy, alignment_heads, 1)
         for chunk in (s.chunk_samples, s.chunk_samples // 2 + SAMPLES_PER_ENCODER_FRAME):
             audio = 0.1 * torch.randn(2, chunk, generator=generator)
             history = 0.1 * torch.randn(2, s.history_samples, generator=generator)
@@ -361,13 +379,17 @@ def check_whisper_parity(policy: WhisperPolicy, out_dir: Path,
                                                               "self_v": empty, **cross})
             log_probs_2, _, _, alignment = decoder.run(None, {"tokens": more.numpy(), "self_k": self_k,
                                                                "self_v": self_v, **cross})
-            if alignment.shape != (1, 3, WHISPER_POSITIONS):
-                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, 1500)")
-            reference_1 = _reference_log_probs(policy, states, prompt)
-            reference_2 = _reference_log_probs(policy, states, torch.cat([prompt, more], dim=1))
-            worst_decoder = max(worst_decoder, float(np.abs(reference_1.numpy() - log_probs).max()),
-                                float(np.abs(reference_2.numpy() - log_probs_2).max()))
-            equal &= int(reference_2.argmax()) == int(log_probs_2.argmax())
+            groups = WHISPER_POSITIONS // served.silence_pool
+            if alignment.shape != (1, 3, own + groups):
+                raise ParityError(f"decoder alignment has shape {alignment.shape}, expected (1, 3, {own + groups})")
+            # The graph against the torch step it was exported from; that step, unpooled, against transformers.
+            steps = {step: _torch_step_log_probs(step, prompt, more, cross) for step in (served, exact)}
+            references = (_reference_log_probs(policy, states, prompt),
+                          _reference_log_probs(policy, states, torch.cat([prompt, more], dim=1)))
+            worst_decoder = max(worst_decoder, *(float(np.abs(t.numpy() - o).max()) for t, o in
+                                                 zip(steps[served], (log_probs, log_probs_2), strict=True)),
+                                *(float((t - r).abs().max()) for t, r in zip(steps[exact], references, strict=True)))
+            equal &= int(steps[served][1].argmax()) == int(log_probs_2.argmax())
     report = ParityReport(max(worst_ctc, worst_decoder), equal, config.lengths_s)
     if (worst_ctc > config.max_abs_logprob_diff or worst_decoder > config.max_abs_logprob_diff
             or worst_kv > config.max_abs_kv_diff or not equal):

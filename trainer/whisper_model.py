@@ -43,6 +43,8 @@ N_MELS = 80
 ENCODER_STRIDE = 2
 """log-mel frames per encoder frame (conv2 has stride 2)."""
 SAMPLES_PER_ENCODER_FRAME = HOP_SAMPLES * ENCODER_STRIDE  # 320: 20 ms
+WHISPER_POSITIONS = 1500
+"""Encoder frames of Whisper's 30 s window."""
 LOG_MEL_FLOOR = 1e-10
 LOG_MEL_DYNAMIC_RANGE = 8.0
 POLICY_SETTINGS_FILE = "voxloop_whisper.json"
@@ -70,6 +72,11 @@ class WhisperPolicyConfig:
     """Serve int8 graphs (dynamic quantization of the MatMul weights after the fp32 export passed parity)."""
     beam_size: int = 1
     """Beams of the second pass's search for finals (1: greedy; Whisper's own default is 5)."""
+    silence_pool: int = 10
+    """Second pass graph: the padding states' keys and values are averaged over groups of this many positions
+    (1500 / silence_pool groups, each weighing as the positions it stands for), so a decoder step attends
+    150 instead of ~1300 padding positions; 1 attends every position, as Whisper does. Same WER on the real
+    and held-out sets at 10 and 30 (docs/benchmarks.md); only the exported graph pools, training does not."""
     ctc_vocabulary: tuple[str, ...] = CTC_VOCABULARY
 
     def __post_init__(self) -> None:
@@ -80,6 +87,8 @@ class WhisperPolicyConfig:
                                  f"got {getattr(self, name)}")
         if self.pad_s < 0 or self.max_audio_s + self.pad_s > 30.0:
             raise ValueError("pad_s must be >= 0 and max_audio_s + pad_s at most 30 s (Whisper's window)")
+        if self.silence_pool < 1 or WHISPER_POSITIONS % self.silence_pool:
+            raise ValueError(f"silence_pool must divide {WHISPER_POSITIONS}; got {self.silence_pool}")
 
     @property
     def history_samples(self) -> int:
@@ -210,31 +219,48 @@ def _grouped_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 @dataclass(frozen=True)
 class SilenceCross:
     """Cross-attention over an utterance's own keys and values followed by the padding states' (the exported
-    decoder step): every row attends 1500 positions, the first frames[b] its own, the rest the silence's,
-    which are one constant shared by all rows instead of an 18 MB copy per row and call."""
+    decoder step): row b attends its first frames[b] positions, then the padding states from there to 1500,
+    which are one constant shared by all rows (not an 18 MB copy per row and call), averaged over groups of
+    `pool` positions."""
 
     keys_t: torch.Tensor
-    """(L, heads, hd, 1500): every layer's keys of the padding states, transposed."""
+    """(L, heads, hd, 1500 / pool): every layer's keys of the padding states, group means, transposed."""
     values: torch.Tensor
-    """(L, heads, 1500, hd)."""
+    """(L, heads, 1500 / pool, hd)."""
     frames: torch.Tensor
     """(B,) int64: each row's own positions (its speech and pad_s); the rest of its keys/values are padding."""
+    pool: int = 1
+    """Padding positions per group."""
+
+    @staticmethod
+    def pooled(keys: torch.Tensor, values: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padding states' keys, values (L, heads, 1500, hd) -> (keys_t, values) of `pool`-position group means."""
+        layers, heads, positions, head_dim = keys.shape
+        groups = positions // pool
+        return (keys.reshape(layers, heads, groups, pool, head_dim).mean(3).transpose(-1, -2).contiguous(),
+                values.reshape(layers, heads, groups, pool, head_dim).mean(3).contiguous())
 
 
 def _spliced_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, silence_keys_t: torch.Tensor,
-                             silence_values: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, heads, N, hd); keys/values (B, heads, F, hd), row b's first frames[b] its own; silence keys (heads, hd,
-    P) and values (heads, P, hd) -> (weights (B, heads, N, P), attended (B, heads, N, hd)): exactly attention over
-    the splice of each row's positions and the silence's after them, without building the splice."""
+                             silence_values: torch.Tensor, frames: torch.Tensor,
+                             pool: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, heads, N, hd); keys/values (B, heads, F, hd), row b's first frames[b] its own; the padding states'
+    group keys (heads, hd, G) and values (heads, G, hd), G = 1500 / pool -> (weights (B, heads, N, F + G),
+    attended (B, heads, N, hd)): attention over the splice of each row's own positions and the padding
+    positions after them, without building the splice. A group counts log(pool) more in the softmax (it
+    stands for pool positions of nearly equal keys) and only when it starts at or after the row's last own
+    position; with pool 1 this is exactly attention over the 1500 spliced positions."""
     rows, heads, length, head_dim = q.shape
-    positions = silence_values.shape[1]
+    own_positions, groups = keys.shape[2], silence_values.shape[1]
     shared_q = q.transpose(0, 1).reshape(heads, rows * length, head_dim)  # all rows' queries, silence read once
-    silence_scores = (shared_q @ silence_keys_t).view(heads, rows, length, positions).transpose(0, 1)
-    own_scores = F.pad(q @ keys.transpose(-1, -2), (0, positions - keys.shape[2]))  # (B, heads, N, P)
-    own = (torch.arange(positions)[None, :] < frames[:, None])[:, None, None, :]  # (B, 1, 1, P)
-    weights = torch.where(own, own_scores, silence_scores).softmax(-1)
-    own_weights = (weights * own)[..., : keys.shape[2]]
-    silence_weights = weights.masked_fill(own, 0.0).transpose(0, 1).reshape(heads, rows * length, positions)
+    silence_scores = (shared_q @ silence_keys_t).view(heads, rows, length, groups).transpose(0, 1)
+    own = (torch.arange(own_positions)[None, :] < frames[:, None])[:, None, None, :]  # (B, 1, 1, F)
+    padding = (torch.arange(groups)[None, :] * pool >= frames[:, None])[:, None, None, :]  # (B, 1, 1, G)
+    scores = torch.cat([(q @ keys.transpose(-1, -2)).masked_fill(~own, float("-inf")),
+                        (silence_scores + math.log(pool)).masked_fill(~padding, float("-inf"))], dim=-1)
+    weights = scores.softmax(-1)
+    own_weights, silence_weights = weights[..., :own_positions], weights[..., own_positions:]
+    silence_weights = silence_weights.transpose(0, 1).reshape(heads, rows * length, groups)
     from_silence = (silence_weights @ silence_values).view(heads, rows, length, head_dim).transpose(0, 1)
     return weights, own_weights @ values + from_silence
 
@@ -257,7 +283,8 @@ def decoder_states(model: WhisperForConditionalGeneration, embedded: torch.Tenso
     copied per row (18 MB a row for Whisper tiny's 1500 frames).
 
     With `silence` (the export), cross_k/cross_v hold each row's own positions only and the padding
-    states' keys and values come from `silence` (SilenceCross); alignment then spans all 1500 positions."""
+    states' keys and values come from `silence` (SilenceCross); alignment then spans the F own positions and
+    the padding states' groups after them (consumers read the speech's first frames)."""
     decoder = model.model.decoder
     heads = model.config.decoder_attention_heads
     past, length = self_k.shape[3], embedded.shape[1]
@@ -281,7 +308,7 @@ def decoder_states(model: WhisperForConditionalGeneration, embedded: torch.Tenso
         q = _split_heads(cross.q_proj(h) * scale, heads)
         if silence is not None:
             weights, attended = _spliced_cross_attention(q, cross_k[index], cross_v[index], silence.keys_t[index],
-                                                         silence.values[index], silence.frames)
+                                                         silence.values[index], silence.frames, silence.pool)
         elif audio_rows is None:
             weights = (q @ cross_k[index].transpose(-1, -2)).softmax(-1)  # (B, heads, N, F)
             attended = weights @ cross_v[index]  # (B, heads, N, hd)
