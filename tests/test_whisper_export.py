@@ -89,9 +89,9 @@ def test_pooled_padding_states_weigh_as_the_positions_they_stand_for():
     q, keys, values = random(3, heads, 2, head_dim), random(3, heads, 40, head_dim), random(3, heads, 40, head_dim)
     frames = torch.tensor([40, 20, 30])  # each row's own positions; the batch is padded to 40 (garbage after)
     grouped_k, grouped_v = random(1, heads, positions // pool, head_dim), random(1, heads, positions // pool, head_dim)
-    for silence_k, silence_v, group in ((grouped_k.repeat_interleave(pool, dim=2),
-                                         grouped_v.repeat_interleave(pool, dim=2), pool),
-                                        (random(1, heads, positions, head_dim), random(1, heads, positions, head_dim), 1)):
+    constant_groups = (grouped_k.repeat_interleave(pool, dim=2), grouped_v.repeat_interleave(pool, dim=2), pool)
+    every_position = (random(1, heads, positions, head_dim), random(1, heads, positions, head_dim), 1)
+    for silence_k, silence_v, group in (constant_groups, every_position):
         keys_t, group_values = SilenceCross.pooled(silence_k, silence_v, group)
         weights, attended = _spliced_cross_attention(q, keys, values, keys_t[0], group_values[0], frames, group)
         assert weights.shape == (3, heads, 2, 40 + positions // group)
