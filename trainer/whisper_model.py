@@ -248,8 +248,9 @@ def _spliced_cross_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     group keys (heads, hd, G) and values (heads, G, hd), G = 1500 / pool -> (weights (B, heads, N, F + G),
     attended (B, heads, N, hd)): attention over the splice of each row's own positions and the padding
     positions after them, without building the splice. A group counts log(pool) more in the softmax (it
-    stands for pool positions of nearly equal keys) and only when it starts at or after the row's last own
-    position; with pool 1 this is exactly attention over the 1500 spliced positions."""
+    stands for pool positions of nearly equal keys) and counts for a row only when it starts at or after the
+    row's first padding position (frames[b]); with pool 1 this is exactly attention over the 1500 spliced
+    positions."""
     rows, heads, length, head_dim = q.shape
     own_positions, groups = keys.shape[2], silence_values.shape[1]
     shared_q = q.transpose(0, 1).reshape(heads, rows * length, head_dim)  # all rows' queries, silence read once
