@@ -105,10 +105,10 @@ class ServerConfig:
     wait (server/finals.py; docs/benchmarks.md, "Finals in batches")."""
     second_pass_beam_size: int = 0
     """Beams of a two-pass version's finals. 0 (the default): the version's own (its card's
-    `second_pass.beam_size`: 1, greedy, for the shipped recipe). 5: Whisper's beam search, about twice the
-    CPU per final, so fewer streams per core, at a lower WER (21 real recordings 6.6% -> 4.1%, held-out
-    espeak-ng voice 45.7% -> 39.3%; docs/benchmarks.md). Warm-up still checks the version's probe with its
-    own search; `voxloop eval` and the trainer's gate decode with the card's."""
+    `second_pass.beam_size`: 5, Whisper's beam search, for the shipped recipe since whisper-tiny.en-v4).
+    1: greedy, about half the CPU per final, at a higher WER (21 real recordings 4.1% -> 6.6%, held-out espeak-ng
+    voice 39.8% -> 46.6%; docs/benchmarks.md). Warm-up still checks the version's probe with its own search;
+    `voxloop eval` and the trainer's gate decode with the card's."""
     store_path: str | None = None
     """The feedback store: a SQLite file path or a SQLAlchemy URL; None means <data_dir>/feedback.sqlite3."""
     store_utterances: bool = True
