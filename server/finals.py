@@ -7,7 +7,9 @@ in the same moment), the worker takes its share of the backlog (at most 1 / seco
 and `second_pass_max_batch`) and decodes those one-best finals greedily together
 (WhisperSecondPass.transcribe_batch): each utterance encoded on its own, the decoder stepping in
 lockstep, one call per step for all, so the output projection's 20 M weights and the padding states'
-keys and values are read once per step instead of once per final. A backlog's finals trade
+keys and values are read once per step instead of once per final. While such a batch runs the backlog
+is not over: a final another worker takes then, even alone, is decoded greedily too (a beam costs 2-3
+times as much, and the burst's last finals would wait for it). A backlog's finals trade
 bit-equality with the offline decode (and a beam's accuracy) for latency, as a loaded speech service
 should; they are counted (voxloop_second_pass_backlog_finals_total). `second_pass_max_batch` = 1 turns
 that off. A final asking for an n-best is always decoded on its own. Figures: docs/benchmarks.md,
@@ -73,6 +75,7 @@ class FinalsQueue:
         self._arrived = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"final-{version}")
         self._workers: list[asyncio.Task] = []
+        self._backlog_batches = 0  # backlog batches being decoded now
         self._closed = False
         self._version = version
 
@@ -105,32 +108,35 @@ class FinalsQueue:
                 final.future.set_exception(FinalsStopped("the server is stopping; retry on another replica"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _take(self) -> list[_Final]:
-        """The oldest queued final alone or, when finals back up (more queued than workers), it and the
-        one-best finals behind it: at most max_batch and an even share among the threads."""
+    def _take(self) -> tuple[list[_Final], bool]:
+        """(finals, greedily together): the oldest queued final alone, by the version's own search, or, when
+        finals back up (more queued than workers, or a backlog batch still running), it and the one-best
+        finals behind it, greedily: at most max_batch and an even share among the threads."""
         first = self._pending.popleft()
-        backlog = len(self._pending) >= self._threads
+        backlog = len(self._pending) >= self._threads or self._backlog_batches > 0
         if not first.batchable or self.max_batch == 1 or not backlog:
-            return [first]
+            return [first], False
         share = min(self.max_batch, math.ceil((len(self._pending) + 1) / self._threads))
         taken, kept = [first], deque()
         while self._pending:
             final = self._pending.popleft()
             (taken if final.batchable and len(taken) < share else kept).append(final)
         self._pending = kept
-        return taken
+        return taken, True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             async with self._arrived:
                 await self._arrived.wait_for(lambda: bool(self._pending))
-                batch = [final for final in self._take() if not final.future.done()]  # done: stream cancelled
+                taken, together = self._take()
+                batch = [final for final in taken if not final.future.done()]  # done: stream cancelled
             if not batch:
                 continue
             started = time.perf_counter()
+            self._backlog_batches += together
             try:
-                results = await loop.run_in_executor(self._executor, self._decode, batch)
+                results = await loop.run_in_executor(self._executor, self._decode, batch, together)
             except Exception as e:  # fail this batch's finals, keep serving the others
                 if not self._closed:
                     log.exception("second pass of %s failed on %d utterance(s)", self._version, len(batch))
@@ -139,10 +145,12 @@ class FinalsQueue:
                     if not final.future.done():
                         final.future.set_exception(error)
                 continue
+            finally:
+                self._backlog_batches -= together
             self.stats.calls += 1
             self.stats.finals += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
-            if len(batch) > 1:
+            if together:
                 self.stats.backlog_finals += len(batch)
                 SECOND_PASS_BACKLOG_FINALS.inc(len(batch))
             elapsed = time.perf_counter() - started
@@ -151,10 +159,10 @@ class FinalsQueue:
                 if not final.future.done():
                     final.future.set_result(hypotheses)
 
-    def _decode(self, batch: list[_Final]) -> list[tuple[Hypothesis, ...]]:
+    def _decode(self, batch: list[_Final], together: bool) -> list[tuple[Hypothesis, ...]]:
         """In a worker thread: one final alone (the version's search, its n-best), or a backlog's one-best
         finals greedily together."""
-        if len(batch) == 1:
+        if not together:
             final = batch[0]
             return [self.second_pass.transcribe(final.audio, final.start_s, final.max_alternatives)]
         best = self.second_pass.transcribe_batch([(final.audio, final.start_s) for final in batch])

@@ -104,6 +104,26 @@ def test_a_beam_search_versions_backlog_is_decoded_greedily_together_and_counted
     assert REGISTRY.get_sample_value("voxloop_second_pass_backlog_finals_total") == before + 2
 
 
+def test_a_final_taken_while_a_backlog_batch_runs_is_part_of_the_backlog_even_alone():
+    async def scenario(second_pass: RecordingSecondPass) -> list:
+        queue = FinalsQueue(second_pass, threads=2, max_batch=8, version="v")
+        queue.start()
+        try:
+            # Three finals at once on two idle threads: the first thread takes an even share (1 and 2), so
+            # a batch of the backlog runs when the second takes 3, the only one left.
+            finals = [asyncio.ensure_future(queue.transcribe(np.zeros(n), 0.0, 1)) for n in (1, 2, 3)]
+            await asyncio.sleep(0.05)
+            second_pass.release.set()
+            return await asyncio.gather(*finals)
+        finally:
+            await queue.close()
+
+    second_pass = RecordingSecondPass(beam_size=4)
+    results = asyncio.run(scenario(second_pass))
+    assert sorted(second_pass.calls) == [("batch", [1, 2]), ("batch", [3])]
+    assert [r[0].transcript for r in results] == ["utterance1", "utterance2", "utterance3"]
+
+
 def test_a_failing_batch_fails_its_own_finals_and_the_queue_keeps_serving():
     second_pass = RecordingSecondPass(fail_on=2)
     queue = FinalsQueue(second_pass, threads=1, max_batch=2, version="v")
