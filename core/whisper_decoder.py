@@ -1,10 +1,10 @@
 """The second pass of a Whisper-based version: its finals, decoded by Whisper's own decoder.
 
 The first pass (model.onnx, a `windowed-ctc/1` graph with a CTC head on Whisper's encoder) streams
-interim results and finds endpoints like any CTC model. At an endpoint the utterance's audio goes
-through `encoder.onnx` once (its cross-attention keys and values; the padding states' after them, as in
-Whisper's 30 s window, are constants of the decoder graph) and `decoder.onnx` step by step with a key/value
-cache: greedy for one transcript, a beam search for an n-best.
+interim results and finds endpoints like any CTC model. At an endpoint the utterance's audio (the
+silence at its edges cut, when the card sets `trim_margin_s`: core/speech_span.py) goes through
+`encoder.onnx` once (its cross-attention keys and values; the padding states' after them, as in Whisper's
+30 s window, are constants of the decoder graph) and `decoder.onnx` step by step with a key/value cache: greedy for one transcript, a beam search for an n-best.
 Card section (docs/model-format.md, "whisper-two-pass/1"):
 
     card["second_pass"] = {"type": "whisper", "encoder": "encoder.onnx", "decoder": "decoder.onnx",
@@ -43,6 +43,7 @@ from .decoder import Hypothesis, WordTiming
 from .limits import MAX_BEAM_SIZE
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
+from .speech_span import speech_span
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class SecondPassSettings:
     """Tokens a final may have per second of audio (a loop breaker; speech is ~3-5 tokens a second)."""
     beam_size: int = 1
     """Beams of the finals' search (1: greedy). More beams cost more decoder rows per step."""
+    trim_margin_s: float | None = None
+    """Seconds kept either side of the utterance's speech when its edges' silence is cut before the second
+    pass (core/speech_span.py); None decodes the whole utterance (versions before whisper-tiny.en-v5)."""
+    trim_below_peak_db: float = 35.0
+    """A frame is speech within this many dB of the utterance's loudest frame (when trim_margin_s is set)."""
 
     @classmethod
     def from_card(cls, card: dict) -> SecondPassSettings:
@@ -102,6 +108,8 @@ class SecondPassSettings:
                 context_continue_bonus=float(section.get("context_continue_bonus", CONTINUE_BONUS)),
                 max_tokens_per_s=float(section.get("max_tokens_per_s", 12.0)),
                 beam_size=int(section.get("beam_size", 1)),
+                trim_margin_s=None if section.get("trim_margin_s") is None else float(section["trim_margin_s"]),
+                trim_below_peak_db=float(section.get("trim_below_peak_db", 35.0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
@@ -109,6 +117,8 @@ class SecondPassSettings:
                 not 0 < len(w) <= MAX_CONTEXT_WORD_CHARS for w in settings.context_words):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]['context_words'] must be at most {MAX_CONTEXT_WORDS} "
                                    f"words of 1..{MAX_CONTEXT_WORD_CHARS} characters")
+        if settings.trim_margin_s is not None and not (settings.trim_margin_s >= 0 and settings.trim_below_peak_db > 0):
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: trim_margin_s must be >= 0 and trim_below_peak_db > 0")
         return settings
 
 
@@ -326,6 +336,7 @@ class WhisperSecondPass:
         (at least one hypothesis; distinct transcripts, best first). The first comes from the version's own
         search (greedy, or `beam_size` beams) whatever the client asks, so an offline decode equals a
         stream's final; the others from that beam, or a wider one when more alternatives are asked for."""
+        audio, start_s = self.speech(audio, start_s)
         cross, speech_frames = self.encode(audio)
         budget = self._budget(audio)
         beam = self.settings.beam_size
@@ -348,10 +359,19 @@ class WhisperSecondPass:
         """Several endpointed utterances ((audio, start_s) each) -> each one's greedy transcript (what
         `transcribe` gives on a greedy version; a beam version's backlog fallback): each encoded on its own
         (their lengths differ), the decoder steps shared."""
+        utterances = [self.speech(audio, start_s) for audio, start_s in utterances]
         encoded = [self.encode(audio) for audio, _ in utterances]
         decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for audio, _ in utterances])
         return [self._hypothesis(best, self._alignment(cross, best), frames, start_s)
                 for best, (cross, frames), (_, start_s) in zip(decoded, encoded, utterances, strict=True)]
+
+    def speech(self, audio: np.ndarray, start_s: float) -> tuple[np.ndarray, float]:
+        """The utterance with its edges' silence cut (when the card says so), and where it now starts."""
+        if self.settings.trim_margin_s is None:
+            return audio, start_s
+        start, end = speech_span(audio, margin_s=self.settings.trim_margin_s,
+                                 below_peak_db=self.settings.trim_below_peak_db)
+        return audio[start:end], start_s + start / MODEL_SAMPLE_RATE_HZ
 
     def _alignment(self, cross: Cross, decoded: DecodedTokens) -> np.ndarray:
         """The alignment rows the search kept (greedy), or a teacher-forced call for them (a beam's best)."""

@@ -175,6 +175,27 @@ def test_a_versions_context_words_bias_its_finals_toward_their_spelling(whisper_
     assert "zebulon" in forced.split()
 
 
+def test_a_final_is_decoded_from_its_speech_and_timed_in_the_whole_utterance(whisper_version_dir):
+    """The shipped card cuts the silence at an utterance's edges before the second pass: the same words at the
+    same times (in the stream's clock) as decoding the whole utterance, the first word after the pause."""
+    audio = np.concatenate([silence(1.5), read_wav(DATA_DIR / "three.wav", 16000), silence(1.2)])
+    cut, whole = _second_pass(whisper_version_dir), _second_pass(whisper_version_dir, trim_margin_s=None)
+    decoded, decoded_start_s = cut.speech(audio, start_s=2.0)
+    assert len(decoded) < len(audio) - 2 * 16000 and decoded_start_s > 2.0 + 1.0  # most of both silences cut
+    (from_speech,), (from_whole,) = cut.transcribe(audio, start_s=2.0), whole.transcribe(audio, start_s=2.0)
+    assert from_speech.transcript == from_whole.transcript == "the train leaves the station at noon"
+    starts = [[w.start_s for w in h.words] for h in (from_speech, from_whole)]
+    assert starts[0] == pytest.approx(starts[1], abs=0.05) and starts[0][0] > 2.0 + 1.5
+
+
+def test_a_card_with_bad_trim_settings_is_refused(whisper_version_dir):
+    from voxloop.core.model import ModelFormatError
+
+    for settings in ({"trim_margin_s": -0.1}, {"trim_margin_s": 0.3, "trim_below_peak_db": 0}):
+        with pytest.raises(ModelFormatError, match="trim_margin_s"):
+            _second_pass(whisper_version_dir, **settings)
+
+
 def test_a_card_with_too_many_or_malformed_context_words_is_refused(whisper_version_dir):
     from voxloop.core.model import ModelFormatError
 

@@ -142,6 +142,20 @@ def test_sampled_tokens_follow_the_softmax_and_never_take_an_excluded_token():
     assert abs(float(hot.double().mean()) - float(expected)) < 0.01
 
 
+def test_feedback_audio_is_encoded_from_its_speech_as_the_served_second_pass_encodes_it():
+    from voxloop.trainer.whisper_update import WhisperEncodings
+
+    policy = tiny_whisper_policy()
+    speech = flite("we meet at noon")
+    audio = np.concatenate([np.zeros(16000, np.float32), speech, np.zeros(19200, np.float32)])
+    whole = WhisperEncodings(policy).of(0, audio)
+    policy.settings = dataclasses.replace(policy.settings, trim_margin_s=0.2)
+    cut = WhisperEncodings(policy).of(0, audio)
+    assert whole.seconds == pytest.approx(len(audio) / 16000)
+    assert len(speech) / 16000 <= cut.seconds <= len(speech) / 16000 + 0.4 + 0.04  # the speech and the margins
+    assert cut.cross_k.shape[3] < whole.cross_k.shape[3]
+
+
 def test_greedy_transcripts_decoded_together_are_those_decoded_one_by_one():
     policy = _listening_policy()
     cross_k, cross_v = _two_utterances()

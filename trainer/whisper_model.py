@@ -77,6 +77,11 @@ class WhisperPolicyConfig:
     (1500 / silence_pool groups, each weighing as the positions it stands for), so a decoder step attends
     150 instead of ~1300 padding positions; 1 attends every position, as Whisper does. Same WER on the real
     and held-out sets at 10 and 30 (docs/benchmarks.md); only the exported graph pools, training does not."""
+    trim_margin_s: float | None = None
+    """Second pass: seconds kept either side of an utterance's speech when the silence at its edges is cut
+    before encoding (core/speech_span.py; the trainer encodes its feedback the same way); None: no cut."""
+    trim_below_peak_db: float = 35.0
+    """Second pass: a 20 ms frame is speech within this many dB of the utterance's loudest."""
     ctc_vocabulary: tuple[str, ...] = CTC_VOCABULARY
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class WhisperPolicyConfig:
                                  f"got {getattr(self, name)}")
         if self.pad_s < 0 or self.max_audio_s + self.pad_s > 30.0:
             raise ValueError("pad_s must be >= 0 and max_audio_s + pad_s at most 30 s (Whisper's window)")
+        if self.trim_margin_s is not None and not (self.trim_margin_s >= 0 and self.trim_below_peak_db > 0):
+            raise ValueError("trim_margin_s must be >= 0 (or None) and trim_below_peak_db > 0")
         if self.silence_pool < 1 or WHISPER_POSITIONS % self.silence_pool:
             raise ValueError(f"silence_pool must divide {WHISPER_POSITIONS}; got {self.silence_pool}")
 

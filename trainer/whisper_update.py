@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..core.speech_span import speech_span
 from ..core.text import normalize_text
 from .config import PPOConfig
 from .distributed import SINGLE, DataParallel
@@ -116,6 +117,11 @@ class WhisperEncodings:
     @torch.no_grad()
     def of(self, key: int, samples: np.ndarray) -> EncodedAudio:
         if key not in self._cache:
+            settings = self.policy.settings
+            if settings.trim_margin_s is not None:  # encoded as the server's second pass encodes it
+                start, end = speech_span(np.asarray(samples, dtype=np.float32), margin_s=settings.trim_margin_s,
+                                         below_peak_db=settings.trim_below_peak_db)
+                samples = samples[start:end]
             audio = torch.from_numpy(np.asarray(samples, dtype=np.float32))
             frames = int(self.policy.padded_lengths(torch.tensor([len(audio)]))[0]) // 320
             states = self.policy.final_encoder_states(audio[None], torch.tensor([len(audio)]),
