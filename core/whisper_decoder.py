@@ -4,7 +4,8 @@ The first pass (model.onnx, a `windowed-ctc/1` graph with a CTC head on Whisper'
 interim results and finds endpoints like any CTC model. At an endpoint the utterance's audio (the
 silence at its edges cut, when the card sets `trim_margin_s`: core/speech_span.py) goes through
 `encoder.onnx` once (its cross-attention keys and values; the padding states' after them, as in Whisper's
-30 s window, are constants of the decoder graph) and `decoder.onnx` step by step with a key/value cache: greedy for one transcript, a beam search for an n-best.
+30 s window, are constants of the decoder graph) and `decoder.onnx` step by step with a key/value cache:
+greedy for one transcript, a beam search for an n-best.
 Card section (docs/model-format.md, "whisper-two-pass/1"):
 
     card["second_pass"] = {"type": "whisper", "encoder": "encoder.onnx", "decoder": "decoder.onnx",
