@@ -17,11 +17,13 @@ import numpy as np
 FRAME_SAMPLES = 320
 """20 ms at 16 kHz: one Whisper encoder frame."""
 SAMPLE_RATE_HZ = 16000
+BELOW_PEAK_DB = 35.0
+"""The default threshold: a frame within this many dB of the utterance's loudest is speech."""
 FLOOR_DBFS = -55.0
 """A frame quieter than this is never speech (a near-silent utterance is kept whole)."""
 
 
-def speech_span(audio: np.ndarray, *, margin_s: float, below_peak_db: float) -> tuple[int, int]:
+def speech_span(audio: np.ndarray, *, margin_s: float, below_peak_db: float = BELOW_PEAK_DB) -> tuple[int, int]:
     """float32 (S,) audio -> (start, end) samples: the speech frames and `margin_s` either side, or the whole
     audio when no frame is loud enough. Frame-aligned, inside [0, S]."""
     frames = len(audio) // FRAME_SAMPLES

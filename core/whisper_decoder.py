@@ -44,7 +44,7 @@ from .decoder import Hypothesis, WordTiming
 from .limits import MAX_BEAM_SIZE
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
-from .speech_span import speech_span
+from .speech_span import BELOW_PEAK_DB, speech_span
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class SecondPassSettings:
     trim_margin_s: float | None = None
     """Seconds kept either side of the utterance's speech when its edges' silence is cut before the second
     pass (core/speech_span.py); None decodes the whole utterance (versions before whisper-tiny.en-v5)."""
-    trim_below_peak_db: float = 35.0
+    trim_below_peak_db: float = BELOW_PEAK_DB
     """A frame is speech within this many dB of the utterance's loudest frame (when trim_margin_s is set)."""
 
     @classmethod
@@ -110,7 +110,7 @@ class SecondPassSettings:
                 max_tokens_per_s=float(section.get("max_tokens_per_s", 12.0)),
                 beam_size=int(section.get("beam_size", 1)),
                 trim_margin_s=None if section.get("trim_margin_s") is None else float(section["trim_margin_s"]),
-                trim_below_peak_db=float(section.get("trim_below_peak_db", 35.0)),
+                trim_below_peak_db=float(section.get("trim_below_peak_db", BELOW_PEAK_DB)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None

@@ -34,6 +34,8 @@ from torch.nn import functional as F
 from transformers import WhisperForConditionalGeneration
 from transformers.audio_utils import mel_filter_bank
 
+from ..core.speech_span import BELOW_PEAK_DB
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 16000
@@ -80,7 +82,7 @@ class WhisperPolicyConfig:
     trim_margin_s: float | None = None
     """Second pass: seconds kept either side of an utterance's speech when the silence at its edges is cut
     before encoding (core/speech_span.py; the trainer encodes its feedback the same way); None: no cut."""
-    trim_below_peak_db: float = 35.0
+    trim_below_peak_db: float = BELOW_PEAK_DB
     """Second pass: a 20 ms frame is speech within this many dB of the utterance's loudest."""
     ctc_vocabulary: tuple[str, ...] = CTC_VOCABULARY
 
