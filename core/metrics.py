@@ -46,8 +46,9 @@ SECOND_PASS_SECONDS = Histogram("voxloop_second_pass_seconds",
 SECOND_PASS_AUDIO_SECONDS = Counter("voxloop_second_pass_audio_seconds_total",
                                     "Seconds of utterance audio decoded by a second pass.")
 SECOND_PASS_BACKLOG_FINALS = Counter("voxloop_second_pass_backlog_finals_total",
-                                     "Finals decoded greedily in a batch, not by the version's own search, "
-                                     "because finals were backing up (server/finals.py).")
+                                     "Finals not decoded by the version's own search because finals were "
+                                     "backing up: greedily in a batch, or a beam search finished greedily "
+                                     "(server/finals.py).")
 REAL_TIME_FACTOR = Gauge("voxloop_real_time_factor",
                          "Inference seconds per audio second over the recent calls (below 1 keeps up).")
 UTTERANCES_DROPPED = Counter("voxloop_store_writes_dropped_total",

@@ -25,6 +25,7 @@ words its users corrected) bias the search toward their spellings (core/context_
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,11 +249,19 @@ class WhisperSecondPass:
         empty = np.zeros((layers, len(crosses), heads, 0, head_dim), dtype=np.float32)
         prompt = np.repeat(np.array([self.settings.prompt], dtype=np.int64), len(crosses), axis=0)
         log_probs, self_k, self_v, alignment = self._step(prompt, empty, empty, cross)
-        tokens: list[list[int]] = [[] for _ in crosses]
-        token_log_probs: list[list[float]] = [[] for _ in crosses]
-        alignments: list[list[np.ndarray]] = [[] for _ in crosses]
-        live: list[int | None] = list(range(len(crosses)))  # each decoder row's utterance (None: ended)
-        first = True  # rows step together: all at their first token or none
+        return self._greedy_from(log_probs, self_k, self_v, alignment, cross, [_Beam([], 0.0, [], row)
+                                                                              for row in range(len(crosses))], budgets)
+
+    def _greedy_from(self, log_probs: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, alignment: np.ndarray | None,
+                     cross: Cross, starts: list[_Beam], budgets: list[int]) -> list[DecodedTokens]:
+        """Greedy steps for each decoder row from where `starts` (one per row, its tokens so far) left it, given
+        that step's outputs, until end-of-text or its budget. A row that starts with tokens keeps no alignment
+        (the steps before were not this search's); one that starts at the prompt keeps every step's."""
+        tokens = [list(start.tokens) for start in starts]
+        token_log_probs = [list(start.token_log_probs) for start in starts]
+        alignments: list[list[np.ndarray]] = [[] for _ in starts]
+        live: list[int | None] = list(range(len(starts)))  # each decoder row's utterance (None: ended)
+        first = not any(tokens)  # rows step together: all at their first token or none
         while True:
             scores = self._mask(log_probs, first=first)
             first = False
@@ -264,7 +273,7 @@ class WhisperSecondPass:
                     tokens[index].append(token)
                     token_log_probs[index].append(float(scores[row, token]))
                     alignments[index].append(alignment[row, -1])
-                if token == self.settings.end_of_text or len(tokens[index]) == budgets[index]:
+                if token == self.settings.end_of_text or len(tokens[index]) >= budgets[index]:
                     if token != self.settings.end_of_text:
                         log.warning("second pass hit its token budget (%d); the final is cut there", budgets[index])
                     live[row] = None  # its row keeps stepping, unread, until the batch is compacted
@@ -278,17 +287,28 @@ class WhisperSecondPass:
             step = np.array([[tokens[index][-1] if index is not None else self.settings.end_of_text]
                              for index in live], dtype=np.int64)
             log_probs, self_k, self_v, alignment = self._step(step, self_k, self_v, cross)
-        return [DecodedTokens(tuple(t), tuple(p), float(sum(p)), np.stack(a) if a else None)
-                for t, p, a in zip(tokens, token_log_probs, alignments, strict=True)]
+        return [DecodedTokens(tuple(t), tuple(p), float(sum(p)), np.stack(a) if not start.tokens and a else None)
+                for t, p, a, start in zip(tokens, token_log_probs, alignments, starts, strict=True)]
 
-    def beam_search(self, cross: Cross, max_tokens: int, beam_size: int) -> list[DecodedTokens]:
+    def beam_search(self, cross: Cross, max_tokens: int, beam_size: int,
+                    hurry: Callable[[], bool] | None = None) -> list[DecodedTokens]:
         """Whisper's beam search (patience 1): the beam_size best unfinished continuations are kept each
-        step; it ends when beam_size transcripts have ended. Best first by mean token log-prob."""
-        log_probs, self_k, self_v, _ = self._first_call(cross)
+        step; it ends when beam_size transcripts have ended. Best first by mean token log-prob. When `hurry()`
+        turns true (checked each step: other finals are waiting), the best unfinished beam is finished
+        greedily on one row and ranked with those already finished."""
+        log_probs, self_k, self_v, alignment = self._first_call(cross)
         live = [_Beam([], 0.0, [], 0)]
         finished: list[_Beam] = []
         beams = {n: np.repeat(x, beam_size, axis=0) for n, x in cross.items()}  # (beam_size, heads, F, hd)
         for step in range(max_tokens + 1):
+            if 0 < step < max_tokens and hurry is not None and hurry():
+                best = live[0]  # the live beams are kept best first
+                rest, = self._greedy_from(log_probs[[best.row]], self_k[:, [best.row]], self_v[:, [best.row]],
+                                          alignment[[best.row]], {n: x[:1] for n, x in beams.items()}, [best],
+                                          [max_tokens])
+                ranked = [*(DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished),
+                          rest]
+                return sorted(ranked, key=lambda d: -d.log_prob / max(1, len(d.tokens)))
             scores = self._mask(log_probs, first=step == 0)  # (rows, V)
             candidates = []
             for beam in live:
@@ -315,7 +335,7 @@ class WhisperSecondPass:
             for index, beam in enumerate(next_live):
                 beam.row = index
             tokens = np.array([[beam.tokens[-1]] for beam in next_live], dtype=np.int64)
-            log_probs, self_k, self_v, _ = self._step(tokens, self_k[:, rows], self_v[:, rows],
+            log_probs, self_k, self_v, alignment = self._step(tokens, self_k[:, rows], self_v[:, rows],
                                                       beams if len(next_live) == beam_size else
                                                       {n: x[: len(next_live)] for n, x in beams.items()})
             live = next_live
@@ -332,17 +352,20 @@ class WhisperSecondPass:
         _, _, _, alignment = self._step(sequence, empty, empty, cross)  # (1, P + N, positions)
         return alignment[0, len(self.settings.prompt) - 1 :]
 
-    def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1) -> tuple[Hypothesis, ...]:
+    def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1,
+                   hurry: Callable[[], bool] | None = None) -> tuple[Hypothesis, ...]:
         """One endpointed utterance, float32 (S,) at 16 kHz starting `start_s` into its stream -> the n-best
         (at least one hypothesis; distinct transcripts, best first). The first comes from the version's own
         search (greedy, or `beam_size` beams) whatever the client asks, so an offline decode equals a
-        stream's final; the others from that beam, or a wider one when more alternatives are asked for."""
+        stream's final; the others from that beam, or a wider one when more alternatives are asked for.
+        `hurry` (the server's finals queue: other finals are waiting) cuts a one-best beam search short
+        (beam_search); a final asking for an n-best is never hurried."""
         audio, start_s = self.speech(audio, start_s)
         cross, speech_frames = self.encode(audio)
         budget = self._budget(audio)
         beam = self.settings.beam_size
         results = [self.greedy(cross, budget)] if beam == 1 else \
-            self.beam_search(cross, budget, beam)
+            self.beam_search(cross, budget, beam, hurry if max_alternatives == 1 else None)
         best = results[0]
         hypotheses = [self._hypothesis(best, self._alignment(cross, best), speech_frames, start_s)]
         if max_alternatives > 1:

@@ -9,8 +9,10 @@ and `second_pass_max_batch`) and decodes those one-best finals greedily together
 lockstep, one call per step for all, so the output projection's 20 M weights and the padding states'
 keys and values are read once per step instead of once per final. While such a batch runs the backlog
 is not over: a final another worker takes then, even alone, is decoded greedily too (a beam costs 2-3
-times as much, and the burst's last finals would wait for it). A backlog's finals trade
-bit-equality with the offline decode (and a beam's accuracy) for latency, as a loaded speech service
+times as much, and the burst's last finals would wait for it); and a final decoding alone with a beam
+when others start waiting finishes its best beam greedily on one row (WhisperSecondPass.beam_search's
+`hurry`): the finals of a burst do not wait behind beam searches begun just before it. A backlog's
+finals trade bit-equality with the offline decode (and a beam's accuracy) for latency, as a loaded speech service
 should; they are counted (voxloop_second_pass_backlog_finals_total). `second_pass_max_batch` = 1 turns
 that off. A final asking for an n-best is always decoded on its own. Figures: docs/benchmarks.md,
 "Finals in batches"."""
@@ -136,7 +138,7 @@ class FinalsQueue:
             started = time.perf_counter()
             self._backlog_batches += together
             try:
-                results = await loop.run_in_executor(self._executor, self._decode, batch, together)
+                results, backlog = await loop.run_in_executor(self._executor, self._decode, batch, together)
             except Exception as e:  # fail this batch's finals, keep serving the others
                 if not self._closed:
                     log.exception("second pass of %s failed on %d utterance(s)", self._version, len(batch))
@@ -150,7 +152,7 @@ class FinalsQueue:
             self.stats.calls += 1
             self.stats.finals += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
-            if together:
+            if backlog:
                 self.stats.backlog_finals += len(batch)
                 SECOND_PASS_BACKLOG_FINALS.inc(len(batch))
             elapsed = time.perf_counter() - started
@@ -159,11 +161,20 @@ class FinalsQueue:
                 if not final.future.done():
                     final.future.set_result(hypotheses)
 
-    def _decode(self, batch: list[_Final], together: bool) -> list[tuple[Hypothesis, ...]]:
-        """In a worker thread: one final alone (the version's search, its n-best), or a backlog's one-best
-        finals greedily together."""
-        if not together:
-            final = batch[0]
-            return [self.second_pass.transcribe(final.audio, final.start_s, final.max_alternatives)]
-        best = self.second_pass.transcribe_batch([(final.audio, final.start_s) for final in batch])
-        return [(hypothesis,) for hypothesis in best]
+    def _decode(self, batch: list[_Final], together: bool) -> tuple[list[tuple[Hypothesis, ...]], bool]:
+        """In a worker thread: one final alone (the version's search, its n-best; hurried when finals start
+        waiting), or a backlog's one-best finals greedily together. -> (their n-bests, decoded as a backlog)."""
+        if together:
+            best = self.second_pass.transcribe_batch([(final.audio, final.start_s) for final in batch])
+            return [(hypothesis,) for hypothesis in best], True
+        hurried = False
+
+        def hurry() -> bool:  # a final is waiting: every worker is busy
+            nonlocal hurried
+            hurried = hurried or bool(self._pending)
+            return hurried
+
+        final = batch[0]
+        hypotheses = self.second_pass.transcribe(final.audio, final.start_s, final.max_alternatives,
+                                                 hurry=hurry if self.max_batch > 1 else None)
+        return [hypotheses], hurried

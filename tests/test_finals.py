@@ -27,6 +27,8 @@ class RecordingSecondPass:
     def __init__(self, beam_size: int = 1, fail_on: int | None = None):
         self.settings = _Settings(beam_size)
         self.calls: list[tuple[str, list[int]]] = []
+        self.hurried: list[bool | None] = []
+        """What `hurry()` said when each final decoded alone asked it (None: no hurry given)."""
         self.release = threading.Event()
         self.fail_on = fail_on
         self._lock = threading.Lock()
@@ -36,10 +38,11 @@ class RecordingSecondPass:
             raise ValueError("a broken utterance")
         return Hypothesis((WordTiming(f"utterance{len(audio)}", 0.0, 0.1, 1.0),), None)
 
-    def transcribe(self, audio, start_s=0.0, max_alternatives=1):
+    def transcribe(self, audio, start_s=0.0, max_alternatives=1, hurry=None):
         self.release.wait(10)
         with self._lock:
             self.calls.append(("alone", [len(audio)]))
+            self.hurried.append(hurry() if hurry is not None else None)
         return (self._hypothesis(audio),) * max_alternatives
 
     def transcribe_batch(self, utterances):
@@ -82,7 +85,7 @@ def test_max_batch_bounds_a_call_and_one_means_every_final_alone():
     assert [len(lengths) for _, lengths in second_pass.calls] == [1, 3, 3, 1]
     second_pass = RecordingSecondPass()
     asyncio.run(_burst(FinalsQueue(second_pass, threads=1, max_batch=1, version="v"), second_pass, [100, 1, 2]))
-    assert [kind for kind, _ in second_pass.calls] == ["alone"] * 3
+    assert [kind for kind, _ in second_pass.calls] == ["alone"] * 3 and second_pass.hurried == [None] * 3
 
 
 def test_finals_asking_for_an_n_best_are_decoded_alone():
@@ -97,11 +100,12 @@ def test_a_beam_search_versions_backlog_is_decoded_greedily_together_and_counted
     queue = FinalsQueue(second_pass, threads=1, max_batch=8, version="v")
     before = REGISTRY.get_sample_value("voxloop_second_pass_backlog_finals_total") or 0.0
     results = asyncio.run(_burst(queue, second_pass, [100, 1, 2]))
-    # 100 came to a free thread: its own search. 1 and 2 queued behind it: a backlog, decoded together.
-    assert second_pass.calls == [("alone", [100]), ("batch", [1, 2])]
+    # 100 came to a free thread: its own search, told to hurry once 1 and 2 queued behind it; those two are a
+    # backlog, decoded together. All three count as the backlog's.
+    assert second_pass.calls == [("alone", [100]), ("batch", [1, 2])] and second_pass.hurried == [True]
     assert [r[0].transcript for r in results] == ["utterance100", "utterance1", "utterance2"]
-    assert queue.stats.backlog_finals == 2
-    assert REGISTRY.get_sample_value("voxloop_second_pass_backlog_finals_total") == before + 2
+    assert queue.stats.backlog_finals == 3
+    assert REGISTRY.get_sample_value("voxloop_second_pass_backlog_finals_total") == before + 3
 
 
 def test_a_final_taken_while_a_backlog_batch_runs_is_part_of_the_backlog_even_alone():

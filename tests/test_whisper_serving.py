@@ -188,6 +188,22 @@ def test_a_final_is_decoded_from_its_speech_and_timed_in_the_whole_utterance(whi
     assert starts[0] == pytest.approx(starts[1], abs=0.05) and starts[0][0] > 2.0 + 1.5
 
 
+def test_a_hurried_beam_search_finishes_its_best_beam_greedily_and_an_n_best_is_never_hurried(whisper_version_dir):
+    second_pass = _second_pass(whisper_version_dir)
+    assert second_pass.settings.beam_size > 1
+    cross, _ = second_pass.encode(read_wav(DATA_DIR / "two.wav", 16000))
+    beam = second_pass.beam_search(cross, 60, 5)
+    assert second_pass.beam_search(cross, 60, 5, hurry=lambda: False) == beam
+    # Hurried from its second step: the best first token, then greedy on one row: the greedy transcript.
+    hurried = second_pass.beam_search(cross, 60, 5, hurry=lambda: True)
+    assert len(hurried) == 1 and hurried[0].tokens == second_pass.greedy(cross, 60).tokens
+    asked = iter(range(100))
+    assert second_pass.beam_search(cross, 60, 5, hurry=lambda: next(asked) >= 3)[0].tokens  # hurried later
+    audio = read_wav(DATA_DIR / "three.wav", 16000)
+    assert second_pass.transcribe(audio, max_alternatives=3, hurry=lambda: True) == \
+        second_pass.transcribe(audio, max_alternatives=3)
+
+
 def test_a_card_with_bad_trim_settings_is_refused(whisper_version_dir):
     from voxloop.core.model import ModelFormatError
 
