@@ -235,16 +235,6 @@ class RecognitionStream:
             return
         self._arrived_at = time.perf_counter()
         self._buffer.append(self._resampler.flush())
-        utterance = self._utterance
-        if utterance is not None and utterance.model.second_pass is not None and utterance.decoder.has_output:
-            # The final is the second pass's, on the utterance's audio, and the first pass already heard speech:
-            # its view of the last (under a chunk of) audio would change nothing the client gets, so the
-            # final is not kept waiting behind it (when many streams end at once, that is a window each).
-            self._next_chunk = self._buffer.end
-            async for event in self._end_utterance(None):
-                yield event
-            self.done = True
-            return
         async for event in self._decode_chunks():
             yield event
         if self.done or self._received_samples == 0:

@@ -43,7 +43,6 @@ class RecordingModel:
     def __init__(self, serving):
         self._serving = serving
         self.version, self.spec, self.card = serving.version, serving.spec, serving.card
-        self.second_pass = serving.second_pass
         self.log_probs: list[np.ndarray] = []
 
     def initial_state(self):

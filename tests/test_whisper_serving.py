@@ -3,7 +3,6 @@ versions with streams open, `voxloop serve` on an empty registry serves it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import sqlite3
@@ -62,44 +61,6 @@ def test_streaming_finals_are_the_offline_decode_of_each_stored_utterance(whispe
         assert result.model_version == WHISPER_VERSION and 0 < result.alternatives[0].confidence <= 1
         starts = [w.start_offset.ToTimedelta().total_seconds() for w in words]
         assert starts == sorted(starts) and len(words) == len(result.alternatives[0].transcript.split())
-
-
-def test_a_stream_ending_mid_speech_gets_its_final_without_the_first_pass_hearing_the_rest(whisper_registry):
-    """At the half-close of an utterance the first pass already heard speech in, the second pass decodes all of
-    its audio at once: the first pass is not run on the last (under a chunk of) audio first."""
-    from voxloop.server.app import load_serving_model
-    from voxloop.server.stream import RecognitionOptions, RecognitionResult, RecognitionStream
-
-    audio = read_wav(DATA_DIR / "two.wav", 16000)
-    first_pass_audio: list[int] = []
-
-    async def scenario() -> tuple[list, int]:
-        serving = load_serving_model(Registry(whisper_registry), ServerConfig(), open_streams=lambda: 1)
-        serving.start()
-
-        class CountingModel:  # the served model, counting the first pass's calls
-            def __getattr__(self, name):
-                return getattr(serving, name)
-
-            async def infer(self, samples, state):
-                first_pass_audio.append(len(samples))
-                return await serving.infer(samples, state)
-
-        model = CountingModel()
-        stream = RecognitionStream(RecognitionOptions(sample_rate_hz=16000), ServerConfig(), lambda: model)
-        try:
-            for message in chunked(pcm16(audio), CHUNK_100MS):
-                _ = [event async for event in stream.feed(message)]
-            heard = len(first_pass_audio)
-            return [event async for event in stream.finish()], heard
-        finally:
-            await serving.close()
-
-    events, calls_before_the_end = asyncio.run(scenario())
-    finals = [e for e in events if isinstance(e, RecognitionResult) and e.is_final]
-    assert [f.hypothesis.transcript for f in finals] == ["please turn off the lights in the kitchen"]
-    assert finals[0].audio_processed_s == pytest.approx(len(audio) / 16000)  # the final covers all that was sent
-    assert len(first_pass_audio) == calls_before_the_end
 
 
 def test_interim_results_stream_from_the_first_pass_before_the_final(whisper_registry, tmp_path):
