@@ -39,3 +39,8 @@ def speech_span(audio: np.ndarray, *, margin_s: float, below_peak_db: float = BE
     start = max(0, loud[0] - margin) * FRAME_SAMPLES
     end = min(len(audio), (loud[-1] + 1 + margin) * FRAME_SAMPLES)
     return int(start), int(end)
+
+
+def valid_trim(margin_s: float | None, below_peak_db: float) -> bool:
+    """Whether a card's or policy's cut settings make sense (margin None: no cut)."""
+    return margin_s is None or (margin_s >= 0 and below_peak_db > 0)

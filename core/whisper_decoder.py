@@ -45,7 +45,7 @@ from .decoder import Hypothesis, WordTiming
 from .limits import MAX_BEAM_SIZE
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
-from .speech_span import BELOW_PEAK_DB, speech_span
+from .speech_span import BELOW_PEAK_DB, speech_span, valid_trim
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class SecondPassSettings:
                 not 0 < len(w) <= MAX_CONTEXT_WORD_CHARS for w in settings.context_words):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]['context_words'] must be at most {MAX_CONTEXT_WORDS} "
                                    f"words of 1..{MAX_CONTEXT_WORD_CHARS} characters")
-        if settings.trim_margin_s is not None and not (settings.trim_margin_s >= 0 and settings.trim_below_peak_db > 0):
+        if not valid_trim(settings.trim_margin_s, settings.trim_below_peak_db):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: trim_margin_s must be >= 0 and trim_below_peak_db > 0")
         return settings
 
@@ -161,6 +161,9 @@ class _Beam:
     token_log_probs: list[float]
     row: int
     """Its row in the decoder's batched cache."""
+
+    def decoded(self) -> DecodedTokens:
+        return DecodedTokens(tuple(self.tokens), tuple(self.token_log_probs), self.log_prob)
 
 
 @dataclass(frozen=True)
@@ -306,9 +309,7 @@ class WhisperSecondPass:
                 rest, = self._greedy_from(log_probs[[best.row]], self_k[:, [best.row]], self_v[:, [best.row]],
                                           alignment[[best.row]], {n: x[:1] for n, x in beams.items()}, [best],
                                           [max_tokens])
-                ranked = [*(DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished),
-                          rest]
-                return sorted(ranked, key=lambda d: -d.log_prob / max(1, len(d.tokens)))
+                return _best_first([*(b.decoded() for b in finished), rest])
             scores = self._mask(log_probs, first=step == 0)  # (rows, V)
             candidates = []
             for beam in live:
@@ -340,8 +341,7 @@ class WhisperSecondPass:
                                                       {n: x[: len(next_live)] for n, x in beams.items()})
             live = next_live
         finished = finished or live  # the token budget ran out: keep what was decoded
-        finished.sort(key=lambda b: -b.log_prob / max(1, len(b.tokens)))
-        return [DecodedTokens(tuple(b.tokens), tuple(b.token_log_probs), b.log_prob) for b in finished]
+        return _best_first([b.decoded() for b in finished])
 
     def align(self, cross: Cross, tokens: tuple[int, ...]) -> np.ndarray:
         """(N + 1, positions) cross-attention of the steps that chose each of `tokens`, then end-of-text: one
@@ -435,6 +435,11 @@ class WhisperSecondPass:
                 words.append(WordTiming(word, round(start_s + (begin + k * span) * ENCODER_FRAME_S, 6),
                                         round(start_s + (begin + (k + 1) * span) * ENCODER_FRAME_S, 6), confidence))
         return Hypothesis(tuple(words), None)
+
+
+def _best_first(transcripts: list[DecodedTokens]) -> list[DecodedTokens]:
+    """A beam search's transcripts, best first by mean token log-prob (Whisper's length penalty off)."""
+    return sorted(transcripts, key=lambda d: -d.log_prob / max(1, len(d.tokens)))
 
 
 def _token_frames(alignment: np.ndarray | None, tokens: int, speech_frames: int) -> list[int]:

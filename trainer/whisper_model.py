@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from transformers import WhisperForConditionalGeneration
 from transformers.audio_utils import mel_filter_bank
 
-from ..core.speech_span import BELOW_PEAK_DB
+from ..core.speech_span import BELOW_PEAK_DB, valid_trim
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class WhisperPolicyConfig:
                                  f"got {getattr(self, name)}")
         if self.pad_s < 0 or self.max_audio_s + self.pad_s > 30.0:
             raise ValueError("pad_s must be >= 0 and max_audio_s + pad_s at most 30 s (Whisper's window)")
-        if self.trim_margin_s is not None and not (self.trim_margin_s >= 0 and self.trim_below_peak_db > 0):
+        if not valid_trim(self.trim_margin_s, self.trim_below_peak_db):
             raise ValueError("trim_margin_s must be >= 0 (or None) and trim_below_peak_db > 0")
         if self.silence_pool < 1 or WHISPER_POSITIONS % self.silence_pool:
             raise ValueError(f"silence_pool must divide {WHISPER_POSITIONS}; got {self.silence_pool}")

@@ -117,12 +117,13 @@ class WhisperEncodings:
     @torch.no_grad()
     def of(self, key: int, samples: np.ndarray) -> EncodedAudio:
         if key not in self._cache:
+            samples = np.asarray(samples, dtype=np.float32)
             settings = self.policy.settings
             if settings.trim_margin_s is not None:  # encoded as the server's second pass encodes it
-                start, end = speech_span(np.asarray(samples, dtype=np.float32), margin_s=settings.trim_margin_s,
+                start, end = speech_span(samples, margin_s=settings.trim_margin_s,
                                          below_peak_db=settings.trim_below_peak_db)
                 samples = samples[start:end]
-            audio = torch.from_numpy(np.asarray(samples, dtype=np.float32))
+            audio = torch.from_numpy(samples)
             frames = int(self.policy.padded_lengths(torch.tensor([len(audio)]))[0]) // 320
             states = self.policy.final_encoder_states(audio[None], torch.tensor([len(audio)]),
                                                       self.silence_states)[:, :frames]
