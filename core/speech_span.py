@@ -8,6 +8,11 @@ from the first and last frames loud enough to be speech: within `below_peak_db` 
 loudest 20 ms frame and above an absolute floor. The cut is by level alone (not the first pass's
 blanks) so an offline decode of the same audio cuts exactly where a stream's final did. Noise at
 speech level is kept; only the edges are cut, never a pause inside the speech.
+
+An utterance may also be cut at its long pauses (`PauseCutter`) into segments the second pass decodes on
+their own, so a stream's speech before a pause is transcribed while the speaker goes on. That rule looks
+at each frame alone against an absolute level, so the cuts found in the first seconds of an utterance are
+the cuts of the whole of it: a stream finds them chunk by chunk, an offline decode all at once, the same.
 """
 
 from __future__ import annotations
@@ -39,6 +44,50 @@ def speech_span(audio: np.ndarray, *, margin_s: float, below_peak_db: float = BE
     start = max(0, loud[0] - margin) * FRAME_SAMPLES
     end = min(len(audio), (loud[-1] + 1 + margin) * FRAME_SAMPLES)
     return int(start), int(end)
+
+
+QUIET_DBFS = -45.0
+"""The default level below which a 20 ms frame is pause when cutting at pauses."""
+
+
+class PauseCutter:
+    """Finds where an utterance may be cut into segments decoded on their own: in the middle of the first
+    `min_pause_s` of every run of quiet frames (below `quiet_dbfs`) that follows a louder one since the last
+    cut. Each segment thus holds a louder frame; the audio after the last cut may not. Feed it the
+    utterance's audio from its start as it grows (`cuts`); a whole utterance gives the same cuts at once."""
+
+    def __init__(self, *, min_pause_s: float, quiet_dbfs: float = QUIET_DBFS):
+        self._min_frames = max(2, round(min_pause_s * SAMPLE_RATE_HZ / FRAME_SAMPLES))
+        self._quiet_power = 10 ** (quiet_dbfs / 10)
+        self._scanned = 0  # frames classified so far
+        self._quiet_run = 0  # quiet frames just before frame _scanned
+        self.heard = False
+        """A louder frame came since the last cut (the audio after it holds something to decode)."""
+
+    def cuts(self, audio: np.ndarray) -> list[int]:
+        """The utterance's audio so far (float32 (S,), from its start) -> the sample offsets of the cuts in
+        the frames not scanned before, in order."""
+        frames = len(audio) // FRAME_SAMPLES
+        if frames <= self._scanned:
+            return []
+        new = audio[self._scanned * FRAME_SAMPLES : frames * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES)
+        quiet = np.mean(np.square(new, dtype=np.float64), axis=1) < self._quiet_power
+        found = []
+        for index, is_quiet in enumerate(quiet, start=self._scanned):
+            if not is_quiet:
+                self._quiet_run, self.heard = 0, True
+                continue
+            self._quiet_run += 1
+            if self.heard and self._quiet_run == self._min_frames:
+                found.append((index + 1 - self._min_frames + self._min_frames // 2) * FRAME_SAMPLES)
+                self.heard = False
+        self._scanned = frames
+        return found
+
+
+def valid_pause_cut(min_pause_s: float | None, quiet_dbfs: float) -> bool:
+    """Whether a card's or policy's pause-cut settings make sense (min_pause_s None: no cuts)."""
+    return min_pause_s is None or (min_pause_s >= 2 * FRAME_SAMPLES / SAMPLE_RATE_HZ and quiet_dbfs < 0)
 
 
 def valid_trim(margin_s: float | None, below_peak_db: float) -> bool:

@@ -5,7 +5,9 @@ interim results and finds endpoints like any CTC model. At an endpoint the utter
 silence at its edges cut, when the card sets `trim_margin_s`: core/speech_span.py) goes through
 `encoder.onnx` once (its cross-attention keys and values; the padding states' after them, as in Whisper's
 30 s window, are constants of the decoder graph) and `decoder.onnx` step by step with a key/value cache:
-greedy for one transcript, a beam search for an n-best.
+greedy for one transcript, a beam search for an n-best. When the card sets `segment_pause_s` an utterance
+is cut at its long pauses and each segment decoded so (`segments`; a stream sends each as its pause ends,
+server/segments.py), their transcripts joined.
 Card section (docs/model-format.md, "whisper-two-pass/1"):
 
     card["second_pass"] = {"type": "whisper", "encoder": "encoder.onnx", "decoder": "decoder.onnx",
@@ -45,7 +47,7 @@ from .decoder import Hypothesis, WordTiming
 from .limits import MAX_BEAM_SIZE
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
-from .speech_span import BELOW_PEAK_DB, speech_span, valid_trim
+from .speech_span import BELOW_PEAK_DB, QUIET_DBFS, PauseCutter, speech_span, valid_pause_cut, valid_trim
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,12 @@ class SecondPassSettings:
     pass (core/speech_span.py); None decodes the whole utterance (versions before whisper-tiny.en-v5)."""
     trim_below_peak_db: float = BELOW_PEAK_DB
     """A frame is speech within this many dB of the utterance's loudest frame (when trim_margin_s is set)."""
+    segment_pause_s: float | None = None
+    """An utterance is cut at every pause this long (core/speech_span.py PauseCutter) and its segments decoded
+    on their own (a stream sends each as its pause ends); None decodes it whole (versions before
+    whisper-tiny.en-v6)."""
+    segment_quiet_dbfs: float = QUIET_DBFS
+    """A 20 ms frame below this level is pause (when segment_pause_s is set)."""
 
     @classmethod
     def from_card(cls, card: dict) -> SecondPassSettings:
@@ -112,6 +120,8 @@ class SecondPassSettings:
                 beam_size=int(section.get("beam_size", 1)),
                 trim_margin_s=None if section.get("trim_margin_s") is None else float(section["trim_margin_s"]),
                 trim_below_peak_db=float(section.get("trim_below_peak_db", BELOW_PEAK_DB)),
+                segment_pause_s=None if section.get("segment_pause_s") is None else float(section["segment_pause_s"]),
+                segment_quiet_dbfs=float(section.get("segment_quiet_dbfs", QUIET_DBFS)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
@@ -121,6 +131,9 @@ class SecondPassSettings:
                                    f"words of 1..{MAX_CONTEXT_WORD_CHARS} characters")
         if not valid_trim(settings.trim_margin_s, settings.trim_below_peak_db):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: trim_margin_s must be >= 0 and trim_below_peak_db > 0")
+        if not valid_pause_cut(settings.segment_pause_s, settings.segment_quiet_dbfs):
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: segment_pause_s must be >= 0.04 and "
+                                   "segment_quiet_dbfs < 0")
         return settings
 
 
@@ -357,9 +370,38 @@ class WhisperSecondPass:
         """One endpointed utterance, float32 (S,) at 16 kHz starting `start_s` into its stream -> the n-best
         (at least one hypothesis; distinct transcripts, best first). The first comes from the version's own
         search (greedy, or `beam_size` beams) whatever the client asks, so an offline decode equals a
-        stream's final; the others from that beam, or a wider one when more alternatives are asked for.
-        `hurry` (the server's finals queue: other finals are waiting) cuts a one-best beam search short
-        (beam_search); a final asking for an n-best is never hurried."""
+        stream's final: on each of its segments when the card cuts utterances at pauses (`segments`), their
+        transcripts joined; the others from that beam on the whole utterance, or a wider one when more
+        alternatives are asked for. `hurry` (the server's finals queue: other finals are waiting) cuts a
+        one-best beam search short (beam_search); a final asking for an n-best is never hurried."""
+        spans = self.segments(audio)
+        if spans == [(0, len(audio))]:
+            return self._transcribe_whole(audio, start_s, max_alternatives, hurry)
+        best = joined([self._transcribe_whole(audio[begin:end], start_s + begin / MODEL_SAMPLE_RATE_HZ, 1, hurry)[0]
+                       for begin, end in spans])
+        if max_alternatives == 1:
+            return (best,)
+        return _distinct([best, *self._transcribe_whole(audio, start_s, max_alternatives)], max_alternatives)
+
+    def segments(self, audio: np.ndarray) -> list[tuple[int, int]]:
+        """The spans of an utterance decoded on their own: between its pause cuts (PauseCutter, when the card
+        sets `segment_pause_s`), the audio after the last cut only if it holds a louder frame; the whole
+        utterance when there is no cut."""
+        cutter = self.pause_cutter()
+        cuts = cutter.cuts(audio) if cutter is not None else []
+        if not cuts:
+            return [(0, len(audio))]
+        bounds = [0, *cuts] + ([len(audio)] if cutter.heard else [])
+        return list(zip(bounds, bounds[1:], strict=False))
+
+    def pause_cutter(self) -> PauseCutter | None:
+        """A new utterance's cutter at pauses, or None when the version decodes utterances whole."""
+        if self.settings.segment_pause_s is None:
+            return None
+        return PauseCutter(min_pause_s=self.settings.segment_pause_s, quiet_dbfs=self.settings.segment_quiet_dbfs)
+
+    def _transcribe_whole(self, audio: np.ndarray, start_s: float, max_alternatives: int,
+                          hurry: Callable[[], bool] | None = None) -> tuple[Hypothesis, ...]:
         audio, start_s = self.speech(audio, start_s)
         cross, speech_frames = self.encode(audio)
         budget = self._budget(audio)
@@ -371,23 +413,21 @@ class WhisperSecondPass:
         if max_alternatives > 1:
             others = results[1:] if beam >= max_alternatives else \
                 self.beam_search(cross, budget, max_alternatives)
-            seen = {hypotheses[0].transcript}
-            for decoded in others:
-                hypothesis = self._hypothesis(decoded, None, speech_frames, start_s)
-                if hypothesis.transcript not in seen and len(hypotheses) < max_alternatives:
-                    seen.add(hypothesis.transcript)
-                    hypotheses.append(hypothesis)
-        return tuple(hypotheses)
+            hypotheses += [self._hypothesis(decoded, None, speech_frames, start_s) for decoded in others]
+        return _distinct(hypotheses, max_alternatives)
 
     def transcribe_batch(self, utterances: list[tuple[np.ndarray, float]]) -> list[Hypothesis]:
         """Several endpointed utterances ((audio, start_s) each) -> each one's greedy transcript (what
-        `transcribe` gives on a greedy version; a beam version's backlog fallback): each encoded on its own
-        (their lengths differ), the decoder steps shared."""
-        utterances = [self.speech(audio, start_s) for audio, start_s in utterances]
-        encoded = [self.encode(audio) for audio, _ in utterances]
-        decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for audio, _ in utterances])
-        return [self._hypothesis(best, self._alignment(cross, best), frames, start_s)
-                for best, (cross, frames), (_, start_s) in zip(decoded, encoded, utterances, strict=True)]
+        `transcribe` gives on a greedy version; a beam version's backlog fallback): their segments each
+        encoded on its own (their lengths differ), the decoder steps shared, each utterance's joined."""
+        pieces = [(owner, *self.speech(audio[begin:end], start_s + begin / MODEL_SAMPLE_RATE_HZ))
+                  for owner, (audio, start_s) in enumerate(utterances) for begin, end in self.segments(audio)]
+        encoded = [self.encode(audio) for _, audio, _ in pieces]
+        decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for _, audio, _ in pieces])
+        words: list[list[Hypothesis]] = [[] for _ in utterances]
+        for best, (cross, frames), (owner, _, start_s) in zip(decoded, encoded, pieces, strict=True):
+            words[owner].append(self._hypothesis(best, self._alignment(cross, best), frames, start_s))
+        return [joined(hypotheses) for hypotheses in words]
 
     def speech(self, audio: np.ndarray, start_s: float) -> tuple[np.ndarray, float]:
         """The utterance with its edges' silence cut (when the card says so), and where it now starts."""
@@ -435,6 +475,22 @@ class WhisperSecondPass:
                 words.append(WordTiming(word, round(start_s + (begin + k * span) * ENCODER_FRAME_S, 6),
                                         round(start_s + (begin + (k + 1) * span) * ENCODER_FRAME_S, 6), confidence))
         return Hypothesis(tuple(words), None)
+
+
+def joined(hypotheses: list[Hypothesis]) -> Hypothesis:
+    """An utterance's transcript from its segments' (in order)."""
+    if len(hypotheses) == 1:
+        return hypotheses[0]
+    return Hypothesis(tuple(word for hypothesis in hypotheses for word in hypothesis.words), None)
+
+
+def _distinct(hypotheses: list[Hypothesis], limit: int) -> tuple[Hypothesis, ...]:
+    """The first `limit` hypotheses with distinct transcripts, in order."""
+    kept: dict[str, Hypothesis] = {}
+    for hypothesis in hypotheses:
+        if len(kept) < limit:
+            kept.setdefault(hypothesis.transcript, hypothesis)
+    return tuple(kept.values())
 
 
 def _best_first(transcripts: list[DecodedTokens]) -> list[DecodedTokens]:

@@ -31,6 +31,7 @@ from ..core.metrics import observe_inference
 from ..core.model import BLANK_ID, ModelSpec, OnnxModel, State
 from ..core.whisper_decoder import WhisperSecondPass
 from .finals import FinalsQueue, FinalsStopped
+from .segments import PauseSegments
 
 log = logging.getLogger(__name__)
 
@@ -224,17 +225,30 @@ class ServingModel:
     async def infer(self, audio: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         return await self.batcher.infer(audio, state)
 
+    def pause_segments(self, start_s: float, max_alternatives: int) -> PauseSegments | None:
+        """A new utterance's segments, sent to the second pass as pauses end them (server/segments.py), when
+        the version cuts at pauses and one transcript is asked for; else None."""
+        cutter = self.second_pass.pause_cutter() if self.second_pass is not None else None
+        if cutter is None or max_alternatives != 1:
+            return None
+        return PauseSegments(self.finals, cutter, start_s)
+
     async def final_hypotheses(self, decoder: UtteranceDecoder, audio: np.ndarray, start_s: float,
-                               max_alternatives: int) -> tuple[Hypothesis, ...]:
+                               max_alternatives: int, segments: PauseSegments | None = None) -> tuple[Hypothesis, ...]:
         """An endpointed utterance's n-best: the second pass's on its audio (float32 (S,) at 16 kHz) when
-        the version has one, else the first pass decoder's."""
+        the version has one (its `segments`' when the stream sent them as it went), else the first pass
+        decoder's."""
         if self.finals is None:
             return decoder.final_hypotheses(max_alternatives)  # closes a beam search
         if not decoder.has_output:
             # The first pass heard no speech: no second pass, whose decoder would make up words for
             # silence (Whisper's "you" on an empty recording), so silence stays without a final.
+            if segments is not None:
+                segments.cancel()
             return (Hypothesis(),)
         try:
+            if segments is not None:
+                return (await segments.final(audio),)
             return await self.finals.transcribe(audio, start_s, max_alternatives)
         except FinalsStopped as e:
             raise ModelUnavailable(str(e)) from e

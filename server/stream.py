@@ -46,6 +46,7 @@ from .auth import DEFAULT_TENANT
 from .batcher import ServingModel
 from .config import ServerConfig
 from .endpoint import EndpointRule, EndpointRules
+from .segments import PauseSegments
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ class _Utterance:
     model: ServingModel
     decoder: UtteranceDecoder
     start_sample: int  # absolute 16 kHz sample in the stream
+    segments: PauseSegments | None = None
+    """Its segments already sent to the second pass (a two-pass version that cuts at pauses)."""
     last_interim_text: str | None = None
 
 
@@ -255,6 +258,8 @@ class RecognitionStream:
         """The call is over, however it ended: let go of the open utterance's model. Idempotent."""
         utterance, self._utterance = self._utterance, None
         if utterance is not None:
+            if utterance.segments is not None:
+                utterance.segments.cancel()
             self._release(utterance)
         self.done = True
 
@@ -271,7 +276,8 @@ class RecognitionStream:
         if model is not self._model:  # the first utterance, or a new version: fresh state
             self._model, self._state, self._last_token = model, model.initial_state(), BLANK_ID
         decoder = model.new_decoder(self._last_token)
-        self._utterance = _Utterance(uuid.uuid4().hex, model, decoder, self._next_chunk)
+        segments = model.pause_segments(self._next_chunk / MODEL_SAMPLE_RATE_HZ, self.options.max_alternatives)
+        self._utterance = _Utterance(uuid.uuid4().hex, model, decoder, self._next_chunk, segments)
         return self._utterance
 
     async def _decode(self, utterance: _Utterance, start: int, end: int) -> None:
@@ -290,6 +296,9 @@ class RecognitionStream:
             await self._decode(utterance, *window)
             self._next_chunk += spec.chunk_samples
             AUDIO_SECONDS.inc(spec.chunk_s)
+            if utterance.segments is not None:  # the speech before a pause goes to the second pass now
+                utterance.segments.update(self._buffer.view(utterance.start_sample,
+                                                               min(self._next_chunk, self._buffer.end)))
             decoder = utterance.decoder
             rule = self._rules.detect(
                 utterance_s=(self._next_chunk - utterance.start_sample) / MODEL_SAMPLE_RATE_HZ,
@@ -325,7 +334,7 @@ class RecognitionStream:
         try:
             alternatives = await utterance.model.final_hypotheses(
                 utterance.decoder, self._buffer.view(utterance.start_sample, boundary).copy(), start_s,
-                self.options.max_alternatives)
+                self.options.max_alternatives, utterance.segments)
         finally:
             self._release(utterance)
         hypothesis = alternatives[0]

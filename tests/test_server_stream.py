@@ -56,8 +56,11 @@ class RecordingModel:
         self.log_probs.append(log_probs)
         return log_probs, state
 
-    async def final_hypotheses(self, decoder, audio, start_s, max_alternatives):
-        return await self._serving.final_hypotheses(decoder, audio, start_s, max_alternatives)
+    def pause_segments(self, start_s, max_alternatives):
+        return self._serving.pause_segments(start_s, max_alternatives)
+
+    async def final_hypotheses(self, decoder, audio, start_s, max_alternatives, segments=None):
+        return await self._serving.final_hypotheses(decoder, audio, start_s, max_alternatives, segments)
 
 
 async def _run_streams(registry, config, streams, wrap=lambda serving: serving, open_streams=1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from voxloop.core.speech_span import speech_span
+from voxloop.core.speech_span import PauseCutter, speech_span, valid_pause_cut
 
 RATE = 16000
 
@@ -40,3 +40,38 @@ def test_audio_with_no_frame_loud_enough_is_kept_whole(audio):
 def test_the_margin_stops_at_the_audio_edges():
     audio = np.concatenate([tone(1.0, -20), np.zeros(100, np.float32)])
     assert speech_span(audio, margin_s=0.5, below_peak_db=35) == (0, len(audio))
+
+
+def two_sentences(pause_s: float) -> np.ndarray:
+    """0.5 s of room hiss, speech, a pause of `pause_s` (hiss), speech, 0.8 s of hiss: 20 ms-aligned."""
+    return np.concatenate([hiss(0.5, -60), tone(1.0, -20), hiss(pause_s, -60, seed=1), tone(1.2, -20),
+                           hiss(0.8, -60, seed=2)])
+
+
+def test_an_utterance_is_cut_in_the_middle_of_the_first_part_of_each_long_pause_after_speech():
+    audio = two_sentences(1.0)
+    cutter = PauseCutter(min_pause_s=0.6, quiet_dbfs=-45)
+    # The leading hiss is no pause (nothing spoken before it); the 1 s pause is cut 0.3 s in; the trailing
+    # 0.8 s of hiss after the second tone is cut 0.3 s in too, and what follows holds nothing louder.
+    assert cutter.cuts(audio) == [int(1.8 * RATE), int(4.0 * RATE)]
+    assert not cutter.heard
+    short_pause = PauseCutter(min_pause_s=0.6, quiet_dbfs=-45).cuts(two_sentences(0.5))
+    assert short_pause == [int(3.5 * RATE)]  # the 0.5 s pause is kept, the trailing hiss is cut
+    assert PauseCutter(min_pause_s=0.6, quiet_dbfs=-65).cuts(audio) == []  # the hiss is above that level: no pause
+
+
+def test_cuts_found_chunk_by_chunk_as_a_stream_grows_are_those_of_the_whole_utterance():
+    audio = np.concatenate([two_sentences(0.9), tone(0.7, -25), hiss(0.2, -60)])
+    whole = PauseCutter(min_pause_s=0.6).cuts(audio)
+    for chunk in (100, 320, 6400, 7777):
+        cutter, found = PauseCutter(min_pause_s=0.6), []
+        for end in range(chunk, len(audio) + chunk, chunk):
+            found += cutter.cuts(audio[: min(end, len(audio))])
+        assert found == whole and len(whole) == 2
+        assert cutter.heard  # the last tone came after the last cut
+
+
+@pytest.mark.parametrize(("min_pause_s", "quiet_dbfs", "valid"),
+                         [(None, -45, True), (0.6, -45, True), (0.02, -45, False), (0.6, 3, False)])
+def test_pause_cut_settings_are_checked(min_pause_s, quiet_dbfs, valid):
+    assert valid_pause_cut(min_pause_s, quiet_dbfs) is valid

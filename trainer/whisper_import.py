@@ -152,7 +152,9 @@ def second_pass_section(policy: WhisperPolicy, context_words: Sequence[str] = ()
             list(generation.begin_suppress_tokens), "timestamp_begin": FIRST_TIMESTAMP,
             "start_of_previous": START_OF_PREVIOUS, "context_words": list(context_words),
             "pad_s": policy.settings.pad_s, "beam_size": policy.settings.beam_size,
-            "trim_margin_s": policy.settings.trim_margin_s, "trim_below_peak_db": policy.settings.trim_below_peak_db}
+            "trim_margin_s": policy.settings.trim_margin_s, "trim_below_peak_db": policy.settings.trim_below_peak_db,
+            "segment_pause_s": policy.settings.segment_pause_s,
+            "segment_quiet_dbfs": policy.settings.segment_quiet_dbfs}
 
 
 def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *, tokenizer_json: Path,

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from transformers import WhisperForConditionalGeneration
 from transformers.audio_utils import mel_filter_bank
 
-from ..core.speech_span import BELOW_PEAK_DB, valid_trim
+from ..core.speech_span import BELOW_PEAK_DB, QUIET_DBFS, valid_pause_cut, valid_trim
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,12 @@ class WhisperPolicyConfig:
     before encoding (core/speech_span.py; the trainer encodes its feedback the same way); None: no cut."""
     trim_below_peak_db: float = BELOW_PEAK_DB
     """Second pass: a 20 ms frame is speech within this many dB of the utterance's loudest."""
+    segment_pause_s: float | None = None
+    """Second pass: utterances are cut at pauses this long and their segments decoded on their own (a stream
+    sends each as its pause ends; core/speech_span.py PauseCutter); None: decoded whole. Serving only: the
+    trainer encodes feedback whole."""
+    segment_quiet_dbfs: float = QUIET_DBFS
+    """Second pass: a 20 ms frame below this level is pause (when segment_pause_s is set)."""
     ctc_vocabulary: tuple[str, ...] = CTC_VOCABULARY
 
     def __post_init__(self) -> None:
@@ -96,6 +102,8 @@ class WhisperPolicyConfig:
             raise ValueError("pad_s must be >= 0 and max_audio_s + pad_s at most 30 s (Whisper's window)")
         if not valid_trim(self.trim_margin_s, self.trim_below_peak_db):
             raise ValueError("trim_margin_s must be >= 0 (or None) and trim_below_peak_db > 0")
+        if not valid_pause_cut(self.segment_pause_s, self.segment_quiet_dbfs):
+            raise ValueError("segment_pause_s must be >= 0.04 (or None) and segment_quiet_dbfs < 0")
         if self.silence_pool < 1 or WHISPER_POSITIONS % self.silence_pool:
             raise ValueError(f"silence_pool must divide {WHISPER_POSITIONS}; got {self.silence_pool}")
 
