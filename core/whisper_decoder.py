@@ -258,15 +258,23 @@ class WhisperSecondPass:
     def greedy_batch(self, crosses: list[Cross], budgets: list[int]) -> list[DecodedTokens]:
         """`greedy` for several utterances in lockstep: one decoder call per step for all of them, so the
         output projection (20 M weights, read once per call) and the padding states' keys and values are
-        shared; ended utterances leave the batch once half of it has ended. The same tokens as `greedy` on
-        each, up to the int8 graph's per-call activation scale. Each keeps its steps' alignment rows."""
-        cross = stack_cross(crosses)
+        shared; ended utterances leave the batch (`_greedy_from`). The same tokens as `greedy` on each, up
+        to the int8 graph's per-call activation scale. Each keeps its steps' alignment rows."""
+        # Longest budget first: the utterances that end first are the batch's last rows, so it shrinks by
+        # dropping its tail (a view) instead of copying the rows left.
+        order = sorted(range(len(crosses)), key=lambda index: -budgets[index])
+        cross = stack_cross([crosses[index] for index in order])
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, len(crosses), heads, 0, head_dim), dtype=np.float32)
         prompt = np.repeat(np.array([self.settings.prompt], dtype=np.int64), len(crosses), axis=0)
         log_probs, self_k, self_v, alignment = self._step(prompt, empty, empty, cross)
-        return self._greedy_from(log_probs, self_k, self_v, alignment, cross, [_Beam([], 0.0, [], row)
-                                                                              for row in range(len(crosses))], budgets)
+        decoded = self._greedy_from(log_probs, self_k, self_v, alignment, cross,
+                                    [_Beam([], 0.0, [], row) for row in range(len(crosses))],
+                                    [budgets[index] for index in order])
+        by_input = [decoded[0]] * len(crosses)
+        for row, index in enumerate(order):
+            by_input[index] = decoded[row]
+        return by_input
 
     def _greedy_from(self, log_probs: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, alignment: np.ndarray | None,
                      cross: Cross, starts: list[_Beam], budgets: list[int]) -> list[DecodedTokens]:
@@ -296,10 +304,11 @@ class WhisperSecondPass:
             alive = [row for row, index in enumerate(live) if index is not None]
             if not alive:
                 break
-            if len(alive) <= len(live) // 2:  # compact
-                live = [live[row] for row in alive]
-                self_k, self_v = self_k[:, alive], self_v[:, alive]
-                cross = {name: x[alive] for name, x in cross.items()}
+            rows = alive[-1] + 1  # the batch up to its last live row: ended rows after it leave
+            if rows <= len(live) // 2:  # views of the cross-attention inputs (large); ended rows before it step on
+                live = live[:rows]
+                self_k, self_v = self_k[:, :rows], self_v[:, :rows]
+                cross = {name: x[:rows] for name, x in cross.items()}
             step = np.array([[tokens[index][-1] if index is not None else self.settings.end_of_text]
                              for index in live], dtype=np.int64)
             log_probs, self_k, self_v, alignment = self._step(step, self_k, self_v, cross)
