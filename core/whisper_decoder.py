@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -401,7 +402,7 @@ class WhisperSecondPass:
         if not cuts:
             return [(0, len(audio))]
         bounds = [0, *cuts] + ([len(audio)] if cutter.heard else [])
-        return list(zip(bounds, bounds[1:], strict=False))
+        return list(pairwise(bounds))
 
     def pause_cutter(self) -> PauseCutter | None:
         """A new utterance's cutter at pauses, or None when the version decodes utterances whole."""

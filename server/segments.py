@@ -33,11 +33,6 @@ class PauseSegments:
         self._cut = 0  # sample (from the utterance's start) where the segment being spoken begins
         self._sent: list[asyncio.Future] = []
 
-    @property
-    def sent(self) -> int:
-        """Segments sent to the second pass so far."""
-        return len(self._sent)
-
     def update(self, audio: np.ndarray) -> None:
         """The utterance's decoded audio so far (float32 (S,) from its start): every new cut sends the
         segment before it."""
