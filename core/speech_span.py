@@ -17,6 +17,8 @@ the cuts of the whole of it: a stream finds them chunk by chunk, an offline deco
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 FRAME_SAMPLES = 320
@@ -48,21 +50,34 @@ def speech_span(audio: np.ndarray, *, margin_s: float, below_peak_db: float = BE
 
 QUIET_DBFS = -45.0
 """The default level below which a 20 ms frame is pause when cutting at pauses."""
+MIN_SPEECH_S = 0.5
+"""The default least sound (frames above the pause level) a segment must hold to be decoded on its own: a
+cough or a click alone makes Whisper write words ("you"), so shorter sounds stay with their neighbours."""
 
 
 class PauseCutter:
     """Finds where an utterance may be cut into segments decoded on their own: in the middle of the first
-    `min_pause_s` of every run of quiet frames (below `quiet_dbfs`) that follows a louder one since the last
-    cut. Each segment thus holds a louder frame; the audio after the last cut may not. Feed it the
-    utterance's audio from its start as it grows (`cuts`); a whole utterance gives the same cuts at once."""
+    `min_pause_s` of every run of quiet frames (below `quiet_dbfs`) that follows at least `min_speech_s` of
+    louder frames since the last cut. Feed it the utterance's audio from its start as it grows (`cuts`); a
+    whole utterance gives the same cuts at once. `sound_s` tells what the audio after the last cut holds."""
 
-    def __init__(self, *, min_pause_s: float, quiet_dbfs: float = QUIET_DBFS):
+    def __init__(self, *, min_pause_s: float, quiet_dbfs: float = QUIET_DBFS, min_speech_s: float = MIN_SPEECH_S):
         self._min_frames = max(2, round(min_pause_s * SAMPLE_RATE_HZ / FRAME_SAMPLES))
+        self._min_loud = max(1, round(min_speech_s * SAMPLE_RATE_HZ / FRAME_SAMPLES))
         self._quiet_power = 10 ** (quiet_dbfs / 10)
         self._scanned = 0  # frames classified so far
         self._quiet_run = 0  # quiet frames just before frame _scanned
-        self.heard = False
-        """A louder frame came since the last cut (the audio after it holds something to decode)."""
+        self._loud = 0  # louder frames since the last cut
+
+    @property
+    def sound_s(self) -> float:
+        """Seconds of louder frames since the last cut."""
+        return self._loud * FRAME_SAMPLES / SAMPLE_RATE_HZ
+
+    @property
+    def tail_is_segment(self) -> bool:
+        """The audio after the last cut holds enough sound to be decoded on its own."""
+        return self._loud >= self._min_loud
 
     def cuts(self, audio: np.ndarray) -> list[int]:
         """The utterance's audio so far (float32 (S,), from its start) -> the sample offsets of the cuts in
@@ -75,19 +90,35 @@ class PauseCutter:
         found = []
         for index, is_quiet in enumerate(quiet, start=self._scanned):
             if not is_quiet:
-                self._quiet_run, self.heard = 0, True
+                self._quiet_run, self._loud = 0, self._loud + 1
                 continue
             self._quiet_run += 1
-            if self.heard and self._quiet_run == self._min_frames:
+            if self._quiet_run == self._min_frames and self._loud >= self._min_loud:
                 found.append((index + 1 - self._min_frames + self._min_frames // 2) * FRAME_SAMPLES)
-                self.heard = False
+                self._loud = 0
         self._scanned = frames
         return found
 
 
-def valid_pause_cut(min_pause_s: float | None, quiet_dbfs: float) -> bool:
+def segment_spans(cuts: list[int], length: int, cutter: PauseCutter) -> list[tuple[int, int]]:
+    """An utterance of `length` samples cut at `cuts` (all of them, found by `cutter`) -> the spans decoded
+    on their own: the whole when there is no cut; after the last cut, a span of its own if it holds enough
+    sound, the last span extended over it if it holds some (a short word or a noise keeps its context),
+    nothing if it is quiet."""
+    if not cuts:
+        return [(0, length)]
+    spans = list(pairwise([0, *cuts]))
+    if cutter.tail_is_segment:
+        spans.append((cuts[-1], length))
+    elif cutter.sound_s > 0:
+        spans[-1] = (spans[-1][0], length)
+    return spans
+
+
+def valid_pause_cut(min_pause_s: float | None, quiet_dbfs: float, min_speech_s: float = MIN_SPEECH_S) -> bool:
     """Whether a card's or policy's pause-cut settings make sense (min_pause_s None: no cuts)."""
-    return min_pause_s is None or (min_pause_s >= 2 * FRAME_SAMPLES / SAMPLE_RATE_HZ and quiet_dbfs < 0)
+    return min_pause_s is None or (min_pause_s >= 2 * FRAME_SAMPLES / SAMPLE_RATE_HZ and quiet_dbfs < 0
+                                   and min_speech_s > 0)
 
 
 def valid_trim(margin_s: float | None, below_peak_db: float) -> bool:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +47,23 @@ from .decoder import Hypothesis, WordTiming
 from .limits import MAX_BEAM_SIZE
 from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
-from .speech_span import BELOW_PEAK_DB, QUIET_DBFS, PauseCutter, speech_span, valid_pause_cut, valid_trim
+from .speech_span import (
+    BELOW_PEAK_DB,
+    MIN_SPEECH_S,
+    QUIET_DBFS,
+    PauseCutter,
+    segment_spans,
+    speech_span,
+    valid_pause_cut,
+    valid_trim,
+)
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
 
 SECOND_PASS_KEY = "second_pass"
+NO_SPEECH_TOKENS = ("<|nocaptions|>", "<|nospeech|>")
+"""Whisper's no-speech token: English-only vocabularies call it nocaptions, multilingual ones nospeech."""
 WHISPER_TYPE = "whisper"
 ENCODER_FRAME_S = 0.02
 """Seconds per encoder frame (and cross-attention position)."""
@@ -99,6 +109,12 @@ class SecondPassSettings:
     whisper-tiny.en-v6)."""
     segment_quiet_dbfs: float = QUIET_DBFS
     """A 20 ms frame below this level is pause (when segment_pause_s is set)."""
+    segment_min_speech_s: float = MIN_SPEECH_S
+    """Least sound (frames above that level) a segment must hold to be decoded on its own."""
+    no_speech_threshold: float | None = None
+    """An utterance or segment whose no-speech probability (Whisper's <|nocaptions|> right after
+    start-of-transcript) passes this decodes to nothing (Whisper's own rule, 0.6 there): a segment of noise
+    cut off at a pause would otherwise come out as words ("there you go"). None: no such check."""
 
     @classmethod
     def from_card(cls, card: dict) -> SecondPassSettings:
@@ -123,6 +139,9 @@ class SecondPassSettings:
                 trim_below_peak_db=float(section.get("trim_below_peak_db", BELOW_PEAK_DB)),
                 segment_pause_s=None if section.get("segment_pause_s") is None else float(section["segment_pause_s"]),
                 segment_quiet_dbfs=float(section.get("segment_quiet_dbfs", QUIET_DBFS)),
+                segment_min_speech_s=float(section.get("segment_min_speech_s", MIN_SPEECH_S)),
+                no_speech_threshold=None if section.get("no_speech_threshold") is None
+                else float(section["no_speech_threshold"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
@@ -132,9 +151,11 @@ class SecondPassSettings:
                                    f"words of 1..{MAX_CONTEXT_WORD_CHARS} characters")
         if not valid_trim(settings.trim_margin_s, settings.trim_below_peak_db):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: trim_margin_s must be >= 0 and trim_below_peak_db > 0")
-        if not valid_pause_cut(settings.segment_pause_s, settings.segment_quiet_dbfs):
-            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: segment_pause_s must be >= 0.04 and "
-                                   "segment_quiet_dbfs < 0")
+        if not valid_pause_cut(settings.segment_pause_s, settings.segment_quiet_dbfs, settings.segment_min_speech_s):
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: segment_pause_s must be >= 0.04, "
+                                   "segment_quiet_dbfs < 0 and segment_min_speech_s > 0")
+        if settings.no_speech_threshold is not None and not 0 < settings.no_speech_threshold < 1:
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: no_speech_threshold must be in (0, 1)")
         return settings
 
 
@@ -208,6 +229,9 @@ class WhisperSecondPass:
         cache = next(i for i in self._decoder.get_inputs() if i.name == "self_k").shape  # (L, B, heads, P, hd)
         self._cache_shape = (cache[0], cache[2], cache[4])
         self._takes_frames = FRAMES in {i.name for i in self._decoder.get_inputs()}
+        self._no_speech = next((i for i in map(self._tokenizer.token_to_id, NO_SPEECH_TOKENS) if i is not None), None)
+        if settings.no_speech_threshold is not None and self._no_speech is None:
+            raise ModelFormatError(f"{settings.tokenizer} has no no-speech token ({' or '.join(NO_SPEECH_TOKENS)})")
         self._suppress = np.array(sorted({*settings.suppress_tokens}), dtype=np.int64)
         self._begin_suppress = np.array(sorted({*settings.begin_suppress_tokens}), dtype=np.int64)
         spellings = word_spellings(settings.context_words,
@@ -395,25 +419,25 @@ class WhisperSecondPass:
 
     def segments(self, audio: np.ndarray) -> list[tuple[int, int]]:
         """The spans of an utterance decoded on their own: between its pause cuts (PauseCutter, when the card
-        sets `segment_pause_s`), the audio after the last cut only if it holds a louder frame; the whole
-        utterance when there is no cut."""
+        sets `segment_pause_s`; core/speech_span.py segment_spans); the whole utterance when there is no cut."""
         cutter = self.pause_cutter()
-        cuts = cutter.cuts(audio) if cutter is not None else []
-        if not cuts:
+        if cutter is None:
             return [(0, len(audio))]
-        bounds = [0, *cuts] + ([len(audio)] if cutter.heard else [])
-        return list(pairwise(bounds))
+        return segment_spans(cutter.cuts(audio), len(audio), cutter)
 
     def pause_cutter(self) -> PauseCutter | None:
         """A new utterance's cutter at pauses, or None when the version decodes utterances whole."""
         if self.settings.segment_pause_s is None:
             return None
-        return PauseCutter(min_pause_s=self.settings.segment_pause_s, quiet_dbfs=self.settings.segment_quiet_dbfs)
+        return PauseCutter(min_pause_s=self.settings.segment_pause_s, quiet_dbfs=self.settings.segment_quiet_dbfs,
+                           min_speech_s=self.settings.segment_min_speech_s)
 
     def _transcribe_whole(self, audio: np.ndarray, start_s: float, max_alternatives: int,
                           hurry: Callable[[], bool] | None = None) -> tuple[Hypothesis, ...]:
         audio, start_s = self.speech(audio, start_s)
         cross, speech_frames = self.encode(audio)
+        if self.no_speech(cross):
+            return (Hypothesis(),)
         budget = self._budget(audio)
         beam = self.settings.beam_size
         results = [self.greedy(cross, budget)] if beam == 1 else \
@@ -433,11 +457,24 @@ class WhisperSecondPass:
         pieces = [(owner, *self.speech(audio[begin:end], start_s + begin / MODEL_SAMPLE_RATE_HZ))
                   for owner, (audio, start_s) in enumerate(utterances) for begin, end in self.segments(audio)]
         encoded = [self.encode(audio) for _, audio, _ in pieces]
-        decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for _, audio, _ in pieces])
+        spoken = [index for index, (cross, _) in enumerate(encoded) if not self.no_speech(cross)]
+        decoded = self.greedy_batch([encoded[index][0] for index in spoken],
+                                    [self._budget(pieces[index][1]) for index in spoken])
         words: list[list[Hypothesis]] = [[] for _ in utterances]
-        for best, (cross, frames), (owner, _, start_s) in zip(decoded, encoded, pieces, strict=True):
+        for best, index in zip(decoded, spoken, strict=True):
+            (cross, frames), (owner, _, start_s) = encoded[index], pieces[index]
             words[owner].append(self._hypothesis(best, self._alignment(cross, best), frames, start_s))
         return [joined(hypotheses) for hypotheses in words]
+
+    def no_speech(self, cross: Cross) -> bool:
+        """Whether the encoded audio is, by Whisper's own reckoning, no speech (the card's no_speech_threshold;
+        one decoder call on start-of-transcript)."""
+        if self.settings.no_speech_threshold is None:
+            return False
+        layers, heads, head_dim = self._cache_shape
+        empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
+        log_probs, _, _, _ = self._step(np.array([self.settings.prompt[:1]], dtype=np.int64), empty, empty, cross)
+        return float(np.exp(log_probs[0, self._no_speech])) > self.settings.no_speech_threshold
 
     def speech(self, audio: np.ndarray, start_s: float) -> tuple[np.ndarray, float]:
         """The utterance with its edges' silence cut (when the card says so), and where it now starts."""
@@ -491,6 +528,8 @@ def joined(hypotheses: list[Hypothesis]) -> Hypothesis:
     """An utterance's transcript from its segments' (in order)."""
     if len(hypotheses) == 1:
         return hypotheses[0]
+    if not hypotheses:
+        return Hypothesis()
     return Hypothesis(tuple(word for hypothesis in hypotheses for word in hypothesis.words), None)
 
 

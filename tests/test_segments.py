@@ -39,7 +39,7 @@ def test_each_segment_is_sent_as_its_pause_ends_and_the_final_joins_them_in_orde
     async def run():
         finals = HeldFinals()
         segments = PauseSegments(finals, PauseCutter(min_pause_s=0.6), start_s=10.0)
-        audio = np.concatenate([voiced(1.0), quiet(1.0), voiced(0.5), quiet(0.4)])
+        audio = np.concatenate([voiced(1.0), quiet(1.0), voiced(0.8), quiet(0.4)])
         segments.update(audio[: int(1.5 * RATE)])  # 0.5 s into the pause: not yet long enough
         assert finals.sent == []
         segments.update(audio[: int(1.7 * RATE)])  # 0.6 s: cut 0.3 s in, the first segment goes now
@@ -54,7 +54,7 @@ def test_each_segment_is_sent_as_its_pause_ends_and_the_final_joins_them_in_orde
 
     hypothesis = asyncio.run(run())
     assert [(w.word, w.start_s) for w in hypothesis.words] == [(f"w{int(1.3 * RATE)}", 10.0),
-                                                                (f"w{int(2.9 * RATE) - int(1.3 * RATE)}", 11.3)]
+                                                                (f"w{int(3.2 * RATE) - int(1.3 * RATE)}", 11.3)]
 
 
 def test_quiet_audio_after_the_last_cut_is_not_sent():
@@ -69,13 +69,29 @@ def test_quiet_audio_after_the_last_cut_is_not_sent():
     assert sent == [(int(1.3 * RATE), 0.0)] and len(hypothesis.words) == 1
 
 
+def test_a_short_sound_after_the_last_cut_is_decoded_with_the_segment_before_it():
+    async def run():
+        finals = HeldFinals()
+        finals.release.set()
+        segments = PauseSegments(finals, PauseCutter(min_pause_s=0.6), start_s=0.0)
+        audio = np.concatenate([voiced(1.0), quiet(1.0), voiced(0.2), quiet(0.2)])
+        segments.update(audio)
+        await asyncio.sleep(0)
+        hypothesis = await segments.final(audio)
+        return finals.sent, hypothesis
+
+    sent, hypothesis = asyncio.run(run())
+    assert sent == [(int(1.3 * RATE), 0.0), (int(2.4 * RATE), 0.0)]  # the first segment again, with the rest
+    assert [w.word for w in hypothesis.words] == [f"w{int(2.4 * RATE)}"]
+
+
 def test_a_closed_stream_drops_its_queued_segments():
     async def run():
         finals = HeldFinals()
         segments = PauseSegments(finals, PauseCutter(min_pause_s=0.6), start_s=0.0)
         segments.update(np.concatenate([voiced(1.0), quiet(0.7), voiced(1.0), quiet(0.7)]))
         await asyncio.sleep(0)
-        queued = list(segments._sent)
+        queued = list(segments._sent.values())
         segments.cancel()
         await asyncio.sleep(0)
         return finals.sent, queued

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from voxloop.core.speech_span import PauseCutter, speech_span, valid_pause_cut
+from voxloop.core.speech_span import PauseCutter, segment_spans, speech_span, valid_pause_cut
 
 RATE = 16000
 
@@ -54,7 +54,8 @@ def test_an_utterance_is_cut_in_the_middle_of_the_first_part_of_each_long_pause_
     # The leading hiss is no pause (nothing spoken before it); the 1 s pause is cut 0.3 s in; the trailing
     # 0.8 s of hiss after the second tone is cut 0.3 s in too, and what follows holds nothing louder.
     assert cutter.cuts(audio) == [int(1.8 * RATE), int(4.0 * RATE)]
-    assert not cutter.heard
+    assert cutter.sound_s == 0 and segment_spans([int(1.8 * RATE), int(4.0 * RATE)], len(audio), cutter) == [
+        (0, int(1.8 * RATE)), (int(1.8 * RATE), int(4.0 * RATE))]  # the quiet rest is not decoded
     short_pause = PauseCutter(min_pause_s=0.6, quiet_dbfs=-45).cuts(two_sentences(0.5))
     assert short_pause == [int(3.5 * RATE)]  # the 0.5 s pause is kept, the trailing hiss is cut
     assert PauseCutter(min_pause_s=0.6, quiet_dbfs=-65).cuts(audio) == []  # the hiss is above that level: no pause
@@ -68,7 +69,20 @@ def test_cuts_found_chunk_by_chunk_as_a_stream_grows_are_those_of_the_whole_utte
         for end in range(chunk, len(audio) + chunk, chunk):
             found += cutter.cuts(audio[: min(end, len(audio))])
         assert found == whole and len(whole) == 2
-        assert cutter.heard  # the last tone came after the last cut
+        assert cutter.tail_is_segment  # the last tone (0.7 s) came after the last cut
+
+
+def test_a_short_sound_is_not_cut_off_from_its_neighbours():
+    """A cough or a click alone makes Whisper write words: a sound shorter than min_speech_s is no segment."""
+    click_then_speech = np.concatenate([tone(0.2, -20), hiss(0.9, -60), tone(1.0, -20), hiss(0.2, -60)])
+    cutter = PauseCutter(min_pause_s=0.6, min_speech_s=0.5)
+    assert cutter.cuts(click_then_speech) == []
+    speech_then_click = np.concatenate([tone(1.0, -20), hiss(0.9, -60), tone(0.2, -20), hiss(0.2, -60)])
+    cutter = PauseCutter(min_pause_s=0.6, min_speech_s=0.5)
+    cuts = cutter.cuts(speech_then_click)
+    assert cuts == [int(1.3 * RATE)] and cutter.sound_s == pytest.approx(0.2)
+    # The click after the cut goes with the segment before it.
+    assert segment_spans(cuts, len(speech_then_click), cutter) == [(0, len(speech_then_click))]
 
 
 @pytest.mark.parametrize(("min_pause_s", "quiet_dbfs", "valid"),

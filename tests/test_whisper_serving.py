@@ -88,6 +88,24 @@ def test_the_speech_before_a_long_pause_goes_to_the_second_pass_as_the_pause_end
     assert starts[8] > len(read_wav(DATA_DIR / "one.wav", 16000)) / 16000 + 0.5  # "please": after the pause
 
 
+def test_a_noise_cut_off_at_a_pause_is_not_written_as_words(whisper_version_dir):
+    """0.8 s of loud noise, a pause, a sentence (and the reverse): the noise is a segment of its own, which
+    Whisper alone writes as words ("there you go"); its no-speech probability drops it, as the whole
+    utterance decoded at once ignores it."""
+    noise = (0.056 * np.random.default_rng(0).standard_normal(12800)).astype(np.float32)  # -25 dBFS
+    sentence = read_wav(DATA_DIR / "one.wav", 16000)
+    second_pass = _second_pass(whisper_version_dir)
+    assert second_pass.settings.no_speech_threshold is not None
+    for audio in (np.concatenate([silence(0.3), noise, silence(0.8), sentence]),
+                  np.concatenate([sentence, silence(0.8), noise, silence(0.3)])):
+        assert len(second_pass.segments(audio)) == 2
+        assert second_pass.transcribe(audio)[0].transcript == "the meeting starts at nine in the morning"
+        assert second_pass.transcribe_batch([(audio, 0.0)])[0].transcript == "the meeting starts at nine in the morning"
+    without = _second_pass(whisper_version_dir, no_speech_threshold=None)
+    noisy = without.transcribe(np.concatenate([silence(0.3), noise, silence(0.8), sentence]))[0].transcript
+    assert noisy != "the meeting starts at nine in the morning"  # the check is what keeps the noise out
+
+
 def test_interim_results_stream_from_the_first_pass_before_the_final(whisper_registry, tmp_path):
     config = ServerConfig(port=0, metrics_port=0, data_dir=tmp_path / "data", model_dir=whisper_registry)
     with BackgroundServer(config) as running, RecognizerClient(running.target, timeout=120) as client:
@@ -229,15 +247,18 @@ def test_a_hurried_beam_search_finishes_its_best_beam_greedily_and_an_n_best_is_
         second_pass.transcribe(audio, max_alternatives=3)
 
 
-def test_a_card_with_bad_trim_or_pause_cut_settings_is_refused(whisper_version_dir):
+def test_a_card_with_bad_trim_pause_cut_or_no_speech_settings_is_refused(whisper_version_dir):
     from voxloop.core.model import ModelFormatError
 
     for settings in ({"trim_margin_s": -0.1}, {"trim_margin_s": 0.3, "trim_below_peak_db": 0}):
         with pytest.raises(ModelFormatError, match="trim_margin_s"):
             _second_pass(whisper_version_dir, **settings)
-    for settings in ({"segment_pause_s": 0.01}, {"segment_pause_s": 0.6, "segment_quiet_dbfs": 0}):
+    for settings in ({"segment_pause_s": 0.01}, {"segment_pause_s": 0.6, "segment_quiet_dbfs": 0},
+                     {"segment_min_speech_s": 0}):
         with pytest.raises(ModelFormatError, match="segment_pause_s"):
             _second_pass(whisper_version_dir, **settings)
+    with pytest.raises(ModelFormatError, match="no_speech_threshold"):
+        _second_pass(whisper_version_dir, no_speech_threshold=1.5)
 
 
 def test_a_card_with_too_many_or_malformed_context_words_is_refused(whisper_version_dir):

@@ -154,7 +154,9 @@ def second_pass_section(policy: WhisperPolicy, context_words: Sequence[str] = ()
             "pad_s": policy.settings.pad_s, "beam_size": policy.settings.beam_size,
             "trim_margin_s": policy.settings.trim_margin_s, "trim_below_peak_db": policy.settings.trim_below_peak_db,
             "segment_pause_s": policy.settings.segment_pause_s,
-            "segment_quiet_dbfs": policy.settings.segment_quiet_dbfs}
+            "segment_quiet_dbfs": policy.settings.segment_quiet_dbfs,
+            "segment_min_speech_s": policy.settings.segment_min_speech_s,
+            "no_speech_threshold": policy.settings.no_speech_threshold}
 
 
 def write_whisper_version(policy: WhisperPolicy, out_dir: Path, version: str, *, tokenizer_json: Path,

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from transformers import WhisperForConditionalGeneration
 from transformers.audio_utils import mel_filter_bank
 
-from ..core.speech_span import BELOW_PEAK_DB, QUIET_DBFS, valid_pause_cut, valid_trim
+from ..core.speech_span import BELOW_PEAK_DB, MIN_SPEECH_S, QUIET_DBFS, valid_pause_cut, valid_trim
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ class WhisperPolicyConfig:
     trainer encodes feedback whole."""
     segment_quiet_dbfs: float = QUIET_DBFS
     """Second pass: a 20 ms frame below this level is pause (when segment_pause_s is set)."""
+    segment_min_speech_s: float = MIN_SPEECH_S
+    """Second pass: least sound (frames above that level) a segment must hold to be decoded on its own."""
+    no_speech_threshold: float | None = None
+    """Second pass: audio whose no-speech probability passes this decodes to nothing (Whisper's rule, 0.6
+    there); None: no check."""
     ctc_vocabulary: tuple[str, ...] = CTC_VOCABULARY
 
     def __post_init__(self) -> None:
@@ -102,8 +107,11 @@ class WhisperPolicyConfig:
             raise ValueError("pad_s must be >= 0 and max_audio_s + pad_s at most 30 s (Whisper's window)")
         if not valid_trim(self.trim_margin_s, self.trim_below_peak_db):
             raise ValueError("trim_margin_s must be >= 0 (or None) and trim_below_peak_db > 0")
-        if not valid_pause_cut(self.segment_pause_s, self.segment_quiet_dbfs):
-            raise ValueError("segment_pause_s must be >= 0.04 (or None) and segment_quiet_dbfs < 0")
+        if not valid_pause_cut(self.segment_pause_s, self.segment_quiet_dbfs, self.segment_min_speech_s):
+            raise ValueError("segment_pause_s must be >= 0.04 (or None), segment_quiet_dbfs < 0 and "
+                             "segment_min_speech_s > 0")
+        if self.no_speech_threshold is not None and not 0 < self.no_speech_threshold < 1:
+            raise ValueError("no_speech_threshold must be in (0, 1) (or None)")
         if self.silence_pool < 1 or WHISPER_POSITIONS % self.silence_pool:
             raise ValueError(f"silence_pool must divide {WHISPER_POSITIONS}; got {self.silence_pool}")
 
