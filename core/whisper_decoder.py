@@ -113,8 +113,9 @@ class SecondPassSettings:
     """Least sound (frames above that level) a segment must hold to be decoded on its own."""
     no_speech_threshold: float | None = None
     """An utterance or segment whose no-speech probability (Whisper's <|nocaptions|> right after
-    start-of-transcript) passes this decodes to nothing (Whisper's own rule, 0.6 there): a segment of noise
-    cut off at a pause would otherwise come out as words ("there you go"). None: no such check."""
+    start-of-transcript) passes this and whose transcript's mean token log-prob is below -1 decodes to
+    nothing (Whisper's own rule, 0.6 and -1 there): a segment of noise cut off at a pause would otherwise
+    come out as words ("there you go"). None: no such check."""
 
     @classmethod
     def from_card(cls, card: dict) -> SecondPassSettings:
@@ -436,13 +437,14 @@ class WhisperSecondPass:
                           hurry: Callable[[], bool] | None = None) -> tuple[Hypothesis, ...]:
         audio, start_s = self.speech(audio, start_s)
         cross, speech_frames = self.encode(audio)
-        if self.no_speech(cross):
-            return (Hypothesis(),)
+        no_speech = self.no_speech(cross)
         budget = self._budget(audio)
         beam = self.settings.beam_size
         results = [self.greedy(cross, budget)] if beam == 1 else \
             self.beam_search(cross, budget, beam, hurry if max_alternatives == 1 else None)
         best = results[0]
+        if no_speech and _unsure(best):
+            return (Hypothesis(),)
         hypotheses = [self._hypothesis(best, self._alignment(cross, best), speech_frames, start_s)]
         if max_alternatives > 1:
             others = results[1:] if beam >= max_alternatives else \
@@ -457,18 +459,16 @@ class WhisperSecondPass:
         pieces = [(owner, *self.speech(audio[begin:end], start_s + begin / MODEL_SAMPLE_RATE_HZ))
                   for owner, (audio, start_s) in enumerate(utterances) for begin, end in self.segments(audio)]
         encoded = [self.encode(audio) for _, audio, _ in pieces]
-        spoken = [index for index, (cross, _) in enumerate(encoded) if not self.no_speech(cross)]
-        decoded = self.greedy_batch([encoded[index][0] for index in spoken],
-                                    [self._budget(pieces[index][1]) for index in spoken])
+        decoded = self.greedy_batch([cross for cross, _ in encoded], [self._budget(audio) for _, audio, _ in pieces])
         words: list[list[Hypothesis]] = [[] for _ in utterances]
-        for best, index in zip(decoded, spoken, strict=True):
-            (cross, frames), (owner, _, start_s) = encoded[index], pieces[index]
-            words[owner].append(self._hypothesis(best, self._alignment(cross, best), frames, start_s))
+        for best, (cross, frames), (owner, _, start_s) in zip(decoded, encoded, pieces, strict=True):
+            if not (_unsure(best) and self.no_speech(cross)):
+                words[owner].append(self._hypothesis(best, self._alignment(cross, best), frames, start_s))
         return [joined(hypotheses) for hypotheses in words]
 
     def no_speech(self, cross: Cross) -> bool:
-        """Whether the encoded audio is, by Whisper's own reckoning, no speech (the card's no_speech_threshold;
-        one decoder call on start-of-transcript)."""
+        """Whether the encoded audio is, by Whisper's reckoning, likely no speech (the card's no_speech_threshold;
+        one decoder call on start-of-transcript). A transcript of it is dropped when also unsure (`_unsure`)."""
         if self.settings.no_speech_threshold is None:
             return False
         layers, heads, head_dim = self._cache_shape
@@ -522,6 +522,15 @@ class WhisperSecondPass:
                 words.append(WordTiming(word, round(start_s + (begin + k * span) * ENCODER_FRAME_S, 6),
                                         round(start_s + (begin + (k + 1) * span) * ENCODER_FRAME_S, 6), confidence))
         return Hypothesis(tuple(words), None)
+
+
+NO_SPEECH_MEAN_LOG_PROB = -1.0
+"""Whisper's logprob_threshold: audio likely no speech is dropped only if its transcript's mean token
+log-prob is below this too (openai/whisper transcribe.py)."""
+
+
+def _unsure(decoded: DecodedTokens) -> bool:
+    return decoded.log_prob / max(1, len(decoded.tokens)) < NO_SPEECH_MEAN_LOG_PROB
 
 
 def joined(hypotheses: list[Hypothesis]) -> Hypothesis:
