@@ -155,7 +155,7 @@ class SecondPassSettings:
         if not valid_pause_cut(settings.segment_pause_s, settings.segment_quiet_dbfs, settings.segment_min_speech_s):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: segment_pause_s must be >= 0.04, "
                                    "segment_quiet_dbfs < 0 and segment_min_speech_s > 0")
-        if settings.no_speech_threshold is not None and not 0 < settings.no_speech_threshold < 1:
+        if not valid_no_speech_threshold(settings.no_speech_threshold):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: no_speech_threshold must be in (0, 1)")
         return settings
 
@@ -272,10 +272,11 @@ class WhisperSecondPass:
             log_probs[:, self._begin_suppress] = -np.inf
         return log_probs
 
-    def _first_call(self, cross: Cross):
+    def _first_call(self, cross: Cross, tokens: tuple[int, ...] | None = None):
+        """One utterance's first decoder call (empty cache) on `tokens` (default: the prompt)."""
         layers, heads, head_dim = self._cache_shape
         empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
-        return self._step(np.array([self.settings.prompt], dtype=np.int64), empty, empty, cross)
+        return self._step(np.array([tokens or self.settings.prompt], dtype=np.int64), empty, empty, cross)
 
     def greedy(self, cross: Cross, max_tokens: int) -> DecodedTokens:
         """The best token at every step, until end-of-text or `max_tokens`."""
@@ -297,10 +298,7 @@ class WhisperSecondPass:
         decoded = self._greedy_from(log_probs, self_k, self_v, alignment, cross,
                                     [_Beam([], 0.0, [], row) for row in range(len(crosses))],
                                     [budgets[index] for index in order])
-        by_input = [decoded[0]] * len(crosses)
-        for row, index in enumerate(order):
-            by_input[index] = decoded[row]
-        return by_input
+        return [decoded[order.index(index)] for index in range(len(crosses))]
 
     def _greedy_from(self, log_probs: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, alignment: np.ndarray | None,
                      cross: Cross, starts: list[_Beam], budgets: list[int]) -> list[DecodedTokens]:
@@ -394,10 +392,7 @@ class WhisperSecondPass:
     def align(self, cross: Cross, tokens: tuple[int, ...]) -> np.ndarray:
         """(N + 1, positions) cross-attention of the steps that chose each of `tokens`, then end-of-text: one
         teacher-forced decoder call (as openai/whisper timing.py reads the alignment heads)."""
-        layers, heads, head_dim = self._cache_shape
-        empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
-        sequence = np.array([[*self.settings.prompt, *tokens]], dtype=np.int64)
-        _, _, _, alignment = self._step(sequence, empty, empty, cross)  # (1, P + N, positions)
+        _, _, _, alignment = self._first_call(cross, (*self.settings.prompt, *tokens))  # (1, P + N, positions)
         return alignment[0, len(self.settings.prompt) - 1 :]
 
     def transcribe(self, audio: np.ndarray, start_s: float = 0.0, max_alternatives: int = 1,
@@ -437,13 +432,12 @@ class WhisperSecondPass:
                           hurry: Callable[[], bool] | None = None) -> tuple[Hypothesis, ...]:
         audio, start_s = self.speech(audio, start_s)
         cross, speech_frames = self.encode(audio)
-        no_speech = self.no_speech(cross)
         budget = self._budget(audio)
         beam = self.settings.beam_size
         results = [self.greedy(cross, budget)] if beam == 1 else \
             self.beam_search(cross, budget, beam, hurry if max_alternatives == 1 else None)
         best = results[0]
-        if no_speech and _unsure(best):
+        if _unsure(best) and self.no_speech(cross):
             return (Hypothesis(),)
         hypotheses = [self._hypothesis(best, self._alignment(cross, best), speech_frames, start_s)]
         if max_alternatives > 1:
@@ -471,9 +465,7 @@ class WhisperSecondPass:
         one decoder call on start-of-transcript). A transcript of it is dropped when also unsure (`_unsure`)."""
         if self.settings.no_speech_threshold is None:
             return False
-        layers, heads, head_dim = self._cache_shape
-        empty = np.zeros((layers, 1, heads, 0, head_dim), dtype=np.float32)
-        log_probs, _, _, _ = self._step(np.array([self.settings.prompt[:1]], dtype=np.int64), empty, empty, cross)
+        log_probs, _, _, _ = self._first_call(cross, self.settings.prompt[:1])
         return float(np.exp(log_probs[0, self._no_speech])) > self.settings.no_speech_threshold
 
     def speech(self, audio: np.ndarray, start_s: float) -> tuple[np.ndarray, float]:
@@ -527,6 +519,11 @@ class WhisperSecondPass:
 NO_SPEECH_MEAN_LOG_PROB = -1.0
 """Whisper's logprob_threshold: audio likely no speech is dropped only if its transcript's mean token
 log-prob is below this too (openai/whisper transcribe.py)."""
+
+
+def valid_no_speech_threshold(threshold: float | None) -> bool:
+    """Whether a card's or policy's no-speech threshold makes sense (None: no check)."""
+    return threshold is None or 0 < threshold < 1
 
 
 def _unsure(decoded: DecodedTokens) -> bool:

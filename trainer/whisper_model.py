@@ -35,6 +35,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.audio_utils import mel_filter_bank
 
 from ..core.speech_span import BELOW_PEAK_DB, MIN_SPEECH_S, QUIET_DBFS, valid_pause_cut, valid_trim
+from ..core.whisper_decoder import valid_no_speech_threshold
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class WhisperPolicyConfig:
         if not valid_pause_cut(self.segment_pause_s, self.segment_quiet_dbfs, self.segment_min_speech_s):
             raise ValueError("segment_pause_s must be >= 0.04 (or None), segment_quiet_dbfs < 0 and "
                              "segment_min_speech_s > 0")
-        if self.no_speech_threshold is not None and not 0 < self.no_speech_threshold < 1:
+        if not valid_no_speech_threshold(self.no_speech_threshold):
             raise ValueError("no_speech_threshold must be in (0, 1) (or None)")
         if self.silence_pool < 1 or WHISPER_POSITIONS % self.silence_pool:
             raise ValueError(f"silence_pool must divide {WHISPER_POSITIONS}; got {self.silence_pool}")
