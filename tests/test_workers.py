@@ -31,12 +31,20 @@ sys.exit(main(sys.argv[2:]))
 
 
 def free_port_pair() -> int:
-    """A port p with p + 1 free too (worker 1's metrics)."""
+    """A port p with p + 1 free too (worker 1's metrics).
+
+    Free means bindable: a port held by an outgoing connection or in TIME_WAIT refuses connections yet cannot be
+    bound, so probing by connecting is not enough.
+    """
     for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port + 1)) != 0 and port + 1 <= 65535:
-                return port
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except (OSError, OverflowError):
+                continue
+            return port
     raise AssertionError("no two consecutive free ports")
 
 
