@@ -48,6 +48,8 @@ def speech_span(audio: np.ndarray, *, margin_s: float, below_peak_db: float = BE
     return int(start), int(end)
 
 
+MIN_PAUSE_S = 2 * FRAME_SAMPLES / SAMPLE_RATE_HZ
+"""The shortest pause a cut may need: two frames, so the cut falls between them."""
 QUIET_DBFS = -45.0
 """The default level below which a 20 ms frame is pause when cutting at pauses."""
 MIN_SPEECH_S = 0.5
@@ -117,7 +119,7 @@ def segment_spans(cuts: list[int], length: int, cutter: PauseCutter) -> list[tup
 
 def valid_pause_cut(min_pause_s: float | None, quiet_dbfs: float, min_speech_s: float = MIN_SPEECH_S) -> bool:
     """Whether a card's or policy's pause-cut settings make sense (min_pause_s None: no cuts)."""
-    return min_pause_s is None or (min_pause_s >= 2 * FRAME_SAMPLES / SAMPLE_RATE_HZ and quiet_dbfs < 0
+    return min_pause_s is None or (min_pause_s >= MIN_PAUSE_S and quiet_dbfs < 0
                                    and min_speech_s > 0)
 
 

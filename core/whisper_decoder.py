@@ -49,6 +49,7 @@ from .model import MODEL_SAMPLE_RATE_HZ, ModelFormatError, onnx_session
 from .registry import version_file
 from .speech_span import (
     BELOW_PEAK_DB,
+    MIN_PAUSE_S,
     MIN_SPEECH_S,
     QUIET_DBFS,
     PauseCutter,
@@ -136,13 +137,12 @@ class SecondPassSettings:
                 context_continue_bonus=float(section.get("context_continue_bonus", CONTINUE_BONUS)),
                 max_tokens_per_s=float(section.get("max_tokens_per_s", 12.0)),
                 beam_size=int(section.get("beam_size", 1)),
-                trim_margin_s=None if section.get("trim_margin_s") is None else float(section["trim_margin_s"]),
+                trim_margin_s=_optional_float(section, "trim_margin_s"),
                 trim_below_peak_db=float(section.get("trim_below_peak_db", BELOW_PEAK_DB)),
-                segment_pause_s=None if section.get("segment_pause_s") is None else float(section["segment_pause_s"]),
+                segment_pause_s=_optional_float(section, "segment_pause_s"),
                 segment_quiet_dbfs=float(section.get("segment_quiet_dbfs", QUIET_DBFS)),
                 segment_min_speech_s=float(section.get("segment_min_speech_s", MIN_SPEECH_S)),
-                no_speech_threshold=None if section.get("no_speech_threshold") is None
-                else float(section["no_speech_threshold"]),
+                no_speech_threshold=_optional_float(section, "no_speech_threshold"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}] is incomplete or malformed: {e!r}") from None
@@ -153,7 +153,7 @@ class SecondPassSettings:
         if not valid_trim(settings.trim_margin_s, settings.trim_below_peak_db):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: trim_margin_s must be >= 0 and trim_below_peak_db > 0")
         if not valid_pause_cut(settings.segment_pause_s, settings.segment_quiet_dbfs, settings.segment_min_speech_s):
-            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: segment_pause_s must be >= 0.04, "
+            raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: segment_pause_s must be >= {MIN_PAUSE_S:g}, "
                                    "segment_quiet_dbfs < 0 and segment_min_speech_s > 0")
         if not valid_no_speech_threshold(settings.no_speech_threshold):
             raise ModelFormatError(f"card[{SECOND_PASS_KEY!r}]: no_speech_threshold must be in (0, 1)")
@@ -212,6 +212,11 @@ class DecodedTokens:
     alignment: np.ndarray | None = field(default=None, compare=False)
     """(N, positions): the alignment heads' cross-attention of the step that chose each token, when the search kept
     it; the first positions are the utterance's frames (then padding, pooled or not, as the graph attends it)."""
+
+    @property
+    def mean_log_prob(self) -> float:
+        """Per token: how beams are ranked (Whisper's length penalty off) and how sure a transcript is."""
+        return self.log_prob / max(1, len(self.tokens))
 
 
 class WhisperSecondPass:
@@ -521,13 +526,19 @@ NO_SPEECH_MEAN_LOG_PROB = -1.0
 log-prob is below this too (openai/whisper transcribe.py)."""
 
 
+def _optional_float(section: dict, key: str) -> float | None:
+    """A card setting that may be absent or null (off)."""
+    value = section.get(key)
+    return None if value is None else float(value)
+
+
 def valid_no_speech_threshold(threshold: float | None) -> bool:
     """Whether a card's or policy's no-speech threshold makes sense (None: no check)."""
     return threshold is None or 0 < threshold < 1
 
 
 def _unsure(decoded: DecodedTokens) -> bool:
-    return decoded.log_prob / max(1, len(decoded.tokens)) < NO_SPEECH_MEAN_LOG_PROB
+    return decoded.mean_log_prob < NO_SPEECH_MEAN_LOG_PROB
 
 
 def joined(hypotheses: list[Hypothesis]) -> Hypothesis:
@@ -550,7 +561,7 @@ def _distinct(hypotheses: list[Hypothesis], limit: int) -> tuple[Hypothesis, ...
 
 def _best_first(transcripts: list[DecodedTokens]) -> list[DecodedTokens]:
     """A beam search's transcripts, best first by mean token log-prob (Whisper's length penalty off)."""
-    return sorted(transcripts, key=lambda d: -d.log_prob / max(1, len(d.tokens)))
+    return sorted(transcripts, key=lambda d: -d.mean_log_prob)
 
 
 def _token_frames(alignment: np.ndarray | None, tokens: int, speech_frames: int) -> list[int]:

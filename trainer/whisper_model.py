@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from transformers import WhisperForConditionalGeneration
 from transformers.audio_utils import mel_filter_bank
 
-from ..core.speech_span import BELOW_PEAK_DB, MIN_SPEECH_S, QUIET_DBFS, valid_pause_cut, valid_trim
+from ..core.speech_span import BELOW_PEAK_DB, MIN_PAUSE_S, MIN_SPEECH_S, QUIET_DBFS, valid_pause_cut, valid_trim
 from ..core.whisper_decoder import valid_no_speech_threshold
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class WhisperPolicyConfig:
         if not valid_trim(self.trim_margin_s, self.trim_below_peak_db):
             raise ValueError("trim_margin_s must be >= 0 (or None) and trim_below_peak_db > 0")
         if not valid_pause_cut(self.segment_pause_s, self.segment_quiet_dbfs, self.segment_min_speech_s):
-            raise ValueError("segment_pause_s must be >= 0.04 (or None), segment_quiet_dbfs < 0 and "
+            raise ValueError(f"segment_pause_s must be >= {MIN_PAUSE_S:g} (or None), segment_quiet_dbfs < 0 and "
                              "segment_min_speech_s > 0")
         if not valid_no_speech_threshold(self.no_speech_threshold):
             raise ValueError("no_speech_threshold must be in (0, 1) (or None)")
